@@ -1,0 +1,230 @@
+"""The object users and integrations hold: ``hf_zero.initialize(model, config)``.
+
+The model is sharded in place (``engine.module is model``): its trainable parameters become
+views into flat buffers, gradient reduction hangs off autograd hooks, and ``model.no_sync``
+/ ``model.zero_grad`` are routed to the engine, so both the DeepSpeed-style loop
+(``engine.backward`` / ``engine.step``) and the plain torch loop (``loss.backward()`` /
+``optimizer.step()``) used by accelerate and the HF Trainer train identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hf_zero.accounting import bytes_by_category
+from hf_zero.comm import Collectives
+from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.flat_buffer import FlatParamGroup
+from hf_zero.optim.build import build_optimizer, rebind_optimizer
+from hf_zero.optim.loss_scaler import build_loss_scaler
+from hf_zero.optim.lr_schedules import build_scheduler
+from hf_zero.optim.master_weights import MasterWeights
+from hf_zero.optim.zero_optimizer import ZeroOptimizer
+from hf_zero.param_groups import collect_param_groups
+from hf_zero.stages import build_stage, partition_world_for
+
+logger = logging.getLogger(__name__)
+
+
+def _check_supported(config: HfZeroConfig) -> None:
+    """Refuse, before any tensor work, what this build cannot run yet or cannot resolve."""
+    problems = []
+    zero = config.zero_optimization
+    if zero.stage == 3:
+        problems.append(("zero_optimization.stage", "stage 3 is not implemented yet; use 0, 1 or 2"))
+    for key in ("offload_optimizer", "offload_param"):
+        if getattr(zero, key).device != "none":
+            problems.append((f"zero_optimization.{key}.device", "offload is not implemented yet; use 'none'"))
+    if config.fp16.enabled is True and config.bf16.enabled is True:
+        problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
+    for key, value in (("fp16.enabled", config.fp16.enabled), ("bf16.enabled", config.bf16.enabled),
+                       ("gradient_clipping", config.gradient_clipping),
+                       ("zero_optimization.reduce_bucket_size", zero.reduce_bucket_size),
+                       ("zero_optimization.allgather_bucket_size", zero.allgather_bucket_size)):
+        if value == AUTO:
+            problems.append((key, "is still 'auto'; an integration must resolve it"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _model_dtype(config: HfZeroConfig) -> torch.dtype:
+    if config.bf16.enabled is True:
+        return torch.bfloat16
+    if config.fp16.enabled is True:
+        return torch.float16
+    return torch.float32
+
+
+class ZeroEngine:
+    """Holds the sharded model, its optimizer and schedule; see module docstring."""
+
+    def __init__(self, model: nn.Module, config: HfZeroConfig, optimizer: Optional[torch.optim.Optimizer],
+                 lr_scheduler: Any, group: Optional[dist.ProcessGroup]):
+        self.comm = Collectives(group)
+        self.config = resolve_batch_sizes(config, self.comm.world_size)
+        _check_supported(self.config)
+        specs = collect_param_groups(model, optimizer)
+        if not any(spec.params for spec in specs):
+            raise ValueError("the model has no trainable parameters")
+
+        self.module = model
+        self.dtype = _model_dtype(self.config)
+        if self.dtype != torch.float32:
+            model.to(self.dtype)
+        zero = self.config.zero_optimization
+        partition_world = partition_world_for(zero.stage, self.comm.world_size)
+        self.flat_groups = [FlatParamGroup(s.params, s.names, zero.reduce_bucket_size, partition_world)
+                            for s in specs if s.params]
+        self._broadcast_model()
+        self.stage = build_stage(zero.stage, self.flat_groups, self.comm, overlap_comm=zero.overlap_comm,
+                                 allgather_bucket_numel=zero.allgather_bucket_size)
+        self.masters = MasterWeights(self.stage.owned_params())
+
+        # Groups emptied by freezing get no flat buffer; give them no master chunks.
+        master_iter = iter(self.masters.masters)
+        master_groups = [next(master_iter) if s.params else [] for s in specs]
+        if optimizer is None:
+            inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
+        else:
+            rebind_optimizer(optimizer, master_groups)
+            inner = optimizer
+        self.scaler = build_loss_scaler(self.config.fp16)
+        self.optimizer = ZeroOptimizer(inner, self.stage, self.masters, self.scaler, self.comm,
+                                       float(self.config.gradient_clipping))
+        if lr_scheduler is None and self.config.scheduler is not None:
+            lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
+        elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+            lr_scheduler = lr_scheduler(self.optimizer)
+        self.lr_scheduler = lr_scheduler
+
+        self.gradient_accumulation_steps: int = self.config.gradient_accumulation_steps
+        self.micro_steps = 0
+        self.global_steps = 0
+        # In-place sharding: integrations call model.no_sync() / model.zero_grad().
+        model.no_sync = self.no_sync
+        model.zero_grad = self.zero_grad
+        self.comm.stats.reset()
+
+    # ---- training loop ------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    forward = __call__
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: x loss scale (fp16) / gradient accumulation steps."""
+        return loss.float() * (self.scaler.scale / self.gradient_accumulation_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the scaled loss; reductions are deferred until the boundary micro-step."""
+        context = contextlib.nullcontext() if self.is_gradient_accumulation_boundary() else self.no_sync()
+        with context:
+            self.scale_loss(loss).backward()
+
+    def step(self) -> None:
+        """Optimizer + scheduler step at the accumulation boundary; always counts a micro-step."""
+        if self.is_gradient_accumulation_boundary():
+            self.optimizer.step()
+            if self.lr_scheduler is not None and not self.optimizer.step_was_skipped:
+                self.lr_scheduler.step()
+            self.global_steps += 1
+            if self.global_steps % self.config.steps_per_print == 0:
+                logger.info("hf_zero step %d: grad norm %s, loss scale %s", self.global_steps,
+                            self.optimizer.last_grad_norm, self.scaler.scale)
+        self.micro_steps += 1
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.stage.no_sync()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.stage.zero_grad()
+
+    def train(self, mode: bool = True) -> "ZeroEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ZeroEngine":
+        return self.train(False)
+
+    # ---- introspection ------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        """Norm of the full (unscaled, unclipped) gradient at the last optimizer step."""
+        return self.optimizer.last_grad_norm
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """This rank's bytes by category (params, grads, master_params, optimizer_states,
+        comm_buffers, total), each storage counted once."""
+        trainable = {id(p) for g in self.flat_groups for p in g.params}
+        other_params = [p for p in self.module.parameters() if id(p) not in trainable]
+        stage_tensors = self.stage.memory_tensors()
+        return bytes_by_category({
+            "params": [g.data for g in self.flat_groups] + other_params,
+            "grads": stage_tensors.get("grads", []),
+            "master_params": self.masters.tensors(),
+            "optimizer_states": self.optimizer.state_tensors(),
+            "comm_buffers": stage_tensors.get("comm_buffers", []),
+        })
+
+    def comm_stats(self) -> dict[str, dict[str, int]]:
+        """Bytes and calls per collective kind since the last reset (see comm.py's note)."""
+        return self.comm.stats.snapshot()
+
+    def reset_comm_stats(self) -> None:
+        self.comm.stats.reset()
+
+    def destroy(self) -> None:
+        """Remove hooks and the routed methods; drop optimizer state and buffers."""
+        self.stage.wait_for_reductions()
+        self.stage.remove_hooks()
+        for name in ("no_sync", "zero_grad"):
+            self.module.__dict__.pop(name, None)
+        for g in self.flat_groups:
+            for p in g.params:
+                p.grad = None
+        self.optimizer.inner.state.clear()
+
+    # ---- setup helpers ------------------------------------------------------------------
+    def _broadcast_model(self) -> None:
+        """Start every rank from rank 0's weights and buffers, as DDP does."""
+        if not self.comm.active:
+            return
+        trainable = {id(p) for g in self.flat_groups for p in g.params}
+        with torch.no_grad():
+            for g in self.flat_groups:
+                self.comm.broadcast(g.data)
+            for p in self.module.parameters():
+                if id(p) not in trainable:
+                    self.comm.broadcast(p.data)
+            for b in self.module.buffers():
+                self.comm.broadcast(b)
+
+
+def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = None,
+               optimizer: Optional[torch.optim.Optimizer] = None, lr_scheduler: Any = None,
+               group: Optional[dist.ProcessGroup] = None) -> ZeroEngine:
+    """Shard ``model`` in place and return its engine.
+
+    ``config``: an :class:`HfZeroConfig`, a DeepSpeed-style dict, a JSON/YAML path or inline
+    JSON. ``optimizer``: an elementwise torch optimizer over the model's parameters (built
+    from ``config["optimizer"]`` when omitted). ``lr_scheduler``: a scheduler, or a callable
+    taking the engine's optimizer (built from ``config["scheduler"]`` when omitted).
+    ``group``: the data-parallel process group (default: the world; none: one process).
+    """
+    return ZeroEngine(model, load_config(config), optimizer, lr_scheduler, group)

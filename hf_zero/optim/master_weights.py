@@ -1,0 +1,43 @@
+"""Precision policy: which tensors the optimizer updates, and how gradients reach them.
+
+fp32 training updates this rank's chunks of the flat parameter buffers in place (no extra
+copy: ZeRO's fp32 formulas count none). bf16/fp16 training keeps an fp32 master copy of
+the owned chunks; gradients are upcast once per step and updated weights cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MasterWeights:
+    masters: list[list[torch.Tensor]]   # per group, per bucket: 1D fp32 tensors the optimizer steps
+
+    def __init__(self, owned_params: list[list[torch.Tensor]]):
+        self.owned_params = owned_params
+        dtypes = {p.dtype for group in owned_params for p in group}
+        self.keeps_copy = dtypes != {torch.float32} and bool(dtypes)
+        if self.keeps_copy:
+            self.masters = [[p.detach().to(torch.float32).clone() for p in group] for group in owned_params]
+        else:
+            self.masters = owned_params
+
+    def load_grads(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+        """Set ``master.grad = grad * coefficient`` (the only pass over the gradients)."""
+        for masters, group_grads in zip(self.masters, grads):
+            for master, grad in zip(masters, group_grads):
+                if self.keeps_copy:
+                    master.grad = grad.to(torch.float32).mul_(coefficient)
+                else:
+                    master.grad = grad.mul_(coefficient)
+
+    def finish_step(self) -> None:
+        """Drop the gradients and write updated masters back into the model dtype chunks."""
+        for masters, params in zip(self.masters, self.owned_params):
+            for master, param in zip(masters, params):
+                master.grad = None
+                if self.keeps_copy:
+                    param.copy_(master)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [m for group in self.masters for m in group] if self.keeps_copy else []

@@ -1,0 +1,80 @@
+"""The optimizer users, schedulers and the HF Trainer hold: a real ``torch.optim.Optimizer``.
+
+It shares ``param_groups`` and ``state`` with an inner elementwise torch optimizer whose
+parameters are this rank's fp32 master chunks, so LR schedulers that edit
+``param_groups[i]["lr"]`` steer the real update. ``step()`` is the whole ZeRO step:
+wait for reductions, global norm (with the fp16 overflow check folded in), one
+unscale x clip multiply, the inner update, write-back and the all-gather of partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from hf_zero.comm import Collectives
+from hf_zero.optim.grad_norm import clip_coefficient, global_grad_norm
+from hf_zero.optim.loss_scaler import LossScaler
+from hf_zero.optim.master_weights import MasterWeights
+from hf_zero.stages.base import ZeroStage
+
+logger = logging.getLogger(__name__)
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    step_was_skipped: bool
+    """True when the last step() skipped the update (fp16 overflow on any rank)."""
+
+    def __init__(self, inner: torch.optim.Optimizer, stage: ZeroStage, masters: MasterWeights,
+                 scaler: LossScaler, comm: Collectives, gradient_clipping: float):
+        super().__init__([{"params": []}], dict(inner.defaults))
+        # Share, don't copy: schedulers and users edit these very dicts.
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+        self.inner = inner
+        self.stage = stage
+        self.masters = masters
+        self.scaler = scaler
+        self.comm = comm
+        self.gradient_clipping = gradient_clipping
+        self.step_was_skipped = False
+        self.last_grad_norm: float | None = None
+        self.num_skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("hf_zero's optimizer does not take a closure")
+        self.stage.wait_for_reductions()
+        grads = self.stage.owned_grads()
+        flat_grads = [g for group in grads for g in group]
+        # Owned gradients hold (rank-averaged gradient) x grad_divisor x loss_scale
+        # (stages/base.py): dividing by ``scale`` gives the true gradient.
+        scale = self.stage.grad_divisor * self.scaler.scale
+        norm = global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer) / scale  # fp32
+        self.last_grad_norm = norm.item()
+        overflow = not math.isfinite(self.last_grad_norm)
+        if self.scaler.dynamic:
+            self.scaler.update(overflow)
+        if overflow and self.scaler.dynamic:
+            self.step_was_skipped = True
+            self.num_skipped_steps += 1
+            logger.info("hf_zero: gradient overflow, step skipped; loss scale now %s", self.scaler.scale)
+            self.stage.zero_grad()
+            return None
+        self.step_was_skipped = False
+        coefficient = clip_coefficient(norm, self.gradient_clipping) / scale
+        self.masters.load_grads(grads, coefficient)
+        self.inner.step()
+        self.masters.finish_step()
+        self.stage.after_step()
+        self.stage.zero_grad()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.stage.zero_grad()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for s in self.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]

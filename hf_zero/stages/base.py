@@ -1,0 +1,202 @@
+"""What every ZeRO stage shares: gradient-ready hooks, ordered bucket launches, waiting.
+
+[Note: reduction schedule]
+Each trainable parameter gets a post-accumulate-grad hook. When every parameter of a
+bucket has its gradient for this backward, the bucket is *ready*; buckets are launched
+strictly in a fixed order (the same on every rank, so gloo/NCCL match the collectives),
+a ready bucket waiting for earlier ones. At the end of the backward pass (an autograd
+engine callback queued by the first hook) the remaining buckets, including those whose
+parameters got no gradient this step, are launched in order and every pending
+reduction is waited for. Inside ``no_sync()`` stages that keep full gradients (0 and 1)
+only accumulate; stage 2 keeps no full gradient, so it reduces every micro-step.
+
+Reductions always SUM; ``grad_divisor`` tells the optimizer what to divide by, folded
+into the single unscale/clip multiply.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from hf_zero.comm import Collectives
+from hf_zero.flat_buffer import FlatParamGroup
+from hf_zero.partition import BucketPlan
+
+MAX_INFLIGHT_BUCKETS = 2  # bounds transient reduction buffers; two keep the wire busy
+
+
+@dataclass(eq=False)
+class Bucket:
+    group_index: int
+    plan: BucketPlan
+    ready: int = 0          # parameters whose gradient arrived in this backward
+    launched: bool = False
+
+    @property
+    def num_params(self) -> int:
+        return len(self.plan.param_indices)
+
+
+@dataclass
+class _Pending:
+    work: object                    # torch Work (or a done stand-in)
+    on_done: Callable[[], None]     # runs after the wait (copy out, free buffers)
+
+
+class ZeroStage(abc.ABC):
+    """Gradient reduction and parameter refresh for one ZeRO stage (strategy object)."""
+
+    stage: int
+    partitions_optimizer: bool      # each rank updates only its chunk of every bucket
+    keeps_full_grads: bool          # a full-size gradient buffer exists between steps
+
+    def __init__(self, groups: list[FlatParamGroup], comm: Collectives, overlap_comm: bool = True):
+        self.groups = groups
+        self.comm = comm
+        self.overlap_comm = overlap_comm
+        self.partition_world = groups[0].plans[0].world
+        self.partition_rank = comm.rank if self.partition_world > 1 else 0
+        self.buckets = self._ordered_buckets()
+        self._bucket_of: dict[int, tuple[Bucket, int]] = {}
+        for bucket in self.buckets:
+            group = groups[bucket.group_index]
+            for index in bucket.plan.param_indices:
+                self._bucket_of[id(group.params[index])] = (bucket, index)
+        self._seen: set[int] = set()
+        self._next_launch = 0
+        self._pending: deque[_Pending] = deque()
+        self._callback_queued = False
+        self._sync = True
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                         for g in groups for p in g.params]
+
+    # ---- ordering -------------------------------------------------------------------
+    def _ordered_buckets(self) -> list[Bucket]:
+        # Layout order within a group is backward-ready order; across groups a bucket is
+        # ranked by its earliest parameter position in the model's (reversed) order, which
+        # every rank computes identically.
+        position: dict[int, int] = {}
+        for g in self.groups:
+            for p in g.params:
+                position.setdefault(id(p), len(position))
+        rank_key = {}
+        for gi, g in enumerate(self.groups):
+            for plan in g.plans:
+                rank_key[(gi, plan.start)] = min(position[id(g.params[i])] for i in plan.param_indices)
+        items = [(rank_key[(gi, p.start)], gi, p.start, p) for gi, g in enumerate(self.groups) for p in g.plans]
+        return [Bucket(gi, plan) for _, gi, _, plan in sorted(items, key=lambda t: t[:3])]
+
+    # ---- hooks ----------------------------------------------------------------------
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        bucket, index = self._bucket_of[id(param)]
+        group = self.groups[bucket.group_index]
+        if bucket.launched:
+            raise RuntimeError(
+                f"hf_zero: parameter '{group.names[index]}' received a second gradient after its "
+                "bucket was reduced in this backward (reentrant activation checkpointing or a "
+                "second backward through the same graph); use non-reentrant checkpointing")
+        self._accept_grad(group, index, param)
+        if id(param) in self._seen:
+            return
+        self._seen.add(id(param))
+        bucket.ready += 1
+        if self._reduces_now():
+            self._launch_ready()
+
+    def _reduces_now(self) -> bool:
+        return self._sync or not self.keeps_full_grads
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if bucket.ready < bucket.num_params:
+                return
+            self._launch_bucket(bucket)
+
+    def _launch_bucket(self, bucket: Bucket) -> None:
+        bucket.launched = True
+        self._next_launch += 1
+        work, on_done = self._launch(self.groups[bucket.group_index], bucket)
+        self._pending.append(_Pending(work, on_done))
+        if not self.overlap_comm or len(self._pending) > MAX_INFLIGHT_BUCKETS:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        pending = self._pending.popleft()
+        pending.work.wait()
+        pending.on_done()
+
+    def _finish_backward(self) -> None:
+        if self._reduces_now():
+            for bucket in self.buckets[self._next_launch:]:
+                self._prepare_unused(bucket)
+                self._launch_bucket(bucket)
+        self.wait_for_reductions()
+        for bucket in self.buckets:
+            bucket.ready, bucket.launched = 0, False
+        self._seen.clear()
+        self._next_launch = 0
+        self._callback_queued = False
+
+    def wait_for_reductions(self) -> None:
+        while self._pending:
+            self._complete_oldest()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip reductions for backward passes inside (stages keeping full gradients only)."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---- what each stage supplies ----------------------------------------------------
+    @abc.abstractmethod
+    def _accept_grad(self, group: FlatParamGroup, index: int, param: torch.Tensor) -> None:
+        """Move ``param.grad`` (just accumulated) into the stage's gradient storage."""
+
+    @abc.abstractmethod
+    def _launch(self, group: FlatParamGroup, bucket: Bucket) -> tuple[object, Callable[[], None]]:
+        """Start the bucket's reduction; return (work, completion callback)."""
+
+    def _prepare_unused(self, bucket: Bucket) -> None:
+        """Called before force-launching a bucket some of whose parameters got no gradient."""
+
+    @property
+    @abc.abstractmethod
+    def grad_divisor(self) -> float:
+        """Owned gradients hold sum-over-ranks x this; the optimizer divides by it."""
+
+    @abc.abstractmethod
+    def owned_params(self) -> list[list[torch.Tensor]]:
+        """Per group, per bucket: the 1D parameter chunk this rank updates (model dtype)."""
+
+    @abc.abstractmethod
+    def owned_grads(self) -> list[list[torch.Tensor]]:
+        """Per group, per bucket: the reduced 1D gradient chunk matching ``owned_params``."""
+
+    @abc.abstractmethod
+    def zero_grad(self) -> None:
+        """Clear accumulated gradients (storage is kept)."""
+
+    def after_step(self) -> None:
+        """Make every rank's full parameters current after the optimizer updated its chunks."""
+
+    @abc.abstractmethod
+    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Tensors this stage owns, by accounting category ('grads', 'comm_buffers')."""

@@ -1,0 +1,39 @@
+"""What stages 1 and 2 share: owned chunks and the post-step all-gather of partitions."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_zero.stages.base import ZeroStage
+
+
+class PartitionedMixin:
+    """Each rank owns chunk ``rank`` of every bucket (partition.py's ownership note)."""
+
+    partitions_optimizer = True
+    allgather_bucket_numel: int
+
+    def owned_params(self: ZeroStage) -> list[list[torch.Tensor]]:
+        return [[g.chunk(g.data, p, self.partition_rank) for p in g.plans] for g in self.groups]
+
+    @property
+    def grad_divisor(self: ZeroStage) -> float:
+        return float(self.comm.world_size)
+
+    def after_step(self: ZeroStage) -> None:
+        # In-place all-gather: this rank's updated chunk is already in place in ``data``.
+        # At most ``allgather_bucket_numel`` elements are in flight at once.
+        in_flight: list = []
+        in_flight_numel = 0
+        for bucket in self.buckets:
+            group = self.groups[bucket.group_index]
+            full = group.bucket(group.data, bucket.plan)
+            mine = group.chunk(group.data, bucket.plan, self.partition_rank)
+            if in_flight and in_flight_numel + full.numel() > self.allgather_bucket_numel:
+                for work in in_flight:
+                    work.wait()
+                in_flight, in_flight_numel = [], 0
+            in_flight.append(self.comm.all_gather(full, mine, async_op=True))
+            in_flight_numel += full.numel()
+        for work in in_flight:
+            work.wait()

@@ -1,0 +1,88 @@
+"""Stage 2: optimizer states and gradients partitioned.
+
+Each gradient is copied into its bucket's transient staging buffer as soon as autograd
+produces it (``param.grad`` is then dropped), and the bucket is reduce-scattered straight
+into this rank's persistent gradient shard. No rank holds a full-size gradient after its
+bucket fires; staging buffers live only while a bucket fills or its reduction is in flight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_zero.flat_buffer import FlatParamGroup
+from hf_zero.partition import shard_numel
+from hf_zero.stages.base import Bucket, ZeroStage
+from hf_zero.stages.partitioned import PartitionedMixin
+
+
+class PartitionedGradientStage(PartitionedMixin, ZeroStage):
+    stage = 2
+    keeps_full_grads = False
+
+    def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, **kwargs):
+        self.allgather_bucket_numel = allgather_bucket_numel
+        # 1D, model dtype: this rank's chunk of every bucket, in bucket-plan order
+        self.grad_shards = [torch.zeros(shard_numel(g.plans), dtype=g.dtype, device=g.data.device)
+                            for g in groups]
+        self._shard_chunks: list[list[torch.Tensor]] = []
+        for g, shard in zip(groups, self.grad_shards):
+            chunks, cursor = [], 0
+            for plan in g.plans:
+                chunks.append(shard.narrow(0, cursor, plan.chunk_numel))
+                cursor += plan.chunk_numel
+            self._shard_chunks.append(chunks)
+        self._staging: dict[tuple[int, int], torch.Tensor] = {}   # (group, bucket start) -> 1D bucket
+        self._shard_has_grad: set[tuple[int, int]] = set()
+        super().__init__(groups, *args, **kwargs)
+        self._plan_index = {(gi, p.start): bi for gi, g in enumerate(groups) for bi, p in enumerate(g.plans)}
+        self._where = {}
+        for bucket in self.buckets:
+            for index in bucket.plan.param_indices:
+                self._where[(bucket.group_index, index)] = bucket
+
+    def _staging_for(self, bucket: Bucket) -> torch.Tensor:
+        key = (bucket.group_index, bucket.plan.start)
+        if key not in self._staging:
+            group = self.groups[bucket.group_index]
+            self._staging[key] = torch.zeros(bucket.plan.padded_numel, dtype=group.dtype,
+                                             device=group.data.device)
+        return self._staging[key]
+
+    def _accept_grad(self, group: FlatParamGroup, index: int, param: torch.Tensor) -> None:
+        group_index = self.groups.index(group)
+        bucket = self._where[(group_index, index)]
+        offset = bucket.plan.param_offsets[bucket.plan.param_indices.index(index)] - bucket.plan.start
+        staging = self._staging_for(bucket)
+        staging.narrow(0, offset, param.numel()).add_(param.grad.reshape(-1))
+        param.grad = None
+
+    def _prepare_unused(self, bucket: Bucket) -> None:
+        self._staging_for(bucket)
+
+    def _launch(self, group: FlatParamGroup, bucket: Bucket):
+        key = (bucket.group_index, bucket.plan.start)
+        staging = self._staging.pop(key)
+        shard_chunk = self._shard_chunks[bucket.group_index][self._plan_index[key]]
+        if key not in self._shard_has_grad:
+            self._shard_has_grad.add(key)
+            work = self.comm.reduce_scatter_sum(shard_chunk, staging, async_op=True)
+            return work, lambda: staging  # keep staging alive until the wait
+
+        received = torch.empty_like(shard_chunk)
+        work = self.comm.reduce_scatter_sum(received, staging, async_op=True)
+        return work, lambda: (staging, shard_chunk.add_(received))
+
+    def owned_grads(self) -> list[list[torch.Tensor]]:
+        return self._shard_chunks
+
+    def zero_grad(self) -> None:
+        for shard in self.grad_shards:
+            shard.zero_()
+        self._shard_has_grad.clear()
+        for g in self.groups:
+            for p in g.params:
+                p.grad = None
+
+    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"grads": list(self.grad_shards), "comm_buffers": list(self._staging.values())}

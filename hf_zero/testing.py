@@ -1,0 +1,83 @@
+"""Run a function on N local gloo processes and collect each rank's result.
+
+Used by the test suite and benchmarks (spawn once, run many cases inside). Always
+terminates: a rank that raises fails the whole run with its traceback, and a run that
+exceeds ``timeout_s`` kills every process.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple,
+            threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including KeyboardInterrupt in a child
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600,
+                 threads: int | None = None) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes sharing a gloo
+    group; return the results ordered by rank. ``fn`` must be importable (module level)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, threads), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(collected) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(collected))} did not finish "
+                                   f"within {timeout_s:.0f} s")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 5.0))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in collected]
+                if dead and results.empty():
+                    raise RuntimeError(f"rank(s) {dead} exited without a result "
+                                       f"(exit codes {[procs[r].exitcode for r in dead]})") from None
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            collected[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [collected[r] for r in range(world_size)]

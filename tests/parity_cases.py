@@ -1,0 +1,143 @@
+"""Rank functions for the parity tests: hf_zero vs DDP + torch.optim.AdamW, same seed and data.
+
+Everything here runs inside processes spawned by ``hf_zero.testing.run_on_ranks``; each
+function runs a whole grid of cases in one process group and returns plain data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hf_zero
+
+VOCAB, SEQ, MICRO = 128, 16, 2
+LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 0.05
+# [Note: why eps=1e-6] GPT-2's attention key bias has a mathematically zero gradient (softmax
+# is shift-invariant), so its computed gradient is pure rounding noise. With eps=1e-8 Adam
+# normalises that noise into O(lr) updates, and any change of reduction order (DDP divides
+# before summing, a 3-rank ring sums in another order) moves that one parameter by ~1e-6
+# whichever engine runs. eps=1e-6 keeps the atol-1e-6 comparison about the engine's
+# arithmetic; every other hyperparameter is a common default.
+EPS = 1e-6
+NUM_STEPS = 4
+
+
+def tiny_gpt2(seed: int = 0, n_embd: int = 32, n_layer: int = 2) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def batch(rank: int, step: int, micro: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    return torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups as the HF Trainer builds them: no decay for biases and LayerNorms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def run_ddp(rank: int, accum: int, clip: float, dtype: torch.dtype = torch.float32):
+    model = tiny_gpt2().to(dtype)
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(param_groups(model), lr=LR, eps=EPS)
+    losses = []
+    for step in range(NUM_STEPS):
+        for micro in range(accum):
+            x = batch(rank, step, micro)
+            ctx = ddp.no_sync() if micro < accum - 1 else contextlib.nullcontext()
+            with ctx:
+                loss = ddp(input_ids=x, labels=x).loss
+                (loss / accum).backward()
+            losses.append(loss.item())
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return losses, full_params(model)
+
+
+def zero_config(stage: int, accum: int, clip: float, world: int, bf16: bool = False) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": MICRO * accum * world,
+        "gradient_clipping": clip,
+        "bf16": {"enabled": bf16},
+        # Small buckets: many buckets per group, parameters straddling rank chunks.
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "allgather_bucket_size": 5000},
+    }
+
+
+def run_hf_zero(rank: int, world: int, stage: int, accum: int, clip: float, bf16: bool = False,
+                plain_torch_loop: bool = False):
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(param_groups(model), lr=LR, eps=EPS)
+    engine = hf_zero.initialize(model, zero_config(stage, accum, clip, world, bf16), optimizer=opt)
+    assert engine.module is model
+    if bf16:
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert all(m.dtype == torch.float32 for g in engine.masters.masters for m in g)
+    losses, norms = [], []
+    for step in range(NUM_STEPS):
+        for micro in range(accum):
+            x = batch(rank, step, micro)
+            if plain_torch_loop:  # what accelerate / the HF Trainer do
+                ctx = model.no_sync() if micro < accum - 1 else contextlib.nullcontext()
+                with ctx:
+                    loss = model(input_ids=x, labels=x).loss
+                    (loss / accum).backward()
+            else:
+                loss = engine(input_ids=x, labels=x).loss
+                engine.backward(loss)
+            losses.append(loss.item())
+            if not plain_torch_loop:
+                engine.step()
+        if plain_torch_loop:
+            engine.optimizer.step()
+            model.zero_grad()
+        norms.append(engine.get_global_grad_norm())
+    engine.destroy()
+    return losses, full_params(model), norms
+
+
+def parity_grid(rank: int, world: int) -> dict:
+    """fp32: every stage x accumulation x clipping, against DDP; plus the plain torch loop."""
+    out = {}
+    for accum, clip in itertools.product((1, 2), (0.0, CLIP)):
+        ref_losses, ref_params = run_ddp(rank, accum, clip)
+        for stage in (0, 1, 2):
+            losses, params, _ = run_hf_zero(rank, world, stage, accum, clip)
+            diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
+            out[(stage, accum, clip, "engine")] = (ref_losses, losses, diff)
+        if accum == 2:
+            for stage in (1, 2):
+                losses, params, _ = run_hf_zero(rank, world, stage, accum, clip, plain_torch_loop=True)
+                diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
+                out[(stage, accum, clip, "plain")] = (ref_losses, losses, diff)
+    return out
+
+
+def bf16_grid(rank: int, world: int) -> dict:
+    """bf16 (fp32 masters) per stage, and pure-bf16 DDP as the yardstick, against fp32 DDP."""
+    ref_losses, _ = run_ddp(rank, 1, CLIP)
+    pure_losses, _ = run_ddp(rank, 1, CLIP, dtype=torch.bfloat16)
+    out = {"fp32": ref_losses, "pure_bf16": pure_losses}
+    for stage in (0, 1, 2):
+        out[stage] = run_hf_zero(rank, world, stage, 1, CLIP, bf16=True)[0]
+    return out
