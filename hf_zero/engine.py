@@ -21,7 +21,7 @@ from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
 from hf_zero.flat_buffer import FlatParamGroup
-from hf_zero.optim.build import build_optimizer, rebind_optimizer
+from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
@@ -69,6 +69,8 @@ class ZeroEngine:
         self.comm = Collectives(group)
         self.config = resolve_batch_sizes(config, self.comm.world_size)
         _check_supported(self.config)
+        if optimizer is not None:
+            check_optimizer_is_fresh(optimizer)
         specs = collect_param_groups(model, optimizer)
         if not any(spec.params for spec in specs):
             raise ValueError("the model has no trainable parameters")

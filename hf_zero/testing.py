@@ -28,19 +28,33 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, a
             threads: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
-    try:
-        import torch
-        import torch.distributed as dist
+    import torch
+    import torch.distributed as dist
 
+    try:
         torch.set_num_threads(threads)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # report everything (before tearing down the group, so the root
+        results.put((rank, False, traceback.format_exc()))  # cause arrives first)
+    finally:
+        if dist.is_initialized():
             dist.destroy_process_group()
-        results.put((rank, True, value))
-    except BaseException:  # report everything, including KeyboardInterrupt in a child
-        results.put((rank, False, traceback.format_exc()))
+
+
+def _failure_report(rank: int, trace: str, results: Any, grace_s: float = 3.0) -> str:
+    """The first failure plus any other rank's failure arriving within ``grace_s`` (a rank
+    that lost its peer often reports a connection error; the root cause is listed too)."""
+    failures = {rank: trace}
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            other, ok, value = results.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue_module.Empty:
+            break
+        if not ok:
+            failures[other] = value
+    return "\n".join(f"rank {r} failed:\n{t}" for r, t in sorted(failures.items()))
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600,
@@ -72,7 +86,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
                                        f"(exit codes {[procs[r].exitcode for r in dead]})") from None
                 continue
             if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
+                raise RuntimeError(_failure_report(rank, value, results))
             collected[rank] = value
     finally:
         for p in procs:

@@ -81,6 +81,7 @@ def accounting(rank: int, world: int) -> dict:
                 "comm_ratio": sum(v["bytes"] for v in engine.comm_stats().values()) / model_bytes,
                 "comm": engine.comm_stats(),
                 "any_full_grad": any(full_grads_after_backward),
+                "num_buckets": len(engine.stage.buckets),
                 "mem": mem,
             }
             engine.destroy()

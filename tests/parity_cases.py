@@ -56,7 +56,7 @@ def run_ddp(rank: int, accum: int, clip: float, dtype: torch.dtype = torch.float
     model = tiny_gpt2().to(dtype)
     ddp = DDP(model)
     opt = torch.optim.AdamW(param_groups(model), lr=LR, eps=EPS)
-    losses = []
+    losses, norms = [], []
     for step in range(NUM_STEPS):
         for micro in range(accum):
             x = batch(rank, step, micro)
@@ -65,11 +65,11 @@ def run_ddp(rank: int, accum: int, clip: float, dtype: torch.dtype = torch.float
                 loss = ddp(input_ids=x, labels=x).loss
                 (loss / accum).backward()
             losses.append(loss.item())
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        # max_norm=inf leaves gradients as they are but still returns the norm
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf")).item())
         opt.step()
         opt.zero_grad()
-    return losses, full_params(model)
+    return losses, full_params(model), norms
 
 
 def zero_config(stage: int, accum: int, clip: float, world: int, bf16: bool = False) -> dict:
@@ -120,11 +120,12 @@ def parity_grid(rank: int, world: int) -> dict:
     """fp32: every stage x accumulation x clipping, against DDP; plus the plain torch loop."""
     out = {}
     for accum, clip in itertools.product((1, 2), (0.0, CLIP)):
-        ref_losses, ref_params = run_ddp(rank, accum, clip)
+        ref_losses, ref_params, ref_norms = run_ddp(rank, accum, clip)
         for stage in (0, 1, 2):
-            losses, params, _ = run_hf_zero(rank, world, stage, accum, clip)
+            losses, params, norms = run_hf_zero(rank, world, stage, accum, clip)
             diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
             out[(stage, accum, clip, "engine")] = (ref_losses, losses, diff)
+            out[(stage, accum, clip, "norms")] = (ref_norms, norms)
         if accum == 2:
             for stage in (1, 2):
                 losses, params, _ = run_hf_zero(rank, world, stage, accum, clip, plain_torch_loop=True)
@@ -135,9 +136,66 @@ def parity_grid(rank: int, world: int) -> dict:
 
 def bf16_grid(rank: int, world: int) -> dict:
     """bf16 (fp32 masters) per stage, and pure-bf16 DDP as the yardstick, against fp32 DDP."""
-    ref_losses, _ = run_ddp(rank, 1, CLIP)
-    pure_losses, _ = run_ddp(rank, 1, CLIP, dtype=torch.bfloat16)
+    ref_losses = run_ddp(rank, 1, CLIP)[0]
+    pure_losses = run_ddp(rank, 1, CLIP, dtype=torch.bfloat16)[0]
     out = {"fp32": ref_losses, "pure_bf16": pure_losses}
     for stage in (0, 1, 2):
         out[stage] = run_hf_zero(rank, world, stage, 1, CLIP, bf16=True)[0]
+    return out
+
+
+class TwoBranch(torch.nn.Module):
+    """A frozen layer, and two branches of which each rank uses one or the other per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.frozen = torch.nn.Linear(16, 16).requires_grad_(False)
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = self.frozen(torch.relu(self.inp(x)))
+        return self.out(torch.relu(self.b(h) if use_b else self.a(h)))
+
+
+def _branch_data(rank: int, step: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g), (step + rank) % 2 == 1
+
+
+def unused_and_frozen(rank: int, world: int) -> dict:
+    """Parameters unused on some ranks/steps and frozen parameters, against DDP(find_unused)."""
+    torch.manual_seed(0)
+    ref_model = TwoBranch()
+    ddp = DDP(ref_model, find_unused_parameters=True)
+    ref_opt = torch.optim.AdamW([p for p in ref_model.parameters() if p.requires_grad], lr=LR, eps=EPS)
+    ref_losses = []
+    for step in range(NUM_STEPS):
+        x, y, use_b = _branch_data(rank, step)
+        loss = torch.nn.functional.mse_loss(ddp(x, use_b), y)
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_losses.append(loss.item())
+    out = {}
+    for stage in (0, 1, 2):
+        torch.manual_seed(0)
+        model = TwoBranch()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=EPS)
+        engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+                                            "zero_optimization": {"stage": stage, "reduce_bucket_size": 100}},
+                                    optimizer=opt)
+        losses = []
+        for step in range(NUM_STEPS):
+            x, y, use_b = _branch_data(rank, step)
+            loss = torch.nn.functional.mse_loss(engine(x, use_b), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref_model.parameters()))
+        frozen_same = torch.equal(model.frozen.weight, ref_model.frozen.weight)
+        out[stage] = (ref_losses, losses, diff, frozen_same)
+        engine.destroy()
     return out

@@ -37,6 +37,14 @@ def test_fp32_matches_ddp(world, case):
         assert max_diff <= 1e-6, f"rank {rank}: final '{worst}' differs by {max_diff:.3g}"
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_global_grad_norm_equals_clip_grad_norm(world):
+    for rank, results in enumerate(grid(world)):
+        for stage, accum, clip in itertools.product((0, 1, 2), (1, 2), (0.0, parity_cases.CLIP)):
+            ref_norms, norms = results[(stage, accum, clip, "norms")]
+            assert norms == pytest.approx(ref_norms, rel=1e-5), (rank, stage, accum, clip)
+
+
 def test_training_moves_the_parameters():
     # Guard against a vacuous pass: the runs above really train (loss falls, weights move).
     ref_losses, losses, _ = grid(2)[0][(2, 1, 0.0, "engine")]
@@ -61,3 +69,13 @@ def test_bf16_close_to_fp32(stage):
         assert ours > 0, "bf16 run was not actually in bf16"
         assert ours <= 2 ** -8, f"rank {rank}: {ours:.3g}"
         assert ours <= 2 * pure + 1e-4, f"rank {rank}: {ours:.3g} vs pure bf16 {pure:.3g}"
+
+
+@pytest.mark.parametrize("stage", (0, 1, 2))
+def test_unused_and_frozen_parameters_match_ddp(stage):
+    if "unused" not in _cache:
+        _cache["unused"] = run_on_ranks(parity_cases.unused_and_frozen, 2, timeout_s=300)
+    for rank, results in enumerate(_cache["unused"]):
+        ref_losses, losses, diff, frozen_same = results[stage]
+        assert losses == pytest.approx(ref_losses, rel=1e-5), rank
+        assert diff <= 1e-6 and frozen_same, rank

@@ -34,14 +34,19 @@ def build_optimizer(config: Optional[OptimizerConfig], master_groups: list[list[
                fused=_fused_supported(device) or None)
 
 
+def check_optimizer_is_fresh(optimizer: torch.optim.Optimizer) -> None:
+    """A user's optimizer must not have stepped: its state is per full parameter."""
+    if any(optimizer.state.values()):
+        raise ValueError("pass the optimizer to hf_zero.initialize before its first step "
+                         "(its existing state cannot be partitioned)")
+
+
 def rebind_optimizer(optimizer: torch.optim.Optimizer, master_groups: list[list[torch.Tensor]]) -> None:
     """Make a user's optimizer step the master chunks instead of the model's parameters
     (its class, hyperparameters and group structure are kept; it must be elementwise)."""
     if len(optimizer.param_groups) != len(master_groups):
         raise ValueError("internal: optimizer groups and flat groups disagree")
-    if any(optimizer.state.values()):
-        raise ValueError("pass the optimizer to hf_zero.initialize before its first step "
-                         "(its existing state cannot be partitioned)")
+    check_optimizer_is_fresh(optimizer)
     optimizer.state.clear()
     for group, masters in zip(optimizer.param_groups, master_groups):
         group["params"] = list(masters)
