@@ -1,8 +1,9 @@
 """hf_zero: ZeRO data parallelism for the Hugging Face stack."""
 
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config
+from hf_zero.checkpoint import CheckpointError, consolidate
 from hf_zero.engine import ZeroEngine, initialize
 
 __version__ = "0.1.0"
 
-__all__ = ["AUTO", "ConfigError", "HfZeroConfig", "ZeroEngine", "initialize", "load_config", "__version__"]
+__all__ = ["AUTO", "CheckpointError", "ConfigError", "consolidate", "HfZeroConfig", "ZeroEngine", "initialize", "load_config", "__version__"]

@@ -1,4 +1,4 @@
-"""The ``hf-zero`` command. Today: ``hf-zero check-config CONFIG [--world-size N]``."""
+"""The ``hf-zero`` command: ``check-config`` and ``consolidate``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from hf_zero.checkpoint import consolidate
+
+    max_shard: int | str = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
+    out = consolidate(args.checkpoint_dir, args.out_dir, tag=args.tag, max_shard_size=max_shard,
+                      dtype=args.dtype, adapter_only=args.adapter_only)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-zero", description="hf_zero: ZeRO for the Hugging Face stack")
     parser.add_argument("--version", action="version", version=f"hf_zero {__version__}")
@@ -30,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("config", help="JSON/YAML path or inline JSON")
     check.add_argument("--world-size", type=int, default=0, help="also resolve the batch-size invariant")
     check.set_defaults(run=_check_config)
+    cons = commands.add_parser("consolidate", help="write a checkpoint as Hugging Face safetensors")
+    cons.add_argument("checkpoint_dir")
+    cons.add_argument("out_dir")
+    cons.add_argument("--tag", default=None, help="default: the one named in 'latest'")
+    cons.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB or a byte count")
+    cons.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    cons.add_argument("--adapter-only", action="store_true", help="write only the peft adapter")
+    cons.set_defaults(run=_consolidate)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -202,6 +202,30 @@ class ZeroEngine:
                 p.grad = None
         self.optimizer.inner.state.clear()
 
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None):
+        """Sharded, atomic checkpoint on every rank (see hf_zero/checkpoint/save.py); returns its path."""
+        from hf_zero.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag, client_state)
+
+    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+        """Exact resume from any world size / stage; returns (path, client_state)."""
+        from hf_zero.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
+                               load_module_only)
+
+    def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None) -> None:
+        """Write the model in Hugging Face layout (safetensors) from rank 0; all ranks call it.
+        Stages 0-2 hold full parameters on every rank, so nothing is gathered."""
+        from hf_zero.checkpoint.export import save_model_hf
+
+        save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0)
+        if self.comm.active:
+            dist.barrier(group=self.comm.group)
+
     # ---- setup helpers ------------------------------------------------------------------
     def _broadcast_model(self) -> None:
         """Start every rank from rank 0's weights and buffers, as DDP does."""

@@ -8,6 +8,7 @@ exceeds ``timeout_s`` kills every process.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import socket
 import time
@@ -24,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple,
+def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, args_pickle: bytes,
             threads: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
@@ -34,7 +35,9 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, a
     try:
         torch.set_num_threads(threads)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # Plain pickle keeps tensors in-band: torch's queue pickler would share their storage
+        # through file descriptors that vanish when this process exits.
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *pickle.loads(args_pickle)))))
     except BaseException:  # report everything (before tearing down the group, so the root
         results.put((rank, False, traceback.format_exc()))  # cause arrives first)
     finally:
@@ -65,7 +68,10 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
     results = ctx.Queue()
     port = free_port()
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, threads), daemon=True)
+    # Arguments travel as plain pickles too: torch's spawn pickler would share tensor storage
+    # with the children, which could then modify the caller's tensors in place.
+    payload = pickle.dumps(args)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, payload, threads), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -87,7 +93,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
                 continue
             if not ok:
                 raise RuntimeError(_failure_report(rank, value, results))
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

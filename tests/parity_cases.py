@@ -26,11 +26,12 @@ EPS = 1e-6
 NUM_STEPS = 4
 
 
-def tiny_gpt2(seed: int = 0, n_embd: int = 32, n_layer: int = 2) -> torch.nn.Module:
+def tiny_gpt2(seed: int = 0, n_embd: int = 32, n_layer: int = 2, dropout: float = 0.0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
+                        attn_pdrop=dropout)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 

@@ -1,0 +1,125 @@
+"""``engine.load_checkpoint``: each rank reads only the slices its own layout needs.
+
+Works across world sizes, stages and bucket sizes (see layout.py), and refuses, naming the
+file or parameter, a checkpoint that is incomplete, corrupted or of another model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from hf_zero.checkpoint.files import CheckpointError
+from hf_zero.checkpoint.layout import owned_pieces
+from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
+from hf_zero.checkpoint.rng import restore_rng
+from hf_zero.checkpoint.save import _persistent_buffers
+
+if TYPE_CHECKING:
+    from hf_zero.engine import ZeroEngine
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_path(load_dir: Path, tag: Optional[str]) -> Path:
+    tag = resolve_tag(load_dir, tag)
+    path = load_dir / tag
+    if not path.is_dir():
+        # A crash between moving an overwritten checkpoint aside and renaming its successor
+        # into place leaves the previous, complete one under .<tag>.old-*: use it.
+        olds = sorted(load_dir.glob(f".{tag}.old-*"))
+        if olds and (olds[-1] / "manifest.json").is_file():
+            logger.warning("hf_zero: %s missing, recovering %s", path, olds[-1])
+            return olds[-1]
+        raise CheckpointError(f"no checkpoint directory {path}")
+    return path
+
+
+def _check_model_matches(reader: CheckpointReader, module: torch.nn.Module, path: Path) -> None:
+    saved = reader.manifest["params"]
+    current = {n: list(p.shape) for n, p in module.named_parameters()}
+    missing = [n for n in current if n not in saved]
+    unexpected = [n for n in saved if n not in current]
+    wrong = [f"{n} {saved[n]['shape']} vs {current[n]}" for n in current
+             if n in saved and saved[n]["shape"] != current[n]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path} is a checkpoint of another model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}")
+
+
+def _load_masters(engine: "ZeroEngine", reader: CheckpointReader) -> None:
+    for piece in owned_pieces(engine.flat_groups, engine.stage.partition_rank):
+        target = engine.masters.masters[piece.group][piece.chunk].narrow(0, piece.chunk_start, piece.length)
+        # A parameter trainable now but frozen when saved starts from its saved weights.
+        kind = "master" if reader.has("master", piece.name) else "frozen"
+        reader.fill(target, kind, piece.name, piece.param_start)
+    engine.masters.finish_step()   # masters -> model-dtype chunks
+    engine.stage.after_step()      # all-gather, so every rank holds full parameters again
+
+
+def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
+    meta = reader.manifest["optimizer"]
+    inner = engine.optimizer.inner
+    if meta["class"] != type(inner).__name__ or len(meta["param_groups"]) != len(inner.param_groups):
+        raise CheckpointError(f"{reader.path}: optimizer {meta['class']} with {len(meta['param_groups'])} groups "
+                              f"cannot load into {type(inner).__name__} with {len(inner.param_groups)} groups")
+    kinds = sorted({p["kind"] for p in reader.manifest["pieces"].values() if p["kind"].startswith("state.")})
+    pieces = owned_pieces(engine.flat_groups, engine.stage.partition_rank)
+    for group, saved, scalars in zip(inner.param_groups, meta["param_groups"], meta["scalar_state"]):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        for master in group["params"]:
+            state = inner.state[master]
+            state.clear()
+            for key, s in scalars.items():
+                if s["dtype"] is None:
+                    state[key] = s["value"]
+                else:
+                    device = master.device if s["on_param_device"] else torch.device("cpu")
+                    state[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"].split(".")[-1]),
+                                              device=device)
+            for kind in kinds:
+                state[kind.removeprefix("state.")] = torch.zeros_like(master)
+    for piece in pieces:
+        master = engine.masters.masters[piece.group][piece.chunk]
+        for kind in kinds:
+            target = inner.state[master][kind.removeprefix("state.")].narrow(0, piece.chunk_start, piece.length)
+            reader.fill(target, kind, piece.name, piece.param_start)
+    engine.scaler.load_state_dict(reader.manifest["loss_scaler"])
+    engine.optimizer.num_skipped_steps = reader.manifest["skipped_steps"]
+
+
+def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[str] = None,
+                    load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                    load_module_only: bool = False, verify: bool = True) -> tuple[Path, dict]:
+    """Restore parameters (and, unless disabled, optimizer, scaler, scheduler, step counters
+    and this rank's RNG). Returns (checkpoint path, client_state)."""
+    path = checkpoint_path(Path(load_dir), tag)
+    reader = CheckpointReader(path, verify=verify)
+    _check_model_matches(reader, engine.module, path)
+    engine.stage.wait_for_reductions()
+    engine.stage.zero_grad()
+    with torch.no_grad():
+        _load_masters(engine, reader)
+        trainable = {id(p) for g in engine.flat_groups for p in g.params}
+        for name, p in engine.module.named_parameters():
+            if id(p) not in trainable:
+                reader.fill(p.data.view(-1), "frozen" if reader.has("frozen", name) else "master", name, 0)
+        for name, b in _persistent_buffers(engine.module).items():
+            if reader.has("buffer", name):
+                reader.fill(b.data.view(-1), "buffer", name, 0)
+        if load_optimizer_states and not load_module_only:
+            _load_optimizer(engine, reader)
+    manifest = reader.manifest
+    if not load_module_only:
+        if load_lr_scheduler_states and engine.lr_scheduler is not None and manifest["lr_scheduler"] is not None:
+            engine.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+        engine.global_steps = manifest["global_steps"]
+        engine.micro_steps = manifest["micro_steps"]
+        rng = manifest["rng"].get(str(engine.comm.rank))
+        if rng is not None:
+            restore_rng(rng)
+    reader.close()
+    return path, manifest["client_state"]

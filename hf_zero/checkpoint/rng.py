@@ -1,0 +1,52 @@
+"""Random-number-generator states as JSON (never pickled), per rank."""
+
+from __future__ import annotations
+
+import base64
+import random
+
+import torch
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def capture_rng() -> dict:
+    state = {"torch": _encode(torch.get_rng_state()), "python": _python_state_to_json(random.getstate())}
+    if torch.cuda.is_available():  # CUDA-only branch: one generator state per visible device
+        state["cuda"] = [_encode(s) for s in torch.cuda.get_rng_state_all()]
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(_decode(state["torch"]))
+    random.setstate(_python_state_from_json(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_decode(s) for s in state["cuda"]])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _python_state_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_json(value: list) -> tuple:
+    version, internal, gauss = value
+    return version, tuple(internal), gauss

@@ -1,0 +1,194 @@
+"""``engine.save_checkpoint``: every rank writes its pieces; the directory appears atomically.
+
+[Note: atomic checkpoint protocol]
+1. Rank 0 creates ``save_dir/.<tag>.tmp-<id>`` and broadcasts its name.
+2. Every rank writes ``rank_XXXXX.safetensors`` there (fsync'ed) and sends rank 0 its file's
+   size and sha256, its piece index and its RNG state.
+3. Rank 0 writes ``manifest.json`` (fsync), renames the temporary directory to ``<tag>``
+   (an older ``<tag>`` is moved aside first and deleted after), fsyncs ``save_dir`` and only
+   then rewrites ``latest`` (write + rename). A crash anywhere before leaves ``latest`` and
+   every complete checkpoint untouched; the stray temporary directory is removed by the
+   next save.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from hf_zero.checkpoint.files import file_entry, fsync_dir, fsync_file, validate_tag, write_json_atomic, \
+    write_text_atomic
+from hf_zero.checkpoint.layout import owned_pieces, piece_key
+from hf_zero.checkpoint.reader import FORMAT
+from hf_zero.checkpoint.rng import capture_rng
+from hf_zero.config import config_to_dict
+
+if TYPE_CHECKING:
+    from hf_zero.engine import ZeroEngine
+
+# Test seam: called with each file path right after it is written (a test makes it crash).
+_after_file_written: Callable[[Path], None] = lambda path: None
+
+
+def _json_checked(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} must be JSON-serialisable (checkpoints never pickle): {err}") from None
+
+
+def _broadcast_object(value: Any, comm) -> Any:
+    if not comm.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(comm.group, 0) if comm.group else 0, group=comm.group)
+    return box[0]
+
+
+def _gather_objects(value: Any, comm) -> list:
+    if not comm.active:
+        return [value]
+    out = [None] * comm.world_size
+    dist.all_gather_object(out, value, group=comm.group)
+    return out
+
+
+def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """This rank's pieces (masters and elementwise optimizer states), plus, on rank 0,
+    frozen parameters and persistent buffers whole."""
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}
+
+    def add(kind: str, name: str, start: int, tensor: torch.Tensor) -> None:
+        key = piece_key(kind, name, start)
+        tensors[key] = tensor
+        index[key] = {"kind": kind, "name": name, "start": start, "length": tensor.numel()}
+
+    if engine.stage.partitions_optimizer or engine.comm.rank == 0:
+        state = engine.optimizer.inner.state
+        for piece in owned_pieces(engine.flat_groups, engine.stage.partition_rank):
+            master = engine.masters.masters[piece.group][piece.chunk]
+            add("master", piece.name, piece.param_start, master.narrow(0, piece.chunk_start, piece.length))
+            for key, value in state.get(master, {}).items():
+                if isinstance(value, torch.Tensor) and value.numel() == master.numel() and value.numel() > 1:
+                    add(f"state.{key}", piece.name, piece.param_start,
+                        value.narrow(0, piece.chunk_start, piece.length))
+    if engine.comm.rank == 0:
+        trainable = {id(p) for g in engine.flat_groups for p in g.params}
+        for name, p in engine.module.named_parameters():
+            if id(p) not in trainable:
+                add("frozen", name, 0, p.detach().reshape(-1))
+        for name, b in _persistent_buffers(engine.module).items():
+            add("buffer", name, 0, b.detach().reshape(-1))
+    return {k: v.cpu() for k, v in tensors.items()}, index
+
+
+def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    params = {n for n, _ in module.named_parameters()}
+    state = module.state_dict(keep_vars=True)
+    return {n: b for n, b in module.named_buffers() if n in state and n not in params}
+
+
+def _optimizer_meta(engine: "ZeroEngine") -> dict:
+    """Hyperparameters per group, and per-group scalar states (e.g. Adam's step count)."""
+    inner = engine.optimizer.inner
+    groups, scalars = [], []
+    for group in inner.param_groups:
+        groups.append(_json_checked({k: v for k, v in group.items() if k != "params"}, "optimizer param group"))
+        first = group["params"][0] if group["params"] else None
+        entry = {}
+        for key, value in inner.state.get(first, {}).items() if first is not None else ():
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and first.numel() > 1:
+                entry[key] = {"value": value.item(), "dtype": str(value.dtype),
+                              "on_param_device": value.device == first.device}
+            elif not isinstance(value, torch.Tensor):
+                entry[key] = {"value": value, "dtype": None, "on_param_device": False}
+        scalars.append(entry)
+    return {"class": type(inner).__name__, "param_groups": groups, "scalar_state": scalars}
+
+
+def _model_meta(engine: "ZeroEngine") -> dict:
+    module = engine.module
+    meta: dict[str, Any] = {"model_class": type(getattr(module, "base_model", module)).__name__}
+    if getattr(module, "peft_config", None) is not None:
+        meta["model_class"] = type(module.get_base_model()).__name__
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        meta["model_config"] = _json_checked(config.to_dict(), "model config")
+    peft_config = getattr(module, "peft_config", None)
+    if isinstance(peft_config, dict):
+        meta["peft"] = {name: _json_checked(json.loads(json.dumps(c.to_dict(), default=list)), "peft config")
+                        for name, c in peft_config.items()}
+    return meta
+
+
+def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[str] = None,
+                    client_state: Optional[dict] = None) -> Path:
+    """Write a sharded checkpoint on every rank; returns ``save_dir / tag``."""
+    tag = validate_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+    client_state = _json_checked(client_state or {}, "client_state")
+    scheduler = engine.lr_scheduler
+    scheduler_state = _json_checked(scheduler.state_dict(), "lr_scheduler.state_dict()") if scheduler else None
+    engine.stage.wait_for_reductions()
+    comm, save_dir = engine.comm, Path(save_dir)
+
+    tmp_name = None
+    if comm.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(".*.tmp-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp_name = f".{tag}.tmp-{uuid.uuid4().hex[:12]}"
+        (save_dir / tmp_name).mkdir()
+    tmp = save_dir / _broadcast_object(tmp_name, comm)
+
+    tensors, index = _rank_tensors(engine)
+    file_name = f"rank_{comm.rank:05d}.safetensors"
+    save_file(tensors, str(tmp / file_name), metadata={"format": "pt"})
+    fsync_file(tmp / file_name)
+    _after_file_written(tmp / file_name)
+    for entry in index.values():
+        entry["file"] = file_name
+    reports = _gather_objects((comm.rank, file_name, file_entry(tmp / file_name), index, capture_rng()), comm)
+
+    final = save_dir / tag
+    if comm.rank == 0:
+        manifest = {
+            "format": FORMAT, "tag": tag, "world_size": comm.world_size, "stage": engine.stage.stage,
+            "model_dtype": str(engine.dtype), "global_steps": engine.global_steps,
+            "micro_steps": engine.micro_steps, "skipped_steps": engine.optimizer.num_skipped_steps,
+            "params": {n: {"shape": list(p.shape), "dtype": str(p.dtype), "trainable": p.requires_grad}
+                       for n, p in engine.module.named_parameters()},
+            "buffers": {n: {"shape": list(b.shape), "dtype": str(b.dtype)}
+                        for n, b in _persistent_buffers(engine.module).items()},
+            "files": {name: entry for _, name, entry, _, _ in reports},
+            "pieces": {k: v for _, _, _, idx, _ in reports for k, v in idx.items()},
+            "rng": {str(rank): rng for rank, _, _, _, rng in reports},
+            "optimizer": _optimizer_meta(engine),
+            "loss_scaler": engine.scaler.state_dict(),
+            "lr_scheduler": scheduler_state,
+            "client_state": client_state,
+            "config": config_to_dict(engine.config),
+            **_model_meta(engine),
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+        fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:12]}"
+            final.rename(old)
+        tmp.rename(final)
+        fsync_dir(save_dir)
+        write_text_atomic(save_dir / "latest", tag)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    if comm.active:
+        dist.barrier(group=comm.group)
+    return final
