@@ -108,6 +108,7 @@ class ZeroEngine:
         self.gradient_accumulation_steps: int = self.config.gradient_accumulation_steps
         self.micro_steps = 0
         self.global_steps = 0
+        self.carried_rng_states: dict[str, dict] = {}   # RNG of ranks a loaded checkpoint had and this run lacks
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
         model.no_sync = self.no_sync
         model.zero_grad = self.zero_grad

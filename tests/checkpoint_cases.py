@@ -162,3 +162,29 @@ def exports(rank: int, world: int, root: str) -> dict:
 
 def saved_tensor_file(root: str, name: str) -> Path:
     return next(Path(root, name).glob("*/rank_00000.safetensors"))
+
+
+def roundtrip_first(rank: int, world: int, root: str) -> list[float]:
+    """bf16 stage 2 at world 2: save after STEPS, then the uninterrupted continuation."""
+    model, engine = _engine(2, world, bf16=True)
+    _train(engine, rank, 0, STEPS)
+    engine.save_checkpoint(f"{root}/rt-a")
+    losses = _train(engine, rank, STEPS, STEPS)
+    engine.destroy()
+    return losses
+
+
+def roundtrip_middle(rank: int, world: int, root: str) -> None:
+    """At another world size and stage: load, then save again straight away."""
+    model, engine = _engine(1, world, bf16=True)
+    engine.load_checkpoint(f"{root}/rt-a")
+    engine.save_checkpoint(f"{root}/rt-b")
+    engine.destroy()
+
+
+def roundtrip_last(rank: int, world: int, root: str) -> list[float]:
+    model, engine = _engine(2, world, bf16=True)
+    engine.load_checkpoint(f"{root}/rt-b")
+    losses = _train(engine, rank, STEPS, STEPS)
+    engine.destroy()
+    return losses

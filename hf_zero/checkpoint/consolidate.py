@@ -18,11 +18,11 @@ from typing import Optional, Union
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 
 from hf_zero.checkpoint.files import fsync_dir, write_json_atomic
 from hf_zero.checkpoint.load import checkpoint_path
 from hf_zero.checkpoint.reader import CheckpointReader
+from hf_zero.checkpoint.safetensors_io import write_safetensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,7 +88,7 @@ def consolidate(checkpoint_dir: Union[str, Path], out_dir: Union[str, Path], tag
             for key in keys:
                 kind, src = sources[key]
                 shard[key] = reader.full(kind, src, dtype).contiguous()
-            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            write_safetensors(tmp / filename, shard, metadata={"format": "pt"})
             del shard   # one output shard in memory at a time
         if plan.is_sharded:
             index = {"metadata": {**plan.metadata}, "weight_map": plan.tensor_to_filename}

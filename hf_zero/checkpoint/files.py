@@ -32,11 +32,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def write_bytes_durable(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -66,9 +61,6 @@ def sha256_file(path: Path, block_bytes: int = 8 << 20) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def read_json(path: Path) -> Any:

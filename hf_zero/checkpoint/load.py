@@ -121,5 +121,8 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
         rng = manifest["rng"].get(str(engine.comm.rank))
         if rng is not None:
             restore_rng(rng)
+        # Ranks this run lacks keep their RNG states for the next save, so that going
+        # 2 -> 1 -> 2 ranks resumes exactly.
+        engine.carried_rng_states = {r: v for r, v in manifest["rng"].items() if int(r) >= engine.comm.world_size}
     reader.close()
     return path, manifest["client_state"]

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from hf_zero.checkpoint.files import CheckpointError, read_json, sha256_file, validate_tag
+from hf_zero.checkpoint.safetensors_io import SafetensorsFile
 
 FORMAT = "hf_zero-checkpoint/1"
 
@@ -37,7 +36,7 @@ class CheckpointReader:
             raise CheckpointError(f"{path / 'manifest.json'}: not an hf_zero checkpoint "
                                   f"(format {self.manifest.get('format')!r}, expected {FORMAT!r})")
         self.verify = verify
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, SafetensorsFile] = {}
         for name, entry in self.manifest["files"].items():
             file = path / name
             if not file.is_file():
@@ -55,15 +54,15 @@ class CheckpointReader:
     def has(self, kind: str, name: str) -> bool:
         return (kind, name) in self._pieces
 
-    def _handle(self, file: str):
+    def _handle(self, file: str) -> SafetensorsFile:
         if file not in self._handles:
             path = self.path / file
             if self.verify and sha256_file(path) != self.manifest["files"][file]["sha256"]:
                 raise CheckpointError(f"corrupted checkpoint file {path}: checksum does not match the manifest")
             try:
-                self._handles[file] = safe_open(str(path), framework="pt")
-            except SafetensorError as err:
-                raise CheckpointError(f"unreadable checkpoint file {path}: {err}") from None
+                self._handles[file] = SafetensorsFile(path)
+            except ValueError as err:
+                raise CheckpointError(f"unreadable checkpoint file: {err}") from None
         return self._handles[file]
 
     def fill(self, target: torch.Tensor, kind: str, name: str, start: int) -> None:
@@ -81,8 +80,10 @@ class CheckpointReader:
             lo, hi = max(start, piece_start), min(end, piece_start + length)
             if hi <= lo:
                 continue
-            values = self._handle(file).get_slice(key)[lo - piece_start:hi - piece_start]
-            target[lo - start:hi - start].copy_(values)
+            try:
+                self._handle(file).read_into(key, lo - piece_start, target[lo - start:hi - start])
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{self.path / file}: cannot read '{key}': {err}") from None
             covered += hi - lo
         if covered != end - start:
             raise CheckpointError(f"{self.path}: '{kind}' of '{name}' covers {covered} of elements "
@@ -100,4 +101,6 @@ class CheckpointReader:
         return out.view(info["shape"]).to(dtype) if dtype else out.view(info["shape"])
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()

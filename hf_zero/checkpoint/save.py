@@ -21,13 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
-
-from hf_zero.checkpoint.files import file_entry, fsync_dir, fsync_file, validate_tag, write_json_atomic, \
-    write_text_atomic
+from hf_zero.checkpoint.files import fsync_dir, validate_tag, write_json_atomic, write_text_atomic
 from hf_zero.checkpoint.layout import owned_pieces, piece_key
 from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
+from hf_zero.checkpoint.safetensors_io import write_safetensors
 from hf_zero.config import config_to_dict
 
 if TYPE_CHECKING:
@@ -87,7 +85,7 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor], dict[s
                 add("frozen", name, 0, p.detach().reshape(-1))
         for name, b in _persistent_buffers(engine.module).items():
             add("buffer", name, 0, b.detach().reshape(-1))
-    return {k: v.cpu() for k, v in tensors.items()}, index
+    return tensors, index
 
 
 def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -151,12 +149,11 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
 
     tensors, index = _rank_tensors(engine)
     file_name = f"rank_{comm.rank:05d}.safetensors"
-    save_file(tensors, str(tmp / file_name), metadata={"format": "pt"})
-    fsync_file(tmp / file_name)
+    entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
     _after_file_written(tmp / file_name)
-    for entry in index.values():
-        entry["file"] = file_name
-    reports = _gather_objects((comm.rank, file_name, file_entry(tmp / file_name), index, capture_rng()), comm)
+    for piece in index.values():
+        piece["file"] = file_name
+    reports = _gather_objects((comm.rank, file_name, entry, index, capture_rng()), comm)
 
     final = save_dir / tag
     if comm.rank == 0:
@@ -170,7 +167,8 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
                         for n, b in _persistent_buffers(engine.module).items()},
             "files": {name: entry for _, name, entry, _, _ in reports},
             "pieces": {k: v for _, _, _, idx, _ in reports for k, v in idx.items()},
-            "rng": {str(rank): rng for rank, _, _, _, rng in reports},
+            "rng": {**getattr(engine, "carried_rng_states", {}),
+                    **{str(rank): rng for rank, _, _, _, rng in reports}},
             "optimizer": _optimizer_meta(engine),
             "loss_scaler": engine.scaler.state_dict(),
             "lr_scheduler": scheduler_state,
