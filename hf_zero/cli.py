@@ -1,4 +1,4 @@
-"""The ``hf-zero`` command: ``check-config`` and ``consolidate``."""
+"""The ``hf-zero`` command: ``check-config``, ``consolidate``, ``estimate`` and ``env``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def _consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    from hf_zero.diagnostics.report import load_model_config, model_shape, render
+
+    overrides = json_module.loads(args.set) if args.set else {}
+    shape = model_shape(load_model_config(args.model, overrides))
+    memory = _parse_bytes(args.device_memory) if args.device_memory else None
+    print(render(shape, args.world_size * args.nodes, args.dtype != "fp32", args.micro_batch, args.seq, memory))
+    return 0
+
+
+def _parse_bytes(text: str) -> float:
+    units = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "TIB": 2**40, "GIB": 2**30, "MIB": 2**20}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return float(upper[: -len(unit)]) * factor
+    return float(upper)
+
+
+def _env(args: argparse.Namespace) -> int:
+    from hf_zero.diagnostics.env_report import environment
+
+    for key, value in environment().items():
+        print(f"{key:<32} {value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-zero", description="hf_zero: ZeRO for the Hugging Face stack")
     parser.add_argument("--version", action="version", version=f"hf_zero {__version__}")
@@ -48,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     cons.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     cons.add_argument("--adapter-only", action="store_true", help="write only the peft adapter")
     cons.set_defaults(run=_consolidate)
+    est = commands.add_parser("estimate", help="per-rank memory for each stage and offload choice")
+    est.add_argument("model", help="config.json path/directory, or a model type such as llama")
+    est.add_argument("--set", default="", help='config overrides as JSON, e.g. \'{"hidden_size": 4096}\'')
+    est.add_argument("--world-size", type=int, default=8, help="ranks per node")
+    est.add_argument("--nodes", type=int, default=1)
+    est.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    est.add_argument("--micro-batch", type=int, default=1)
+    est.add_argument("--seq", type=int, default=2048)
+    est.add_argument("--device-memory", default="", help="e.g. 80GB: also print the largest model that fits")
+    est.set_defaults(run=_estimate)
+    env = commands.add_parser("env", help="versions, backends and usable accelerated paths")
+    env.set_defaults(run=_env)
     args = parser.parse_args(argv)
     return args.run(args)
 

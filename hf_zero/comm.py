@@ -65,6 +65,11 @@ class Collectives:
         initialized = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if initialized else 1
         self.rank = dist.get_rank(group) if initialized else 0
+        self.checker = None   # diagnostics.divergence.CollectiveChecker in debug mode
+
+    def _check(self, kind: str, tensor: torch.Tensor) -> None:
+        if self.checker is not None:
+            self.checker.check(kind, tensor)
 
     @property
     def active(self) -> bool:
@@ -73,6 +78,7 @@ class Collectives:
     def all_reduce_sum(self, tensor: torch.Tensor, async_op: bool = False):
         if not self.active:
             return _DoneWork()
+        self._check("all_reduce_sum", tensor)
         self.stats.record("all_reduce", 2 * _nbytes(tensor))
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
@@ -80,6 +86,7 @@ class Collectives:
     def all_reduce_max(self, tensor: torch.Tensor):
         if not self.active:
             return _DoneWork()
+        self._check("all_reduce_max", tensor)
         self.stats.record("all_reduce", 2 * _nbytes(tensor))
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return _DoneWork()
@@ -89,6 +96,7 @@ class Collectives:
         if not self.active:
             output.copy_(input)
             return _DoneWork()
+        self._check("reduce_scatter", input)
         self.stats.record("reduce_scatter", _nbytes(input))
         work = dist.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=self.group,
                                           async_op=async_op)
@@ -101,6 +109,7 @@ class Collectives:
             if input.data_ptr() != output.data_ptr():
                 output.copy_(input)
             return _DoneWork()
+        self._check("all_gather", output)
         self.stats.record("all_gather", _nbytes(output))
         work = dist.all_gather_single(output, input, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
@@ -108,6 +117,7 @@ class Collectives:
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         if not self.active:
             return
+        self._check("broadcast", tensor)
         self.stats.record("broadcast", _nbytes(tensor))
         src = dist.get_global_rank(self.group, src_rank) if self.group is not None else src_rank
         dist.broadcast(tensor, src=src, group=self.group)

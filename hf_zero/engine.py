@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any, Optional, Union
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
 from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
@@ -69,6 +71,11 @@ class ZeroEngine:
         self.comm = Collectives(group)
         self.config = resolve_batch_sizes(config, self.comm.world_size)
         _check_supported(self.config)
+        if self.config.debug_collectives and self.comm.active:
+            from hf_zero.diagnostics.divergence import CollectiveChecker
+
+            self.comm.checker = CollectiveChecker(group, self.comm.rank, self.comm.world_size,
+                                                  self.config.debug_collectives_timeout)
         if optimizer is not None:
             check_optimizer_is_fresh(optimizer)
         specs = collect_param_groups(model, optimizer)
@@ -109,6 +116,10 @@ class ZeroEngine:
         self.micro_steps = 0
         self.global_steps = 0
         self.carried_rng_states: dict[str, dict] = {}   # RNG of ranks a loaded checkpoint had and this run lacks
+        self.timers = StepTimers() if self.config.wall_clock_breakdown else None
+        self.stage.timers = self.timers
+        self.last_report: dict[str, float] = {}   # the latest per-step report (integrations log it)
+        self._bytes_at_report = 0
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
         model.no_sync = self.no_sync
         model.zero_grad = self.zero_grad
@@ -116,7 +127,12 @@ class ZeroEngine:
 
     # ---- training loop ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        if self.timers is None:
+            return self.module(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.timers.tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
+        with self.timers.phase("forward"):
+            return self.module(*args, **kwargs)
 
     forward = __call__
 
@@ -130,20 +146,39 @@ class ZeroEngine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the scaled loss; reductions are deferred until the boundary micro-step."""
         context = contextlib.nullcontext() if self.is_gradient_accumulation_boundary() else self.no_sync()
-        with context:
+        with context, timed(self.timers, "backward"):
             self.scale_loss(loss).backward()
 
     def step(self) -> None:
         """Optimizer + scheduler step at the accumulation boundary; always counts a micro-step."""
         if self.is_gradient_accumulation_boundary():
-            self.optimizer.step()
+            with timed(self.timers, "optimizer"):
+                self.optimizer.step()
             if self.lr_scheduler is not None and not self.optimizer.step_was_skipped:
                 self.lr_scheduler.step()
             self.global_steps += 1
+            if self.timers is not None:
+                self.timers.steps += 1
             if self.global_steps % self.config.steps_per_print == 0:
-                logger.info("hf_zero step %d: grad norm %s, loss scale %s", self.global_steps,
-                            self.optimizer.last_grad_norm, self.scaler.scale)
+                self._report()
         self.micro_steps += 1
+
+    def _report(self) -> None:
+        """Per-step averages since the last report, logged on rank 0 and kept in last_report."""
+        report: dict[str, float] = {"grad_norm": self.optimizer.last_grad_norm or 0.0,
+                                    "loss_scale": self.scaler.scale}
+        total = self.comm.stats.total_bytes()
+        if self.timers is not None:
+            steps = max(1, self.timers.steps)
+            report.update(self.timers.summary())
+            report["comm_bytes"] = (total - self._bytes_at_report) / steps
+        self._bytes_at_report = total
+        if self.config.memory_breakdown:
+            report.update({f"memory/{k}_bytes": v for k, v in self.memory_breakdown().items()})
+            report["memory/peak_rss_bytes"] = peak_rss_bytes()
+        self.last_report = report
+        if self.comm.rank == 0:
+            logger.info(format_report(self.global_steps, report))
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.stage.no_sync()
@@ -254,4 +289,8 @@ def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = 
     taking the engine's optimizer (built from ``config["scheduler"]`` when omitted).
     ``group``: the data-parallel process group (default: the world; none: one process).
     """
-    return ZeroEngine(model, load_config(config), optimizer, lr_scheduler, group)
+    config = load_config(config)
+    # The one environment switch: debug mode must be reachable without editing configs.
+    if os.environ.get("HF_ZERO_DEBUG_COLLECTIVES", "") not in ("", "0"):
+        config = config.replace(debug_collectives=True)
+    return ZeroEngine(model, config, optimizer, lr_scheduler, group)

@@ -1,8 +1,8 @@
 """Fused AdamW step over a flat fp32 master shard, in one pass over memory (Triton).
 
-Per element it reads grad, master, exp_avg, exp_avg_sq and writes master, exp_avg,
-exp_avg_sq (and optionally the bf16/fp16 copy of master): 16 + 12 (+2) bytes plus the
-gradient's 2 or 4, against ~4 separate passes for the unfused torch sequence. The
+Per element it reads the gradient (2 or 4 bytes) and master, exp_avg, exp_avg_sq (12) and
+writes those three back (12), plus 2 for the optional bf16/fp16 copy of master: 28-30
+bytes, where the unfused torch sequence makes about ten passes over these buffers. The
 specification is ``fused_adamw_ref.py``; the public entry point is
 ``hf_zero_kernels.fused_adamw_`` (dispatch.py), which validates the arguments.
 """
@@ -13,7 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_zero_kernels._triton_utils import LAUNCH_OPTIONS, cast_for_store, device_guard, flag_view, grid_1d
+from hf_zero_kernels._triton_utils import (
+    LAUNCH_OPTIONS,
+    cast_for_store,
+    device_guard,
+    flag_view,
+    grid_1d,
+)
 
 BLOCK = 1024       # elements per program: 8 per thread at 4 warps, 16-byte fp32 vectors
 NUM_WARPS = 4

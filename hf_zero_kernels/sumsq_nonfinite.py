@@ -11,7 +11,7 @@ writing into one partials buffer, then one finishing launch. Specification:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -22,7 +22,7 @@ from hf_zero_kernels._triton_utils import LAUNCH_OPTIONS, device_guard
 BLOCK = 4096          # elements per partial: 16 per thread at 8 warps
 NUM_WARPS = 8
 FINISH_BLOCK = 1024   # partials added per iteration of the finishing program
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)   # jit globals must be constexpr
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _partials_kernel(x_ptr, sumsq_ptr, count_ptr, numel, BLOCK: tl.constexpr):
     # sumsq_ptr[pid] = sum x^2 over the block (fp32; inf/NaN propagate into it)
     tl.store(sumsq_ptr + pid, tl.sum(x * x, axis=0))
     # count_ptr[pid] = #{x : x is NaN (x != x) or |x| = inf (|x| > FLT_MAX)}
-    nonfinite = (x != x) | (tl.abs(x) > FLT_MAX)
+    nonfinite = (x != x) | (tl.abs(x) > FLT_MAX)  # noqa: PLR0124 (NaN test)
     tl.store(count_ptr + pid, tl.sum(nonfinite.to(tl.float32), axis=0))
 
 

@@ -6,7 +6,7 @@ These are the two inputs of the global gradient norm and of the fp16 overflow ch
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -150,8 +150,13 @@ class HfZeroConfig:
     bf16: BF16Config = _sub(BF16Config, "bf16 mixed precision.")
     zero_optimization: ZeroConfig = _sub(ZeroConfig, "ZeRO partitioning.")
     steps_per_print: int = _f(10, "Log progress every this many optimizer steps.", min=1)
-    wall_clock_breakdown: bool = _f(False, "Time forward/backward/step (diagnostics issue).")
-    memory_breakdown: bool = _f(False, "Log memory by category (diagnostics issue).")
+    wall_clock_breakdown: bool = _f(False, "Time forward/backward/reduction/optimizer/all-gather per step and "
+                                    "report them (with tokens/s and bytes moved) every steps_per_print steps.")
+    memory_breakdown: bool = _f(False, "Add memory by category and peak RSS to the per-step report.")
+    debug_collectives: bool = _f(False, "Check before every collective that all ranks issue the same one; "
+                                 "raise naming the first divergence instead of hanging (also "
+                                 "HF_ZERO_DEBUG_COLLECTIVES=1). Costs a store round trip per collective.")
+    debug_collectives_timeout: float = _f(60.0, "Seconds to wait for the other ranks in that check.", gt=0.0)
 
     @property
     def stage(self) -> int:

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from hf_zero.comm import Collectives
+from hf_zero.diagnostics.step_report import timed
 from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.partition import BucketPlan
 
@@ -55,6 +56,8 @@ class ZeroStage(abc.ABC):
     stage: int
     partitions_optimizer: bool      # each rank updates only its chunk of every bucket
     keeps_full_grads: bool          # a full-size gradient buffer exists between steps
+
+    timers = None   # diagnostics.step_report.StepTimers when wall_clock_breakdown is on
 
     def __init__(self, groups: list[FlatParamGroup], comm: Collectives, overlap_comm: bool = True):
         self.groups = groups
@@ -148,8 +151,11 @@ class ZeroStage(abc.ABC):
         self._callback_queued = False
 
     def wait_for_reductions(self) -> None:
-        while self._pending:
-            self._complete_oldest()
+        if not self._pending:
+            return
+        with timed(self.timers, "reduction_wait"):
+            while self._pending:
+                self._complete_oldest()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

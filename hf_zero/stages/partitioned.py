@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_zero.diagnostics.step_report import timed
 from hf_zero.stages.base import ZeroStage
 
 
@@ -21,6 +22,10 @@ class PartitionedMixin:
         return float(self.comm.world_size)
 
     def after_step(self: ZeroStage) -> None:
+        with timed(self.timers, "allgather"):
+            self._gather_partitions()
+
+    def _gather_partitions(self: ZeroStage) -> None:
         # In-place all-gather: this rank's updated chunk is already in place in ``data``.
         # At most ``allgather_bucket_numel`` elements are in flight at once.
         in_flight: list = []

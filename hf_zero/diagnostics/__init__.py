@@ -1,0 +1,1 @@
+"""Memory estimator, per-step timing report, collective-divergence detector, environment report."""

@@ -1,0 +1,114 @@
+"""Per-rank memory estimates for each ZeRO stage and offload choice (pure arithmetic).
+
+Model states follow ZeRO's accounting, which ``engine.memory_breakdown()`` reproduces exactly
+for stages 0-2 (tests/test_estimator.py): with Psi parameters and N data-parallel ranks,
+
+| stage | fp32 training (params/grads/Adam) | mixed precision (K = 12: fp32 master + Adam) |
+|---|---|---|
+| 0 | 16 Psi | 16 Psi |
+| 1 | 8 Psi + 8 Psi/N | 4 Psi + 12 Psi/N |
+| 2 | 4 Psi + 12 Psi/N | 2 Psi + 14 Psi/N |
+| 3 | 16 Psi/N | 16 Psi/N |
+
+Optimizer offload moves the optimizer part (Adam, plus masters in mixed precision) and the
+gradient partitions to the host (cpu) or to files with host buffers (nvme); parameter
+offload (stage 3) moves the parameter shards too. Activations use the per-layer estimate for transformer blocks of
+Korthikanti et al. 2022 (s*b*h*(34 + 5*a*s/h) bytes in 16-bit), which is not validated here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OFFLOADS = ("none", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_params: int
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    largest_layer_params: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stage: int
+    offload: str                 # optimizer (and, at stage 3, parameter) offload device
+    device_model_states: float   # bytes per rank on the accelerator
+    host_model_states: float     # bytes per rank in host memory
+    buffers: float               # communication / gather buffers per rank
+    activations: float           # per rank, for the given micro-batch
+    activations_checkpointed: float
+
+    @property
+    def device_total(self) -> float:
+        return self.device_model_states + self.buffers + self.activations
+
+    @property
+    def device_total_checkpointed(self) -> float:
+        return self.device_model_states + self.buffers + self.activations_checkpointed
+
+
+def model_state_bytes(stage: int, num_params: int, world: int, mixed: bool) -> tuple[float, float, float]:
+    """(params, grads, optimizer incl. master) bytes per rank."""
+    psi, n = float(num_params), float(world)
+    p_bytes, k = (2.0, 12.0) if mixed else (4.0, 8.0)
+    params = psi * p_bytes / (n if stage >= 3 else 1.0)
+    grads = psi * p_bytes / (n if stage >= 2 else 1.0)
+    optim = psi * k / (n if stage >= 1 else 1.0)
+    return params, grads, optim
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, mixed: bool, checkpointed: bool) -> float:
+    s, b, h, a, layers = seq, micro_batch, shape.hidden, shape.heads, shape.layers
+    scale = 1.0 if mixed else 2.0             # the 16-bit formula, doubled for fp32
+    per_layer = s * b * h * (34 + 5 * a * s / h) * scale
+    logits = s * b * shape.vocab * (2 if mixed else 4) * 2   # logits and their gradient
+    if checkpointed:   # keep each block's input; recompute one block at a time
+        return layers * s * b * h * 2 * scale + per_layer + logits
+    return layers * per_layer + logits
+
+
+def estimate(shape: ModelShape, world: int, stage: int, offload: str = "none", mixed: bool = True,
+             micro_batch: int = 1, seq: int = 2048, reduce_bucket_size: float = 5e8,
+             prefetch_bucket_size: float = 5e7) -> Estimate:
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+    params, grads, optim = model_state_bytes(stage, shape.num_params, world, mixed)
+    p_bytes = 2 if mixed else 4
+    device, host = params + grads + optim, 0.0
+    if offload != "none":   # ZeRO-Offload: gradient shards and optimizer states live on the host
+        device -= optim + grads
+        host += optim + grads if offload == "cpu" else 0.0
+        if stage == 3:
+            device -= params
+            host += params if offload == "cpu" else 0.0
+    # Stage 0-2: at most two reduction buckets in flight; stage 3 adds gathered parameters
+    # (prefetch window plus the largest layer).
+    buffers = 2 * min(reduce_bucket_size, shape.num_params) * p_bytes
+    if stage == 3:
+        buffers += (min(prefetch_bucket_size, shape.num_params) + shape.largest_layer_params) * p_bytes
+    return Estimate(stage, offload, device, host, buffers,
+                    activation_bytes(shape, micro_batch, seq, mixed, False),
+                    activation_bytes(shape, micro_batch, seq, mixed, True))
+
+
+def largest_model_fitting(device_bytes: float, world: int, stage: int, offload: str, mixed: bool) -> float:
+    """Parameters whose model states alone fit in ``device_bytes`` per rank (no activations)."""
+    per_param = estimate(ModelShape(1, 1, 1, 1, 1, 0), world, stage, offload, mixed,
+                         reduce_bucket_size=0, prefetch_bucket_size=0).device_model_states
+    return float("inf") if per_param == 0 else device_bytes / per_param
+
+
+def deepspeed_estimate(stage: int, num_params: int, largest_layer_params: int, gpus: int,
+                       offload: str) -> float:
+    """DeepSpeed's per-GPU model-state estimate (its estimate_zero2/3_model_states_mem_needs
+    with zero_init; offload 'cpu' = optimizer and, at stage 3, parameters), for docs/diagnostics.md."""
+    if stage <= 2:
+        return 2 * num_params if offload != "none" else 4 * num_params + 16 * num_params / gpus
+    if offload != "none":
+        return 4 * largest_layer_params
+    return 4 * largest_layer_params + 18 * num_params / gpus
