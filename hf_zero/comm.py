@@ -4,7 +4,7 @@
 ``CommStats`` records the *logical payload* of each call, the quantity ZeRO's theory is
 stated in: ``all_reduce`` counts 2x the tensor (a ring all-reduce is a reduce-scatter plus
 an all-gather), ``reduce_scatter`` counts its input, ``all_gather`` its output and
-``broadcast`` its tensor. So one step of stage 0-2 counts 2x the model bytes, stage 3 3x.
+``broadcast`` and ``all_to_all`` their (input) tensor. So one step of stage 0-2 counts 2x the model bytes, stage 3 3x.
 
 With a world of one (no process group) every call is a local no-op that counts nothing.
 """
@@ -112,6 +112,16 @@ class Collectives:
         self._check("all_gather", output)
         self.stats.record("all_gather", _nbytes(output))
         work = dist.all_gather_single(output, input, group=self.group, async_op=async_op)
+        return work if async_op else _DoneWork()
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+        """Equal splits: chunk i of ``input`` goes to rank i; chunk j of ``output`` comes from rank j."""
+        if not self.active:
+            output.copy_(input)
+            return _DoneWork()
+        self._check("all_to_all", input)
+        self.stats.record("all_to_all", _nbytes(input))
+        work = dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:

@@ -43,6 +43,8 @@ def _check_supported(config: HfZeroConfig) -> None:
     for key in ("offload_optimizer", "offload_param"):
         if getattr(zero, key).device != "none":
             problems.append((f"zero_optimization.{key}.device", "offload is not implemented yet; use 'none'"))
+    if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
+        problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
     if config.fp16.enabled is True and config.bf16.enabled is True:
         problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
     for key, value in (("fp16.enabled", config.fp16.enabled), ("bf16.enabled", config.bf16.enabled),
@@ -93,7 +95,14 @@ class ZeroEngine:
         self._broadcast_model()
         self.stage = build_stage(zero.stage, self.flat_groups, self.comm, overlap_comm=zero.overlap_comm,
                                  allgather_bucket_numel=zero.allgather_bucket_size)
-        self.masters = MasterWeights(self.stage.owned_params())
+        if zero.zero_quantized_gradients or zero.zero_quantized_weights:
+            from hf_zero.quantized_comm import QuantizedCollectives
+
+            quantized = QuantizedCollectives(self.comm)
+            self.stage.quantized_gradients = quantized if zero.zero_quantized_gradients else None
+            self.stage.quantized_weights = quantized if zero.zero_quantized_weights else None
+        # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
+        self.masters = MasterWeights(self.stage.owned_params(), force_copy=zero.zero_quantized_weights)
 
         # Groups emptied by freezing get no flat buffer; give them no master chunks.
         master_iter = iter(self.masters.masters)
@@ -105,7 +114,7 @@ class ZeroEngine:
             inner = optimizer
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.masters, self.scaler, self.comm,
-                                       float(self.config.gradient_clipping))
+                                       float(self.config.gradient_clipping), self._fused_update(inner))
         if lr_scheduler is None and self.config.scheduler is not None:
             lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
         elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
@@ -124,6 +133,19 @@ class ZeroEngine:
         model.no_sync = self.no_sync
         model.zero_grad = self.zero_grad
         self.comm.stats.reset()
+
+    def _fused_update(self, inner: torch.optim.Optimizer):
+        """hf_zero_kernels' one-pass AdamW where it applies (see optim/fused_step.py)."""
+        from hf_zero.optim.fused_step import FusedAdamW, fused_supported
+
+        mode = self.config.fused_kernels
+        on_cuda = self.flat_groups[0].data.is_cuda   # CUDA-only branch: Triton kernels need a GPU
+        if mode == "off" or (mode == "auto" and not on_cuda) or not fused_supported(inner):
+            if mode == "triton" and not fused_supported(inner):
+                raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
+                                 f"got {type(inner).__name__}")
+            return None
+        return FusedAdamW(inner, self.masters.owned_params, keeps_copy=self.masters.keeps_copy, backend="triton")
 
     # ---- training loop ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

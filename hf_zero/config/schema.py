@@ -133,6 +133,10 @@ class ZeroConfig:
     stage3_max_live_parameters: int = _f(1_000_000_000, "Stage 3: cap on gathered parameter elements.", min=0)
     stage3_max_reuse_distance: int = _f(1_000_000_000, "Stage 3: reuse distance kept gathered.", min=0)
     stage3_gather_16bit_weights_on_model_save: bool = _f(False, "Stage 3: gather weights when saving a model.")
+    zero_quantized_gradients: bool = _f(False, "ZeRO++: reduce gradients as blockwise int8 (stages 1-2; "
+                                        "dequantized and summed in fp32 by each chunk's owner).")
+    zero_quantized_weights: bool = _f(False, "ZeRO++: all-gather updated partitions as blockwise int8 "
+                                      "(stages 1-2; every replica gets the same dequantized weights).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +157,9 @@ class HfZeroConfig:
     wall_clock_breakdown: bool = _f(False, "Time forward/backward/reduction/optimizer/all-gather per step and "
                                     "report them (with tokens/s and bytes moved) every steps_per_print steps.")
     memory_breakdown: bool = _f(False, "Add memory by category and peak RSS to the per-step report.")
+    fused_kernels: str = _f("auto", "Optimizer update and norm through hf_zero_kernels: 'auto' = Triton "
+                            "on CUDA, torch elsewhere; 'triton' = always (CPU only under TRITON_INTERPRET=1); "
+                            "'off' = torch's AdamW.", choices=("auto", "triton", "off"))
     debug_collectives: bool = _f(False, "Check before every collective that all ranks issue the same one; "
                                  "raise naming the first divergence instead of hanging (also "
                                  "HF_ZERO_DEBUG_COLLECTIVES=1). Costs a store round trip per collective.")

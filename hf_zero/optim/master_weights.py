@@ -13,10 +13,10 @@ import torch
 class MasterWeights:
     masters: list[list[torch.Tensor]]   # per group, per bucket: 1D fp32 tensors the optimizer steps
 
-    def __init__(self, owned_params: list[list[torch.Tensor]]):
+    def __init__(self, owned_params: list[list[torch.Tensor]], force_copy: bool = False):
         self.owned_params = owned_params
         dtypes = {p.dtype for group in owned_params for p in group}
-        self.keeps_copy = dtypes != {torch.float32} and bool(dtypes)
+        self.keeps_copy = force_copy or (dtypes != {torch.float32} and bool(dtypes))
         if self.keeps_copy:
             self.masters = [[p.detach().to(torch.float32).clone() for p in group] for group in owned_params]
         else:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
 import torch
 
 from hf_zero.comm import Collectives
+from hf_zero.optim.fused_step import FusedAdamW, norm_inputs
 from hf_zero.optim.grad_norm import clip_coefficient, global_grad_norm
 from hf_zero.optim.loss_scaler import LossScaler
 from hf_zero.optim.master_weights import MasterWeights
@@ -28,7 +30,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """True when the last step() skipped the update (fp16 overflow on any rank)."""
 
     def __init__(self, inner: torch.optim.Optimizer, stage: ZeroStage, masters: MasterWeights,
-                 scaler: LossScaler, comm: Collectives, gradient_clipping: float):
+                 scaler: LossScaler, comm: Collectives, gradient_clipping: float,
+                 fused: Optional[FusedAdamW] = None):
         super().__init__([{"params": []}], dict(inner.defaults))
         # Share, don't copy: schedulers and users edit these very dicts.
         self.param_groups = inner.param_groups
@@ -39,9 +42,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.scaler = scaler
         self.comm = comm
         self.gradient_clipping = gradient_clipping
+        self.fused = fused
         self.step_was_skipped = False
-        self.last_grad_norm: float | None = None
         self.num_skipped_steps = 0
+        self._last_norm: Optional[torch.Tensor] = None   # device scalar; read lazily (no host sync)
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The full gradient's norm (unscaled, before clipping) at the last step."""
+        return None if self._last_norm is None else float(self._last_norm.item())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,22 +62,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Owned gradients hold (rank-averaged gradient) x grad_divisor x loss_scale
         # (stages/base.py): dividing by ``scale`` gives the true gradient.
         scale = self.stage.grad_divisor * self.scaler.scale
-        norm = global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer) / scale  # fp32
-        self.last_grad_norm = norm.item()
-        overflow = not math.isfinite(self.last_grad_norm)
+        if self.fused is not None:
+            stats = norm_inputs(flat_grads, self.fused.backend)       # [sumsq, non-finite count]
+            if self.stage.partitions_optimizer:
+                self.comm.all_reduce_sum(stats)
+            norm = stats[0:1].sqrt() / scale
+            overflow_flag = stats[1:2]
+        else:
+            norm = global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer) / scale  # fp32
+            overflow_flag = None
+        self._last_norm = norm
         if self.scaler.dynamic:
+            # The one host read of the step: the scale for the next backward depends on it.
+            overflow = not math.isfinite(norm.item()) or bool(overflow_flag is not None and overflow_flag.item())
             self.scaler.update(overflow)
-        if overflow and self.scaler.dynamic:
-            self.step_was_skipped = True
-            self.num_skipped_steps += 1
-            logger.info("hf_zero: gradient overflow, step skipped; loss scale now %s", self.scaler.scale)
-            self.stage.zero_grad()
-            return None
+            if overflow:
+                self.step_was_skipped = True
+                self.num_skipped_steps += 1
+                logger.info("hf_zero: gradient overflow, step skipped; loss scale now %s", self.scaler.scale)
+                self.stage.zero_grad()
+                return None
         self.step_was_skipped = False
         coefficient = clip_coefficient(norm, self.gradient_clipping) / scale
-        self.masters.load_grads(grads, coefficient)
-        self.inner.step()
-        self.masters.finish_step()
+        if self.fused is not None:
+            self.fused.step(grads, coefficient.to(torch.float32), overflow_flag if self.scaler.dynamic else None)
+        else:
+            self.masters.load_grads(grads, coefficient)
+            self.inner.step()
+            self.masters.finish_step()
         self.stage.after_step()
         self.stage.zero_grad()
         return None

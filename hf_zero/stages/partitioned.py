@@ -8,11 +8,23 @@ from hf_zero.diagnostics.step_report import timed
 from hf_zero.stages.base import ZeroStage
 
 
+def _nothing() -> None:
+    pass
+
+
 class PartitionedMixin:
     """Each rank owns chunk ``rank`` of every bucket (partition.py's ownership note)."""
 
     partitions_optimizer = True
     allgather_bucket_numel: int
+    quantized_gradients = None   # QuantizedCollectives when zero_quantized_gradients is on
+    quantized_weights = None     # QuantizedCollectives when zero_quantized_weights is on
+
+    def _reduce_scatter(self: ZeroStage, output: torch.Tensor, input: torch.Tensor):
+        """Start a bucket's reduce-scatter; returns (work, finish) with finish() run after the wait."""
+        if self.quantized_gradients is not None:
+            return self.quantized_gradients.reduce_scatter_sum(output, input)
+        return self.comm.reduce_scatter_sum(output, input, async_op=True), _nothing
 
     def owned_params(self: ZeroStage) -> list[list[torch.Tensor]]:
         return [[g.chunk(g.data, p, self.partition_rank) for p in g.plans] for g in self.groups]
@@ -28,6 +40,12 @@ class PartitionedMixin:
     def _gather_partitions(self: ZeroStage) -> None:
         # In-place all-gather: this rank's updated chunk is already in place in ``data``.
         # At most ``allgather_bucket_numel`` elements are in flight at once.
+        if self.quantized_weights is not None:
+            for bucket in self.buckets:
+                group = self.groups[bucket.group_index]
+                mine = group.chunk(group.data, bucket.plan, self.partition_rank)
+                self.quantized_weights.all_gather(group.bucket(group.data, bucket.plan), mine)
+            return
         in_flight: list = []
         in_flight_numel = 0
         for bucket in self.buckets:

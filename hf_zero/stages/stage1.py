@@ -21,9 +21,10 @@ class PartitionedOptimizerStage(PartitionedMixin, FullGradStage):
         grads = self.grad_buffers[bucket.group_index]
         full = group.bucket(grads, bucket.plan)
         received = torch.empty(bucket.plan.chunk_numel, dtype=full.dtype, device=full.device)
-        work = self.comm.reduce_scatter_sum(received, full, async_op=True)
+        work, finish = self._reduce_scatter(received, full)
 
         def keep_own_chunk() -> None:
+            finish()
             # The owner keeps the sum; other chunks are zeroed so a later reduction of the
             # same buffer (GA without no_sync) adds each rank's new gradient exactly once.
             full.zero_()

@@ -66,12 +66,12 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         shard_chunk = self._shard_chunks[bucket.group_index][self._plan_index[key]]
         if key not in self._shard_has_grad:
             self._shard_has_grad.add(key)
-            work = self.comm.reduce_scatter_sum(shard_chunk, staging, async_op=True)
-            return work, lambda: staging  # keep staging alive until the wait
+            work, finish = self._reduce_scatter(shard_chunk, staging)
+            return work, lambda: (staging, finish())  # staging stays alive until the wait
 
         received = torch.empty_like(shard_chunk)
-        work = self.comm.reduce_scatter_sum(received, staging, async_op=True)
-        return work, lambda: (staging, shard_chunk.add_(received))
+        work, finish = self._reduce_scatter(received, staging)
+        return work, lambda: (staging, finish(), shard_chunk.add_(received))
 
     def owned_grads(self) -> list[list[torch.Tensor]]:
         return self._shard_chunks
