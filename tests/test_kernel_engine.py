@@ -31,7 +31,8 @@ def test_triton_update_matches_torch_and_ddp(stage, bf16):
 @pytest.mark.parametrize("what", ("grads", "weights", "both"))
 def test_int8_communication_trains_like_unquantized(stage, what):
     # Documented tolerance (docs/kernels.md): over 20 steps the loss of an int8-communication
-    # run stays within 2% of the unquantized bf16 run at every step (measured: < 0.5%).
+    # run stays within 2% of the unquantized bf16 run at every step (measured here: int8 gradients
+    # 0.07%, int8 weights 1.0%, both 1.1%).
     for rank, results in enumerate(_once("quantized_communication")):
         base, quant, base_stats, quant_stats = results[(stage, what)]
         rel = max(abs(a - b) / a for a, b in zip(base, quant))
