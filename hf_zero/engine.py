@@ -22,14 +22,13 @@ from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
-from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.optim.zero_optimizer import ZeroOptimizer
 from hf_zero.param_groups import collect_param_groups
-from hf_zero.stages import build_stage, partition_world_for
+from hf_zero.stages import build_groups_and_stage
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +37,8 @@ def _check_supported(config: HfZeroConfig) -> None:
     """Refuse, before any tensor work, what this build cannot run yet or cannot resolve."""
     problems = []
     zero = config.zero_optimization
-    if zero.stage == 3:
-        problems.append(("zero_optimization.stage", "stage 3 is not implemented yet; use 0, 1 or 2"))
+    if zero.stage == 3 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
+        problems.append(("zero_optimization.zero_quantized_weights", "not implemented for stage 3 yet"))
     for key in ("offload_optimizer", "offload_param"):
         if getattr(zero, key).device != "none":
             problems.append((f"zero_optimization.{key}.device", "offload is not implemented yet; use 'none'"))
@@ -89,12 +88,10 @@ class ZeroEngine:
         if self.dtype != torch.float32:
             model.to(self.dtype)
         zero = self.config.zero_optimization
-        partition_world = partition_world_for(zero.stage, self.comm.world_size)
-        self.flat_groups = [FlatParamGroup(s.params, s.names, zero.reduce_bucket_size, partition_world)
-                            for s in specs if s.params]
+        self.stage, self.flat_groups, group_spec = build_groups_and_stage(
+            zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
+            overlap_comm=zero.overlap_comm, allgather_bucket_numel=zero.allgather_bucket_size)
         self._broadcast_model()
-        self.stage = build_stage(zero.stage, self.flat_groups, self.comm, overlap_comm=zero.overlap_comm,
-                                 allgather_bucket_numel=zero.allgather_bucket_size)
         if zero.zero_quantized_gradients or zero.zero_quantized_weights:
             from hf_zero.quantized_comm import QuantizedCollectives
 
@@ -104,9 +101,11 @@ class ZeroEngine:
         # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
         self.masters = MasterWeights(self.stage.owned_params(), force_copy=zero.zero_quantized_weights)
 
-        # Groups emptied by freezing get no flat buffer; give them no master chunks.
-        master_iter = iter(self.masters.masters)
-        master_groups = [next(master_iter) if s.params else [] for s in specs]
+        # Each optimizer group steps the master chunks of all its parameter groups (several
+        # at stage 3, one per unit; none for a group emptied by freezing).
+        master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
+        for spec_index, masters in zip(group_spec, self.masters.masters):
+            master_groups[spec_index].extend(masters)
         if optimizer is None:
             inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
         else:
@@ -139,7 +138,7 @@ class ZeroEngine:
         from hf_zero.optim.fused_step import FusedAdamW, fused_supported
 
         mode = self.config.fused_kernels
-        on_cuda = self.flat_groups[0].data.is_cuda   # CUDA-only branch: Triton kernels need a GPU
+        on_cuda = self.flat_groups[0].device.type == "cuda"   # CUDA-only branch: Triton kernels need a GPU
         if mode == "off" or (mode == "auto" and not on_cuda) or not fused_supported(inner):
             if mode == "triton" and not fused_supported(inner):
                 raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
@@ -235,7 +234,7 @@ class ZeroEngine:
         other_params = [p for p in self.module.parameters() if id(p) not in trainable]
         stage_tensors = self.stage.memory_tensors()
         return bytes_by_category({
-            "params": [g.data for g in self.flat_groups] + other_params,
+            "params": [t for g in self.flat_groups for t in g.storage_tensors()] + other_params,
             "grads": stage_tensors.get("grads", []),
             "master_params": self.masters.tensors(),
             "optimizer_states": self.optimizer.state_tensors(),
@@ -253,6 +252,8 @@ class ZeroEngine:
         """Remove hooks and the routed methods; drop optimizer state and buffers."""
         self.stage.wait_for_reductions()
         self.stage.remove_hooks()
+        if hasattr(self.stage, "unshard"):   # stage 3: leave the model usable, weights whole again
+            self.stage.unshard()
         for name in ("no_sync", "zero_grad"):
             self.module.__dict__.pop(name, None)
         for g in self.flat_groups:
@@ -292,7 +293,8 @@ class ZeroEngine:
         trainable = {id(p) for g in self.flat_groups for p in g.params}
         with torch.no_grad():
             for g in self.flat_groups:
-                self.comm.broadcast(g.data)
+                for tensor in g.broadcast_tensors():
+                    self.comm.broadcast(tensor)
             for p in self.module.parameters():
                 if id(p) not in trainable:
                     self.comm.broadcast(p.data)

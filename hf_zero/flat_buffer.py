@@ -45,6 +45,18 @@ class FlatParamGroup:
     def dtype(self) -> torch.dtype:
         return self.data.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        """What this group holds now (for memory accounting)."""
+        return [self.data]
+
+    def broadcast_tensors(self) -> list[torch.Tensor]:
+        """What must be broadcast from rank 0 so every rank starts identical."""
+        return [self.data]
+
     def param_offset(self, index: int) -> int:
         for plan in self.plans:
             if index in plan.param_indices:

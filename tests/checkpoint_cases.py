@@ -39,17 +39,24 @@ def _train(engine, rank: int, first_step: int, steps: int) -> list[float]:
     return losses
 
 
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+def _params(model, engine=None) -> dict[str, torch.Tensor]:
+    """Full parameters; under stage 3 gathered for the snapshot and released again (collective)."""
+    sharded = [g for g in engine.flat_groups if hasattr(g, "gather")] if engine is not None else []
+    for group in sharded:
+        group.gather(engine.comm)
+    out = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    for group in sharded:
+        group.release()
+    return out
 
 
 def exact_resume(rank: int, world: int, root: str) -> dict:
     """Save after STEPS, continue; a fresh engine loads and continues: losses must be identical
     (dropout on, so RNG state matters; WarmupLR, so the scheduler state matters)."""
     out = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         for bf16 in (False, True):
-            accum = 2 if stage == 1 else 1
+            accum = 2 if stage in (1, 3) else 1
             model, engine = _engine(stage, world, bf16, accum)
             _train(engine, rank, 0, STEPS)
             path = engine.save_checkpoint(f"{root}/resume-{stage}-{bf16}", client_state={"seen": STEPS})
@@ -107,7 +114,8 @@ def reshard_save(rank: int, world: int, root: str, stages: tuple) -> dict:
         model, engine = _plain_engine(stage, world)
         losses = _train(engine, rank, 0, STEPS)
         engine.save_checkpoint(f"{root}/w{world}-s{stage}", tag="ckpt")
-        out[stage] = {"losses": losses, "ddp_losses": ddp_losses, "params": _params(model) if rank == 0 else None}
+        params = _params(model, engine)
+        out[stage] = {"losses": losses, "ddp_losses": ddp_losses, "params": params if rank == 0 else None}
         engine.destroy()
     return out
 
@@ -119,7 +127,7 @@ def reshard_load(rank: int, world: int, root: str, ddp_state: dict, sources: lis
     for saved_world, saved_stage, stage in sources:
         model, engine = _plain_engine(stage, world)
         engine.load_checkpoint(f"{root}/w{saved_world}-s{saved_stage}", tag="ckpt")
-        loaded = _params(model)
+        loaded = _params(model, engine)
         out[(saved_world, saved_stage, stage)] = {"losses": _train(engine, rank, STEPS, STEPS),
                                                   "loaded_params": loaded if rank == 0 else None}
         engine.destroy()
@@ -132,11 +140,14 @@ def exports(rank: int, world: int, root: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = {}
-    model, engine = _plain_engine(2, world)
+    model, engine = _plain_engine(3, world)
     _train(engine, rank, 0, 2)
     engine.save_checkpoint(f"{root}/gpt2")
+    out["gpt2"] = _params(model, engine)
+    engine.destroy()
+    model, engine = _plain_engine(2, world)
+    engine.load_checkpoint(f"{root}/gpt2")
     engine.save_16bit_model(f"{root}/gpt2-online")
-    out["gpt2"] = _params(model)
     engine.destroy()
 
     torch.manual_seed(0)

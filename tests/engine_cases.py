@@ -21,13 +21,16 @@ def _train_step(engine, model, rank: int, step: int, poison: bool) -> dict:
     handle = None
     if poison:  # only this rank sees the inf: the skip must still happen everywhere
         handle = model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * float("inf"))
-    before = [p.detach().clone() for p in model.parameters()]
+    # model parameters (empty at rest under stage 3) and this rank's fp32 master chunks
+    state = lambda: [p.detach().clone() for p in model.parameters()] + \
+        [m.detach().clone() for group in engine.masters.masters for m in group]  # noqa: E731
+    before = state()
     x = batch(rank, step, 0)
     engine.backward(engine(input_ids=x, labels=x).loss)
     engine.step()
     if handle is not None:
         handle.remove()
-    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, state()))
     return {"skipped": engine.optimizer.step_was_skipped, "scale": engine.loss_scale,
             "unchanged": unchanged}
 
@@ -35,10 +38,10 @@ def _train_step(engine, model, rank: int, step: int, poison: bool) -> dict:
 def fp16_overflow(rank: int, world: int) -> dict:
     """Per (stage, hysteresis): a clean step, then overflows injected on rank 1 only."""
     out = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         for hysteresis in (1, 2):
             model, engine = _fp16_engine(stage, world, hysteresis)
-            assert next(model.parameters()).dtype == torch.float16
+            assert model.transformer.wte.weight.dtype == torch.float16
             steps = [_train_step(engine, model, rank, 0, poison=False)]
             for step in (1, 2):
                 steps.append(_train_step(engine, model, rank, step, poison=rank == 1))
@@ -51,14 +54,14 @@ def fp16_overflow(rank: int, world: int) -> dict:
 def formula_bytes(stage: int, psi: int, world: int, mixed: bool) -> int:
     """ZeRO's model-state bytes per rank (K = 12 for mixed precision)."""
     if mixed:
-        return {0: 16 * psi, 1: 4 * psi + 12 * psi // world, 2: 2 * psi + 14 * psi // world}[stage]
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi // world, 2: 4 * psi + 12 * psi // world}[stage]
+        return {0: 16 * psi, 1: 4 * psi + 12 * psi // world, 2: 2 * psi + 14 * psi // world, 3: 16 * psi // world}[stage]
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi // world, 2: 4 * psi + 12 * psi // world, 3: 16 * psi // world}[stage]
 
 
 def accounting(rank: int, world: int) -> dict:
     """Model-state bytes vs ZeRO's formula and communicated bytes per step, per stage/dtype."""
     out = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         for bf16 in (False, True):
             model = tiny_gpt2(n_embd=128, n_layer=2)
             psi = sum(p.numel() for p in model.parameters())

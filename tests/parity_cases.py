@@ -92,7 +92,7 @@ def run_hf_zero(rank: int, world: int, stage: int, accum: int, clip: float, bf16
     engine = hf_zero.initialize(model, zero_config(stage, accum, clip, world, bf16), optimizer=opt)
     assert engine.module is model
     if bf16:
-        assert next(model.parameters()).dtype == torch.bfloat16
+        assert model.transformer.wte.weight.dtype == torch.bfloat16
         assert all(m.dtype == torch.float32 for g in engine.masters.masters for m in g)
     losses, norms = [], []
     for step in range(NUM_STEPS):
@@ -122,13 +122,13 @@ def parity_grid(rank: int, world: int) -> dict:
     out = {}
     for accum, clip in itertools.product((1, 2), (0.0, CLIP)):
         ref_losses, ref_params, ref_norms = run_ddp(rank, accum, clip)
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             losses, params, norms = run_hf_zero(rank, world, stage, accum, clip)
             diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
             out[(stage, accum, clip, "engine")] = (ref_losses, losses, diff)
             out[(stage, accum, clip, "norms")] = (ref_norms, norms)
         if accum == 2:
-            for stage in (1, 2):
+            for stage in (1, 2, 3):
                 losses, params, _ = run_hf_zero(rank, world, stage, accum, clip, plain_torch_loop=True)
                 diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
                 out[(stage, accum, clip, "plain")] = (ref_losses, losses, diff)
@@ -140,7 +140,7 @@ def bf16_grid(rank: int, world: int) -> dict:
     ref_losses = run_ddp(rank, 1, CLIP)[0]
     pure_losses = run_ddp(rank, 1, CLIP, dtype=torch.bfloat16)[0]
     out = {"fp32": ref_losses, "pure_bf16": pure_losses}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         out[stage] = run_hf_zero(rank, world, stage, 1, CLIP, bf16=True)[0]
     return out
 
@@ -181,7 +181,7 @@ def unused_and_frozen(rank: int, world: int) -> dict:
         ref_opt.zero_grad()
         ref_losses.append(loss.item())
     out = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         model = TwoBranch()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=EPS)
@@ -195,8 +195,8 @@ def unused_and_frozen(rank: int, world: int) -> dict:
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+        engine.destroy()   # stage 3: parameters become whole tensors again
         diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref_model.parameters()))
         frozen_same = torch.equal(model.frozen.weight, ref_model.frozen.weight)
         out[stage] = (ref_losses, losses, diff, frozen_same)
-        engine.destroy()
     return out

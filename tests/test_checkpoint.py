@@ -22,7 +22,7 @@ def _once(key, fn, world, *args):
     return _runs[key]
 
 
-@pytest.mark.parametrize("stage", (0, 1, 2))
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
 @pytest.mark.parametrize("bf16", (False, True), ids=("fp32", "bf16"))
 def test_exact_resume_is_bit_identical(root, stage, bf16):
     for rank, results in enumerate(_once("resume", cc.exact_resume, 2, root)):
@@ -32,15 +32,15 @@ def test_exact_resume_is_bit_identical(root, stage, bf16):
 
 
 def _saved(root):
-    w2 = _once("save2", cc.reshard_save, 2, root, (0, 1, 2))
+    w2 = _once("save2", cc.reshard_save, 2, root, (0, 1, 2, 3))
     w3 = _once("save3", cc.reshard_save, 3, root, (2,))
     return w2, w3
 
 
 # (saved world, saved stage, loading stage) per loading world size
-LOADS = {1: [(2, 1, 0), (2, 2, 2), (3, 2, 1)],
-         2: [(3, 2, 2), (3, 2, 0)],
-         3: [(2, 2, 1), (2, 0, 2), (2, 1, 1)]}
+LOADS = {1: [(2, 1, 0), (2, 2, 2), (3, 2, 1), (2, 3, 3)],
+         2: [(3, 2, 2), (3, 2, 0), (3, 2, 3)],
+         3: [(2, 2, 1), (2, 0, 2), (2, 1, 1), (2, 3, 1), (2, 2, 3)]}
 
 
 @pytest.mark.parametrize("world", (1, 2, 3))

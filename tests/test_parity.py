@@ -22,8 +22,8 @@ def grid(world: int) -> dict:
 
 
 CASES = [(stage, accum, clip, "engine") for stage, accum, clip in
-         itertools.product((0, 1, 2), (1, 2), (0.0, parity_cases.CLIP))]
-CASES += [(stage, 2, clip, "plain") for stage, clip in itertools.product((1, 2), (0.0, parity_cases.CLIP))]
+         itertools.product((0, 1, 2, 3), (1, 2), (0.0, parity_cases.CLIP))]
+CASES += [(stage, 2, clip, "plain") for stage, clip in itertools.product((1, 2, 3), (0.0, parity_cases.CLIP))]
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -40,7 +40,7 @@ def test_fp32_matches_ddp(world, case):
 @pytest.mark.parametrize("world", WORLDS)
 def test_global_grad_norm_equals_clip_grad_norm(world):
     for rank, results in enumerate(grid(world)):
-        for stage, accum, clip in itertools.product((0, 1, 2), (1, 2), (0.0, parity_cases.CLIP)):
+        for stage, accum, clip in itertools.product((0, 1, 2, 3), (1, 2), (0.0, parity_cases.CLIP)):
             ref_norms, norms = results[(stage, accum, clip, "norms")]
             assert norms == pytest.approx(ref_norms, rel=1e-5), (rank, stage, accum, clip)
 
@@ -54,7 +54,7 @@ def test_training_moves_the_parameters():
 _bf16: dict = {}
 
 
-@pytest.mark.parametrize("stage", (0, 1, 2))
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
 def test_bf16_close_to_fp32(stage):
     # bf16 weights and activations carry a relative rounding of 2**-8 = 3.9e-3 per operation;
     # with fp32 master weights and optimizer states the loss must stay within that of the fp32
@@ -71,7 +71,7 @@ def test_bf16_close_to_fp32(stage):
         assert ours <= 2 * pure + 1e-4, f"rank {rank}: {ours:.3g} vs pure bf16 {pure:.3g}"
 
 
-@pytest.mark.parametrize("stage", (0, 1, 2))
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
 def test_unused_and_frozen_parameters_match_ddp(stage):
     if "unused" not in _cache:
         _cache["unused"] = run_on_ranks(parity_cases.unused_and_frozen, 2, timeout_s=300)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.partition import overlap
 
@@ -31,11 +33,20 @@ def owned_pieces(groups: list[FlatParamGroup], rank: int) -> list[Piece]:
         for bi, plan in enumerate(group.plans):
             chunk_start, chunk_len = plan.shard(rank)
             for index, offset in zip(plan.param_indices, plan.param_offsets):
-                numel = group.params[index].numel()
+                numel = true_numel(group.params[index])
                 start, length = overlap(offset, numel, chunk_start, chunk_len)
                 if length:
                     pieces.append(Piece(gi, bi, group.names[index], start - offset, start - chunk_start, length))
     return pieces
+
+
+def true_numel(p: torch.Tensor) -> int:
+    """A parameter's element count, also while stage 3 holds it released (empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def true_shape(p: torch.Tensor) -> list[int]:
+    return list(getattr(p, "ds_shape", None) or p.shape)
 
 
 def piece_key(kind: str, name: str, param_start: int) -> str:

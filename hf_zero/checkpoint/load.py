@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from hf_zero.checkpoint.files import CheckpointError
-from hf_zero.checkpoint.layout import owned_pieces
+from hf_zero.checkpoint.layout import owned_pieces, true_shape
 from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
 from hf_zero.checkpoint.rng import restore_rng
 from hf_zero.checkpoint.save import _persistent_buffers
@@ -40,7 +40,7 @@ def checkpoint_path(load_dir: Path, tag: Optional[str]) -> Path:
 
 def _check_model_matches(reader: CheckpointReader, module: torch.nn.Module, path: Path) -> None:
     saved = reader.manifest["params"]
-    current = {n: list(p.shape) for n, p in module.named_parameters()}
+    current = {n: true_shape(p) for n, p in module.named_parameters()}
     missing = [n for n in current if n not in saved]
     unexpected = [n for n in saved if n not in current]
     wrong = [f"{n} {saved[n]['shape']} vs {current[n]}" for n in current

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from hf_zero.checkpoint.files import fsync_dir, validate_tag, write_json_atomic, write_text_atomic
-from hf_zero.checkpoint.layout import owned_pieces, piece_key
+from hf_zero.checkpoint.layout import owned_pieces, piece_key, true_shape
 from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
 from hf_zero.checkpoint.safetensors_io import write_safetensors
@@ -161,7 +161,7 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
             "format": FORMAT, "tag": tag, "world_size": comm.world_size, "stage": engine.stage.stage,
             "model_dtype": str(engine.dtype), "global_steps": engine.global_steps,
             "micro_steps": engine.micro_steps, "skipped_steps": engine.optimizer.num_skipped_steps,
-            "params": {n: {"shape": list(p.shape), "dtype": str(p.dtype), "trainable": p.requires_grad}
+            "params": {n: {"shape": true_shape(p), "dtype": str(p.dtype), "trainable": p.requires_grad}
                        for n, p in engine.module.named_parameters()},
             "buffers": {n: {"shape": list(b.shape), "dtype": str(b.dtype)}
                         for n, b in _persistent_buffers(engine.module).items()},

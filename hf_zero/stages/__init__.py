@@ -12,6 +12,24 @@ def partition_world_for(stage: int, world_size: int) -> int:
     return 1 if stage == 0 else world_size
 
 
+def build_groups_and_stage(stage: int, model, specs: list, comm: Collectives, *, bucket_numel: int,
+                           overlap_comm: bool, allgather_bucket_numel: int):
+    """Lay out the trainable parameters for ``stage`` and build the stage.
+
+    Returns (stage object, parameter groups, index of the optimizer group of each).
+    """
+    if stage == 3:
+        from hf_zero.stages.stage3 import build_stage3
+
+        return build_stage3(model, specs, comm, bucket_numel=bucket_numel, overlap_comm=overlap_comm,
+                            allgather_bucket_numel=allgather_bucket_numel)
+    world = partition_world_for(stage, comm.world_size)
+    indexed = [(i, s) for i, s in enumerate(specs) if s.params]
+    groups = [FlatParamGroup(s.params, s.names, bucket_numel, world) for _, s in indexed]
+    return (build_stage(stage, groups, comm, overlap_comm=overlap_comm, allgather_bucket_numel=allgather_bucket_numel),
+            groups, [i for i, _ in indexed])
+
+
 def build_stage(stage: int, groups: list[FlatParamGroup], comm: Collectives, *, overlap_comm: bool,
                 allgather_bucket_numel: int) -> ZeroStage:
     if stage == 0:
@@ -28,8 +46,7 @@ def build_stage(stage: int, groups: list[FlatParamGroup], comm: Collectives, *, 
 
         return PartitionedGradientStage(groups, comm, overlap_comm=overlap_comm,
                                         allgather_bucket_numel=allgather_bucket_numel)
-    raise NotImplementedError(f"zero_optimization.stage={stage} is not available yet "
-                              "(stage 3 is tracked in its own issue); use 0, 1 or 2")
+    raise ValueError(f"zero_optimization.stage must be 0-3, got {stage}")
 
 
-__all__ = ["ZeroStage", "build_stage", "partition_world_for"]
+__all__ = ["ZeroStage", "build_groups_and_stage", "build_stage", "partition_world_for"]

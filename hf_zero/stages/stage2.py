@@ -23,7 +23,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
     def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, **kwargs):
         self.allgather_bucket_numel = allgather_bucket_numel
         # 1D, model dtype: this rank's chunk of every bucket, in bucket-plan order
-        self.grad_shards = [torch.zeros(shard_numel(g.plans), dtype=g.dtype, device=g.data.device)
+        self.grad_shards = [torch.zeros(shard_numel(g.plans), dtype=g.dtype, device=g.device)
                             for g in groups]
         self._shard_chunks: list[list[torch.Tensor]] = []
         for g, shard in zip(groups, self.grad_shards):
@@ -46,7 +46,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         if key not in self._staging:
             group = self.groups[bucket.group_index]
             self._staging[key] = torch.zeros(bucket.plan.padded_numel, dtype=group.dtype,
-                                             device=group.data.device)
+                                             device=group.device)
         return self._staging[key]
 
     def _accept_grad(self, group: FlatParamGroup, index: int, param: torch.Tensor) -> None:
@@ -54,7 +54,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         bucket = self._where[(group_index, index)]
         offset = bucket.plan.param_offsets[bucket.plan.param_indices.index(index)] - bucket.plan.start
         staging = self._staging_for(bucket)
-        staging.narrow(0, offset, param.numel()).add_(param.grad.reshape(-1))
+        staging.narrow(0, offset, param.grad.numel()).add_(param.grad.reshape(-1))
         param.grad = None
 
     def _prepare_unused(self, bucket: Bucket) -> None:
