@@ -1,4 +1,4 @@
-"""Step time, model-state bytes and traffic of hf_zero stages 0-2 against DDP, in one run.
+"""Step time, model-state bytes and traffic of hf_zero stages 0-3 against DDP and FSDP2, in one run.
 
     python benchmarks/zero_stages.py [--sizes 25M,100M] [--rounds 2] [--steps 3]
 
@@ -27,7 +27,7 @@ from hf_zero.testing import run_on_ranks  # noqa: E402
 MICRO, SEQ = 4, 128
 BUCKET_NUMEL = 25 * 2**20 // 4   # 25 MiB of fp32, DDP's default bucket
 SIZES = {"25M": dict(n_embd=256, n_layer=12, n_head=4), "100M": dict(n_embd=768, n_layer=8, n_head=12)}
-SYSTEMS = ["ddp", "ddp_fused", "zero0", "zero1", "zero2", "zero1_bf16", "zero2_bf16"]
+SYSTEMS = ["ddp", "ddp_fused", "zero0", "zero1", "zero2", "zero3", "fsdp2", "zero1_bf16", "zero2_bf16", "zero3_bf16"]
 
 
 def build_model(size: str) -> torch.nn.Module:
@@ -40,8 +40,8 @@ def build_model(size: str) -> torch.nn.Module:
 
 def formula(stage: int, psi: int, world: int, mixed: bool) -> float:
     if mixed:
-        return {0: 16 * psi, 1: 4 * psi + 12 * psi / world, 2: 2 * psi + 14 * psi / world}[stage]
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world}[stage]
+        return {0: 16 * psi, 1: 4 * psi + 12 * psi / world, 2: 2 * psi + 14 * psi / world, 3: 16 * psi / world}[stage]
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world, 3: 16 * psi / world}[stage]
 
 
 def _distinct_bytes(tensors) -> int:
@@ -60,6 +60,8 @@ def run_system(system: str, size: str, rank: int, world: int, steps: int) -> dic
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, model.config.vocab_size, (MICRO, SEQ), generator=g) for _ in range(steps + 1)]
     times = []
+    if system == "fsdp2":
+        return run_fsdp2(model, psi, data, world)
     if system.startswith("ddp"):
         ddp = DDP(model, bucket_cap_mb=25)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=system == "ddp_fused")
@@ -96,6 +98,33 @@ def run_system(system: str, size: str, rank: int, world: int, steps: int) -> dic
         engine.destroy()
     return {"times": times, "psi": psi, "model_state": model_state,
             "state_ratio": model_state / formula(stage, psi, world, mixed), "comm_ratio": comm_ratio}
+
+
+def run_fsdp2(model, psi: int, data: list, world: int) -> dict:
+    """PyTorch FSDP2: fully_shard per transformer block and the root, fused AdamW, gloo."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    times = []
+    for i, x in enumerate(data):
+        start = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        if i:
+            times.append(time.perf_counter() - start)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    tensors = [local(p) for p in model.parameters()] + [local(p.grad) for p in model.parameters()]
+    tensors += [local(t) for st in opt.state.values() for t in st.values() if t.numel() > 1]
+    model_state = _distinct_bytes(tensors)
+    return {"times": times, "psi": psi, "model_state": model_state,
+            "state_ratio": model_state / formula(3, psi, world, False), "comm_ratio": float("nan")}
 
 
 def bench_rank(rank: int, world: int, sizes: list[str], systems: list[str], rounds: int, steps: int) -> dict:

@@ -3,7 +3,8 @@
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config
 from hf_zero.checkpoint import CheckpointError, consolidate
 from hf_zero.engine import ZeroEngine, initialize
+from hf_zero.gathered import GatheredParameters
 
 __version__ = "0.1.0"
 
-__all__ = ["AUTO", "CheckpointError", "ConfigError", "consolidate", "HfZeroConfig", "ZeroEngine", "initialize", "load_config", "__version__"]
+__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "consolidate", "HfZeroConfig", "ZeroEngine", "initialize", "load_config", "__version__"]

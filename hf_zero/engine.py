@@ -100,6 +100,9 @@ class ZeroEngine:
             self.stage.quantized_weights = quantized if zero.zero_quantized_weights else None
         # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
         self.masters = MasterWeights(self.stage.owned_params(), force_copy=zero.zero_quantized_weights)
+        for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
+            if hasattr(group, "on_shard_modified"):
+                group.on_shard_modified.append(self.masters.reload_from_params)
 
         # Each optimizer group steps the master chunks of all its parameter groups (several
         # at stage 3, one per unit; none for a group emptied by freezing).

@@ -24,8 +24,10 @@ class ShardedParamGroup:
     shard: torch.Tensor             # 1D, model dtype: this rank's chunk of every bucket, in plan order
     full: Optional[torch.Tensor]    # 1D, model dtype, padded; only while gathered
 
-    def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, world: int, rank: int):
-        self.params, self.names, self.rank = params, names, rank
+    def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives):
+        world, rank = comm.world_size, comm.rank
+        self.params, self.names, self.rank, self.comm = params, names, rank, comm
+        self.on_shard_modified: list = []   # callbacks (the engine refreshes fp32 masters)
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
         dtype, device = params[0].dtype, params[0].device
         self.shard = torch.empty(shard_numel(self.plans), dtype=dtype, device=device)
@@ -43,6 +45,7 @@ class ShardedParamGroup:
             chunk.copy_(full.narrow(0, start, length))
         for p in params:
             p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()
+            p._hf_zero_group = self   # lets GatheredParameters find what to gather
         self.full = None
         self._empty = torch.empty(0, dtype=dtype, device=device)
         self.release()
@@ -87,6 +90,14 @@ class ShardedParamGroup:
             for index, offset in zip(plan.param_indices, plan.param_offsets):
                 p = self.params[index]
                 p.data = full.narrow(0, offset, p.ds_numel).view(p.ds_shape)
+
+    def write_back_full(self) -> None:
+        """Copy the (edited) gathered values into this rank's shard."""
+        for plan, chunk in zip(self.plans, self._shard_chunks):
+            start, length = plan.shard(self.rank)
+            chunk.copy_(self.full.narrow(0, start, length))
+        for callback in self.on_shard_modified:
+            callback()
 
     def release(self) -> None:
         for p in self.params:

@@ -32,6 +32,7 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, a
     import torch
     import torch.distributed as dist
 
+    _exit_with_parent()
     try:
         torch.set_num_threads(threads)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
@@ -58,6 +59,21 @@ def _failure_report(rank: int, trace: str, results: Any, grace_s: float = 3.0) -
         if not ok:
             failures[other] = value
     return "\n".join(f"rank {r} failed:\n{t}" for r, t in sorted(failures.items()))
+
+
+def _exit_with_parent() -> None:
+    """A rank must not outlive the process that spawned it (killed runner, Ctrl-C)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="hf_zero-parent-watch").start()
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600,

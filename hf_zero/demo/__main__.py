@@ -3,7 +3,8 @@
 Run with ``torchrun --standalone --nproc_per_node 2 -m hf_zero.demo``. Everything is local:
 the model is built from a config (random init), the text ships beside this file and is
 loaded with ``datasets``, and a byte-level vocabulary needs no tokenizer download.
-ZeRO stage 2 is the default until stage 3 lands (tracked in its own issue).
+ZeRO stage 3 is the default: the LoRA weights are partitioned and gathered per transformer
+block; the frozen base stays whole on every rank (never re-gathered).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 import hf_zero
+from hf_zero.checkpoint.layout import true_numel
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", type=int, default=2, choices=(0, 1, 2))
+    parser.add_argument("--stage", type=int, default=3, choices=(0, 1, 2, 3))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -60,8 +62,8 @@ def build_model(rank: int):
 
 def memory_table(engine: hf_zero.ZeroEngine, world: int) -> str:
     mem = engine.memory_breakdown()
-    trainable = sum(p.numel() for g in engine.flat_groups for p in g.params)
-    frozen = sum(p.numel() for p in engine.module.parameters()) - trainable
+    trainable = sum(true_numel(p) for g in engine.flat_groups for p in g.params)
+    frozen = sum(true_numel(p) for p in engine.module.parameters()) - trainable
     # Plain data parallelism holds full fp32 params, grads and two Adam moments on every rank.
     ddp = {"params": 4 * (trainable + frozen), "grads": 4 * trainable, "master_params": 0,
            "optimizer_states": 8 * trainable, "comm_buffers": 0}
@@ -105,8 +107,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         print(f"loss {first_loss:.3f} -> {loss.item():.3f} in {args.steps} steps ({elapsed:.1f} s)")
         print(memory_table(engine, world))
-    engine.destroy()
-    if rank == 0:  # stages 0-2 keep full parameters on every rank
+    engine.destroy()   # stage 3 leaves the model with whole parameters again
+    if rank == 0:
         out = Path(args.out)
         model.save_pretrained(out / "adapter")
         model.merge_and_unload().save_pretrained(out / "model")

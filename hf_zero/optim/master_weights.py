@@ -39,5 +39,12 @@ class MasterWeights:
                 if self.keeps_copy:
                     param.copy_(master)
 
+    def reload_from_params(self) -> None:
+        """Parameters were edited outside the optimizer: make the masters match them."""
+        if self.keeps_copy:
+            for masters, params in zip(self.masters, self.owned_params):
+                for master, param in zip(masters, params):
+                    master.copy_(param)
+
     def tensors(self) -> list[torch.Tensor]:
         return [m for group in self.masters for m in group] if self.keeps_copy else []

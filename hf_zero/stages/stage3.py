@@ -179,8 +179,7 @@ def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, over
             chosen = [(p, n) for p, n in zip(spec.params, spec.names) if member.get(id(p)) == unit_index]
             if not chosen:
                 continue
-            group = ShardedParamGroup([p for p, _ in chosen], [n for _, n in chosen], bucket_numel,
-                                      comm.world_size, comm.rank)
+            group = ShardedParamGroup([p for p, _ in chosen], [n for _, n in chosen], bucket_numel, comm)
             groups.append(group)
             group_spec.append(spec_index)
             per_unit.setdefault(unit_index, []).append(group)
