@@ -281,7 +281,7 @@ class ZeroEngine:
 
     def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None) -> None:
         """Write the model in Hugging Face layout (safetensors) from rank 0; all ranks call it.
-        Stages 0-2 hold full parameters on every rank, so nothing is gathered."""
+        Stage 3 gathers one output shard at a time (see checkpoint/export.py)."""
         from hf_zero.checkpoint.export import save_model_hf
 
         save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0)

@@ -143,6 +143,7 @@ def exports(rank: int, world: int, root: str) -> dict:
     model, engine = _plain_engine(3, world)
     _train(engine, rank, 0, 2)
     engine.save_checkpoint(f"{root}/gpt2")
+    engine.save_16bit_model(f"{root}/gpt2-online-stage3")   # gathered shard by shard
     out["gpt2"] = _params(model, engine)
     engine.destroy()
     model, engine = _plain_engine(2, world)

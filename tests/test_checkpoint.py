@@ -82,9 +82,10 @@ def test_consolidated_gpt2_loads_with_transformers(root, tmp_path):
         assert torch.equal(got[name], value), name
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
 
-    online = AutoModelForCausalLM.from_pretrained(f"{root}/gpt2-online")
-    for name, value in online.named_parameters():
-        assert torch.equal(value, trained[name]), name
+    for online_dir in ("gpt2-online", "gpt2-online-stage3"):   # save_16bit_model from stage 2 and 3
+        online = AutoModelForCausalLM.from_pretrained(f"{root}/{online_dir}")
+        for name, value in online.named_parameters():
+            assert torch.equal(value, trained[name]), (online_dir, name)
 
 
 def test_consolidated_llama_bf16(root, tmp_path):

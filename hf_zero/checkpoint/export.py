@@ -1,17 +1,49 @@
-"""Write a live model in Hugging Face layout (``save_pretrained`` when the model has it)."""
+"""Write a live model in Hugging Face layout (``save_pretrained`` when the model has it).
+
+Stages 0-2 hold whole parameters on every rank: rank 0 writes. Under stage 3 the model's
+parameter groups are gathered one output shard at a time (a collective every rank takes
+part in), so no rank ever holds the whole model; peft models write their (small) adapter
+through peft's own ``save_pretrained`` with the adapter's groups gathered.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from huggingface_hub import split_torch_state_dict_into_shards
+
+from hf_zero.checkpoint.layout import true_shape
+from hf_zero.checkpoint.safetensors_io import write_safetensors
 
 
-def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool) -> None:
-    if not is_writer:
-        return
+def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool,
+                  max_shard_size: int | str = "5GB") -> None:
     save_dir = Path(save_dir)
+    groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
+              if getattr(p, "_hf_zero_group", None) is not None}
+    if groups and getattr(module, "peft_config", None) is not None:
+        trainable = [g for g in groups.values()]
+        for g in trainable:
+            g.gather(g.comm)
+        try:
+            if is_writer:
+                _save_pretrained(module, save_dir, dtype)
+        finally:
+            for g in trainable:
+                g.release()
+        return
+    if groups:
+        _save_sharded_stage3(module, save_dir, dtype, is_writer, max_shard_size)
+        return
+    if is_writer:
+        _save_pretrained(module, save_dir, dtype)
+
+
+def _save_pretrained(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
     save_dir.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach())
              for k, v in module.state_dict().items()}
@@ -20,3 +52,35 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
         module.save_pretrained(save_dir, state_dict=state, safe_serialization=True)
     else:
         save_file({k: v.contiguous() for k, v in state.items()}, str(save_dir / "model.safetensors"))
+
+
+def _save_sharded_stage3(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
+                         max_shard_size: int | str) -> None:
+    named = dict(module.named_parameters())   # deduplicated: a tied head is written once
+    meta = {n: torch.empty(true_shape(p), dtype=dtype, device="meta") for n, p in named.items()}
+    plan = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                              max_shard_size=max_shard_size)
+    if is_writer:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    for filename, names in plan.filename_to_tensors.items():
+        # gather each parameter group this shard needs once, in plan order (same on every rank)
+        needed = {}
+        for name in names:
+            group = getattr(named[name], "_hf_zero_group", None)
+            if group is not None and not group.gathered:
+                needed[id(group)] = group
+        for group in needed.values():
+            group.gather(group.comm)
+        shard = {name: named[name].detach().to(dtype).clone() for name in names} if is_writer else {}
+        for group in needed.values():
+            group.release()
+        if is_writer:
+            write_safetensors(save_dir / filename, shard, metadata={"format": "pt"})
+    if is_writer:
+        if plan.is_sharded:
+            index = {"metadata": dict(plan.metadata), "weight_map": plan.tensor_to_filename}
+            (save_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.architectures = [type(module).__name__]
+            config.save_pretrained(save_dir)
