@@ -45,21 +45,11 @@ def triton_update_path(rank: int, world: int) -> dict:
 
 
 def _ddp_single_group(rank: int) -> list[float]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from checkpoint_cases import _ddp_train
 
     model = tiny_gpt2()
-    ddp = DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-6, weight_decay=0.01)
-    losses = []
-    for step in range(4):
-        x = batch(rank, step, 0)
-        loss = ddp(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return _ddp_train(model, opt, rank, 0, 4)
 
 
 def quantized_communication(rank: int, world: int) -> dict:
