@@ -9,6 +9,8 @@
    both ranks; throughput = checkpoint bytes / slowest rank's time.
 3. ``hf-zero consolidate`` in a fresh process with --max-shard-size = 1/5 of the fp32 model:
    peak RSS (ru_maxrss) minus the RSS after imports, against (shard size + largest tensor).
+4. With --deepspeed-python: DeepSpeed's zero_to_fp32 on an equivalent DeepSpeed ZeRO-2
+   checkpoint of the same model, same shard size, measured the same way.
 """
 
 from __future__ import annotations
@@ -97,10 +99,35 @@ print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+DEEPSPEED_CONSOLIDATE = """
+import resource, sys
+from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2], tag="bench", max_shard_size=sys.argv[3] + "B")
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def deepspeed_side_by_side(python: str, size: str, directory: Path, shard: int) -> str:
+    """zero_to_fp32 on an equivalent DeepSpeed ZeRO-2 checkpoint, in DeepSpeed's own Python."""
+    torchrun = str(Path(python).with_name("torchrun"))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", DS_BUILD_OPS="0", HF_HUB_OFFLINE="1")
+    helper = Path(__file__).with_name("_deepspeed_checkpoint.py")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(helper), size, str(directory / "ds")],
+                   check=True, env=env, capture_output=True, text=True)
+    out = subprocess.run([python, "-c", DEEPSPEED_CONSOLIDATE, str(directory / "ds"), str(directory / "ds-hf"),
+                          str(shard)], check=True, env=env, capture_output=True, text=True)
+    base_kb, peak_kb = map(int, out.stdout.split()[-2:])
+    return (f"DeepSpeed zero_to_fp32 on the equivalent ZeRO-2 checkpoint: peak RSS {peak_kb / 1024:.0f} MiB; "
+            f"after imports {base_kb / 1024:.0f} MiB; growth {(peak_kb - base_kb) / 1024:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="100M")
     parser.add_argument("--dir", default="/tmp/hf_zero_ckpt_bench")
+    parser.add_argument("--deepspeed-python", default="",
+                        help="a Python with DeepSpeed installed, for the zero_to_fp32 side-by-side")
     args = parser.parse_args()
     directory = Path(args.dir)
     shutil.rmtree(directory, ignore_errors=True)
@@ -133,6 +160,10 @@ def main() -> None:
           f"({num_shards} tensors), largest tensor {ranks[0]['largest'] / mb:.0f} MiB")
     print(f"consolidate peak RSS {peak_kb / 1024:.0f} MiB; after imports {base_kb / 1024:.0f} MiB; growth "
           f"{delta / mb:.0f} MiB = {delta / budget:.2f} x (shard + largest tensor = {budget / mb:.0f} MiB)")
+    if args.deepspeed_python:
+        print(deepspeed_side_by_side(args.deepspeed_python, args.size, directory, shard))
+    else:
+        print("DeepSpeed side-by-side skipped (pass --deepspeed-python PATH to a Python with DeepSpeed)")
     shutil.rmtree(directory, ignore_errors=True)
 
 
