@@ -103,7 +103,9 @@ DEEPSPEED_CONSOLIDATE = """
 import resource, sys
 from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2], tag="bench", max_shard_size=sys.argv[3] + "B")
+# safe_serialization=True fails on GPT-2's tied embeddings ("tensors share memory"): .bin it is
+convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2], tag="bench", max_shard_size=sys.argv[3] + "MB",
+                                           safe_serialization=False)
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -116,7 +118,7 @@ def deepspeed_side_by_side(python: str, size: str, directory: Path, shard: int) 
     subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(helper), size, str(directory / "ds")],
                    check=True, env=env, capture_output=True, text=True)
     out = subprocess.run([python, "-c", DEEPSPEED_CONSOLIDATE, str(directory / "ds"), str(directory / "ds-hf"),
-                          str(shard)], check=True, env=env, capture_output=True, text=True)
+                          str(round(shard / 1e6))], check=True, env=env, capture_output=True, text=True)
     base_kb, peak_kb = map(int, out.stdout.split()[-2:])
     return (f"DeepSpeed zero_to_fp32 on the equivalent ZeRO-2 checkpoint: peak RSS {peak_kb / 1024:.0f} MiB; "
             f"after imports {base_kb / 1024:.0f} MiB; growth {(peak_kb - base_kb) / 1024:.0f} MiB")
