@@ -88,3 +88,27 @@ def test_optimizer_that_already_stepped_is_rejected():
     opt.step()
     with pytest.raises(ValueError, match="before its first step"):
         hf_zero.initialize(model, CONFIG, optimizer=opt)
+
+
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_destroy_frees_engine_memory_and_hooks(stage):
+    import gc
+    import weakref
+
+    model = tiny_gpt2()
+    engine = hf_zero.initialize(model, {**CONFIG, "zero_optimization": {"stage": stage, "reduce_bucket_size": 4000}})
+    one_step(engine, model)
+    stage_obj = engine.stage
+    grads = getattr(stage_obj, "grad_buffers", None) or stage_obj.grad_shards
+    watched = [weakref.ref(t) for t in grads] + [weakref.ref(t) for t in engine.optimizer.state_tensors()]
+    watched.append(weakref.ref(engine))
+    engine.destroy()
+    del engine, stage_obj, grads
+    gc.collect()
+    assert all(ref() is None for ref in watched), "gradient buffers / optimizer states outlived destroy()"
+    # the model is plain again: whole parameters, no hf_zero hooks, and it still trains
+    assert all(p.numel() > 0 and p.grad is None for p in model.parameters())
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    x = batch(0, 1, 0)
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
