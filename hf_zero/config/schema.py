@@ -91,7 +91,8 @@ class BF16Config:
 
 @dataclass(frozen=True, kw_only=True)
 class OffloadOptimizerConfig:
-    device: str = _f("none", "Where the optimizer state lives (offload issue; only 'none' runs today).",
+    device: str = _f("none", "Where the optimizer state lives (offload issue; only 'none' runs today: "
+                     "initialize refuses the others).",
                      choices=("none", "cpu", "nvme"))
     nvme_path: Optional[str] = _f(None, "Directory for NVMe swap files.")
     pin_memory: bool = _f(True, "Pin host buffers when an accelerator exists.")
@@ -114,7 +115,7 @@ class OffloadParamConfig:
 @dataclass(frozen=True, kw_only=True)
 class ZeroConfig:
     stage: int = _f(0, "0: data parallel; 1: + optimizer states partitioned; 2: + gradients; "
-                    "3: + parameters (stage-3 issue).", min=0, max=3)
+                    "3: + parameters (gathered per transformer block).", min=0, max=3)
     reduce_bucket_size: AutoInt = _f(500_000_000, "Elements per gradient-reduction bucket.", min=1, auto=True)
     allgather_bucket_size: AutoInt = _f(500_000_000, "Elements all-gathered at a time after the step.",
                                         min=1, auto=True)
@@ -126,13 +127,18 @@ class ZeroConfig:
     offload_optimizer: OffloadOptimizerConfig = _sub(OffloadOptimizerConfig, "Optimizer-state offload.")
     offload_param: OffloadParamConfig = _sub(OffloadParamConfig, "Stage-3 parameter offload.")
     sub_group_size: int = _f(1_000_000_000, "Optimizer elements updated per offload sub-group.", min=1)
-    stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: elements prefetched ahead of use.",
+    stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: elements prefetched ahead of use (not implemented yet: accepted, "
+                                              "ignored).",
                                               min=0, auto=True)
-    stage3_param_persistence_threshold: AutoInt = _f(100_000, "Stage 3: parameters this small stay gathered.",
+    stage3_param_persistence_threshold: AutoInt = _f(100_000, "Stage 3: parameters this small stay gathered "
+                                                     "(not implemented yet: accepted, ignored).",
                                                      min=0, auto=True)
-    stage3_max_live_parameters: int = _f(1_000_000_000, "Stage 3: cap on gathered parameter elements.", min=0)
-    stage3_max_reuse_distance: int = _f(1_000_000_000, "Stage 3: reuse distance kept gathered.", min=0)
-    stage3_gather_16bit_weights_on_model_save: bool = _f(False, "Stage 3: gather weights when saving a model.")
+    stage3_max_live_parameters: int = _f(1_000_000_000, "Stage 3: cap on gathered parameter elements (not "
+                                         "implemented yet: accepted, ignored).", min=0)
+    stage3_max_reuse_distance: int = _f(1_000_000_000, "Stage 3: reuse distance kept gathered (not implemented "
+                                       "yet: accepted, ignored).", min=0)
+    stage3_gather_16bit_weights_on_model_save: bool = _f(False, "Stage 3: accepted; save_16bit_model always gathers "
+                                                       "shard by shard.")
     zero_quantized_gradients: bool = _f(False, "ZeRO++: reduce gradients as blockwise int8 (stages 1-2; "
                                         "dequantized and summed in fp32 by each chunk's owner).")
     zero_quantized_weights: bool = _f(False, "ZeRO++: all-gather updated partitions as blockwise int8 "
