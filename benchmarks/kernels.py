@@ -106,7 +106,8 @@ def sumsq_rows(numel: int, device: torch.device, backend: str) -> list[tuple[str
     def engine_today() -> None:   # hf_zero.optim.grad_norm: the norm only, no count
         torch.linalg.vector_norm(grad, dtype=torch.float32).square()
 
-    return [("sumsq_and_nonfinite (Triton)", 2 * numel, lambda: hk.sumsq_and_nonfinite([grad], out=out, backend=backend)),
+    return [("sumsq_and_nonfinite (Triton)", 2 * numel,
+             lambda: hk.sumsq_and_nonfinite([grad], out=out, backend=backend)),
             ("  torch reference, unfused", 2 * numel, lambda: hk.sumsq_and_nonfinite([grad], out=out, backend="torch")),
             ("  torch vector_norm only (no count)", 2 * numel, engine_today)]
 

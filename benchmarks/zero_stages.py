@@ -148,8 +148,8 @@ def main() -> None:
     sizes, systems = args.sizes.split(","), args.systems.split(",")
     per_rank = run_on_ranks(bench_rank, 2, sizes, systems, args.rounds, args.steps, timeout_s=3600)
     print(f"world 2, gloo, micro-batch {MICRO}, seq {SEQ}, {args.rounds} rounds x {args.steps} timed steps")
-    print(f"| model | system | median step s | spread | / DDP | / DDP fused | model-state MB/rank "
-          f"| / ZeRO formula | comm / model bytes |")
+    print("| model | system | median step s | spread | / DDP | / DDP fused | model-state MB/rank "
+          "| / ZeRO formula | comm / model bytes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         base = {}

@@ -7,4 +7,5 @@ from hf_zero.gathered import GatheredParameters
 
 __version__ = "0.1.0"
 
-__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "consolidate", "HfZeroConfig", "ZeroEngine", "initialize", "load_config", "__version__"]
+__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "HfZeroConfig", "ZeroEngine",
+           "__version__", "consolidate", "initialize", "load_config"]

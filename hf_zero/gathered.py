@@ -41,7 +41,8 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
             with torch.no_grad():
                 for group in groups:
                     if group.comm.active:
-                        src = dist.get_global_rank(group.comm.group, modifier_rank) if group.comm.group else modifier_rank
+                        group_ = group.comm.group
+                        src = dist.get_global_rank(group_, modifier_rank) if group_ else modifier_rank
                         dist.broadcast(group.full, src=src, group=group.comm.group)
                     group.write_back_full()
         for group in newly:

@@ -54,7 +54,8 @@ def fp16_overflow(rank: int, world: int) -> dict:
 def formula_bytes(stage: int, psi: int, world: int, mixed: bool) -> int:
     """ZeRO's model-state bytes per rank (K = 12 for mixed precision)."""
     if mixed:
-        return {0: 16 * psi, 1: 4 * psi + 12 * psi // world, 2: 2 * psi + 14 * psi // world, 3: 16 * psi // world}[stage]
+        return {0: 16 * psi, 1: 4 * psi + 12 * psi // world, 2: 2 * psi + 14 * psi // world,
+                3: 16 * psi // world}[stage]
     return {0: 16 * psi, 1: 8 * psi + 8 * psi // world, 2: 4 * psi + 12 * psi // world, 3: 16 * psi // world}[stage]
 
 

@@ -31,8 +31,12 @@ from hf_zero.config import config_to_dict
 if TYPE_CHECKING:
     from hf_zero.engine import ZeroEngine
 
+def _no_op(path: Path) -> None:
+    pass
+
+
 # Test seam: called with each file path right after it is written (a test makes it crash).
-_after_file_written: Callable[[Path], None] = lambda path: None
+_after_file_written: Callable[[Path], None] = _no_op
 
 
 def _json_checked(value: Any, what: str) -> Any:

@@ -127,8 +127,8 @@ class ZeroConfig:
     offload_optimizer: OffloadOptimizerConfig = _sub(OffloadOptimizerConfig, "Optimizer-state offload.")
     offload_param: OffloadParamConfig = _sub(OffloadParamConfig, "Stage-3 parameter offload.")
     sub_group_size: int = _f(1_000_000_000, "Optimizer elements updated per offload sub-group.", min=1)
-    stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: elements prefetched ahead of use (not implemented yet: accepted, "
-                                              "ignored).",
+    stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: elements prefetched ahead of use "
+                                              "(not implemented yet: accepted, ignored).",
                                               min=0, auto=True)
     stage3_param_persistence_threshold: AutoInt = _f(100_000, "Stage 3: parameters this small stay gathered "
                                                      "(not implemented yet: accepted, ignored).",
@@ -201,7 +201,8 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "zero_optimization.ignore_unused_parameters": "unused parameters are always handled",
     "zero_optimization.cpu_offload": "use offload_optimizer.device",
     "zero_optimization.memory_efficient_linear": "not applicable",
-    "zero_optimization.stage3_gather_fp16_weights_on_model_save": "alias; use stage3_gather_16bit_weights_on_model_save",
+    "zero_optimization.stage3_gather_fp16_weights_on_model_save":
+        "alias; use stage3_gather_16bit_weights_on_model_save",
     "bf16.immediate_grad_update": "gradients are always accumulated in place",
     "fp16.auto_cast": "inputs are not cast",
 }

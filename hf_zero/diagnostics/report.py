@@ -44,7 +44,8 @@ def load_model_config(spec: str, overrides: dict):
 
 def render(shape: ModelShape, world: int, mixed: bool, micro_batch: int, seq: int,
            device_memory: Optional[float]) -> str:
-    lines = [f"model: {shape.num_params / 1e9:.3f} B parameters (largest layer {shape.largest_layer_params / 1e6:.1f} M), "
+    lines = [f"model: {shape.num_params / 1e9:.3f} B parameters "
+             f"(largest layer {shape.largest_layer_params / 1e6:.1f} M), "
              f"{world} data-parallel ranks, {'bf16/fp16 mixed' if mixed else 'fp32'}, micro-batch {micro_batch} x "
              f"seq {seq}",
              "| stage | offload | device model states GiB | host GiB | buffers GiB | activations GiB "

@@ -17,11 +17,11 @@ from pathlib import Path
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton  # noqa: E402 (after the environment set-up above)
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
-from hf_zero_kernels import fused_adamw, quant_int8, sumsq_nonfinite
+from hf_zero_kernels import fused_adamw, quant_int8, sumsq_nonfinite  # noqa: E402
 
 ALL_TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 

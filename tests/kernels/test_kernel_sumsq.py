@@ -50,7 +50,8 @@ def test_single_buffer(numel, dtype, launches) -> None:
 
 def test_list_of_buffers_mixed_dtypes_and_big(launches) -> None:
     tensors = [torch.randn(n).to(dt) for n, dt in
-               [(BIG, torch.bfloat16), (0, torch.float32), (7, torch.float16), (4231, torch.float32), (1, torch.bfloat16)]]
+               [(BIG, torch.bfloat16), (0, torch.float32), (7, torch.float16), (4231, torch.float32),
+                (1, torch.bfloat16)]]
     check_finite(tensors, launches)
 
 
