@@ -141,11 +141,12 @@ class ZeroEngine:
         from hf_zero.optim.fused_step import FusedAdamW, fused_supported
 
         mode = self.config.fused_kernels
+        supported = fused_supported(inner)
+        if mode == "triton" and not supported:
+            raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
+                             f"got {type(inner).__name__}")
         on_cuda = self.flat_groups[0].device.type == "cuda"   # CUDA-only branch: Triton kernels need a GPU
-        if mode == "off" or (mode == "auto" and not on_cuda) or not fused_supported(inner):
-            if mode == "triton" and not fused_supported(inner):
-                raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
-                                 f"got {type(inner).__name__}")
+        if mode == "off" or not supported or (mode == "auto" and not on_cuda):
             return None
         return FusedAdamW(inner, self.masters.owned_params, keeps_copy=self.masters.keeps_copy, backend="triton")
 

@@ -12,6 +12,27 @@ from torch import nn
 from hf_zero.partition import BucketPlan, plan_buckets, total_numel
 
 
+def views_by_param(plans: list[BucketPlan], shapes: list[torch.Size], buffer: torch.Tensor) -> list[torch.Tensor]:
+    """Views of a flat ``buffer`` laid out by ``plans``, one per parameter, shaped ``shapes[i]``."""
+    views: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
+    for plan in plans:
+        for index, offset in zip(plan.param_indices, plan.param_offsets):
+            numel = 1
+            for d in shapes[index]:
+                numel *= d
+            views[index] = buffer.narrow(0, offset, numel).view(shapes[index])
+    return views
+
+
+def shard_chunks(plans: list[BucketPlan], shard: torch.Tensor) -> list[torch.Tensor]:
+    """Per bucket, the view of a rank's shard buffer (its chunks back to back) holding that chunk."""
+    chunks, cursor = [], 0
+    for plan in plans:
+        chunks.append(shard.narrow(0, cursor, plan.chunk_numel))
+        cursor += plan.chunk_numel
+    return chunks
+
+
 class FlatParamGroup:
     """The trainable parameters of one optimizer param group, flattened in place.
 
@@ -35,6 +56,7 @@ class FlatParamGroup:
                              f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
         self.params = params
         self.names = names
+        self._shapes = [p.shape for p in params]
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, partition_world)
         self.data = torch.zeros(total_numel(self.plans), dtype=params[0].dtype, device=params[0].device)
         for index, view in enumerate(self.param_views(self.data)):
@@ -57,20 +79,9 @@ class FlatParamGroup:
         """What must be broadcast from rank 0 so every rank starts identical."""
         return [self.data]
 
-    def param_offset(self, index: int) -> int:
-        for plan in self.plans:
-            if index in plan.param_indices:
-                return plan.param_offsets[plan.param_indices.index(index)]
-        raise IndexError(index)
-
     def param_views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``buffer`` (same layout as ``data``) shaped like each parameter."""
-        views: list[torch.Tensor] = [None] * len(self.params)  # type: ignore[list-item]
-        for plan in self.plans:
-            for index, offset in zip(plan.param_indices, plan.param_offsets):
-                p = self.params[index]
-                views[index] = buffer.narrow(0, offset, p.numel()).view(p.shape)
-        return views
+        return views_by_param(self.plans, self._shapes, buffer)
 
     def bucket(self, buffer: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
         return buffer.narrow(0, plan.start, plan.padded_numel)

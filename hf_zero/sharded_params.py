@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hf_zero.comm import Collectives
+from hf_zero.flat_buffer import shard_chunks, views_by_param
 from hf_zero.partition import BucketPlan, plan_buckets, shard_numel, total_numel
 
 
@@ -31,15 +32,11 @@ class ShardedParamGroup:
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
         dtype, device = params[0].dtype, params[0].device
         self.shard = torch.empty(shard_numel(self.plans), dtype=dtype, device=device)
-        self._shard_chunks = []
-        cursor = 0
-        for plan in self.plans:
-            self._shard_chunks.append(self.shard.narrow(0, cursor, plan.chunk_numel))
-            cursor += plan.chunk_numel
+        self._shard_chunks = shard_chunks(self.plans, self.shard)
+        self._shapes = [p.shape for p in params]
         full = torch.zeros(total_numel(self.plans), dtype=dtype, device=device)
-        for plan in self.plans:
-            for index, offset in zip(plan.param_indices, plan.param_offsets):
-                full.narrow(0, offset, params[index].numel()).copy_(params[index].detach().reshape(-1))
+        for view, p in zip(views_by_param(self.plans, self._shapes, full), params):
+            view.copy_(p.detach())
         for plan, chunk in zip(self.plans, self._shard_chunks):
             start, length = plan.shard(rank)
             chunk.copy_(full.narrow(0, start, length))
@@ -86,10 +83,8 @@ class ShardedParamGroup:
         for work in works:
             work.wait()
         self.full = full
-        for plan in self.plans:
-            for index, offset in zip(plan.param_indices, plan.param_offsets):
-                p = self.params[index]
-                p.data = full.narrow(0, offset, p.ds_numel).view(p.ds_shape)
+        for view, p in zip(views_by_param(self.plans, self._shapes, full), self.params):
+            p.data = view
 
     def write_back_full(self) -> None:
         """Copy the (edited) gathered values into this rank's shard."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_zero.flat_buffer import FlatParamGroup
+from hf_zero.flat_buffer import FlatParamGroup, shard_chunks
 from hf_zero.partition import shard_numel
 from hf_zero.stages.base import Bucket, ZeroStage
 from hf_zero.stages.partitioned import PartitionedMixin
@@ -25,13 +25,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         # 1D, model dtype: this rank's chunk of every bucket, in bucket-plan order
         self.grad_shards = [torch.zeros(shard_numel(g.plans), dtype=g.dtype, device=g.device)
                             for g in groups]
-        self._shard_chunks: list[list[torch.Tensor]] = []
-        for g, shard in zip(groups, self.grad_shards):
-            chunks, cursor = [], 0
-            for plan in g.plans:
-                chunks.append(shard.narrow(0, cursor, plan.chunk_numel))
-                cursor += plan.chunk_numel
-            self._shard_chunks.append(chunks)
+        self._shard_chunks = [shard_chunks(g.plans, shard) for g, shard in zip(groups, self.grad_shards)]
         self._staging: dict[tuple[int, int], torch.Tensor] = {}   # (group, bucket start) -> 1D bucket
         self._shard_has_grad: set[tuple[int, int]] = set()
         super().__init__(groups, *args, **kwargs)
