@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "comm_buffers")
+# persistent_params: stage 3's kept-gathered small parameters, listed first so that
+# their full copies are not counted as "params" (reported apart from the 16 Psi / N formula).
+CATEGORIES = ("persistent_params", "params", "grads", "master_params", "optimizer_states", "comm_buffers")
 
 
 def bytes_by_category(tensors: dict[str, list[torch.Tensor]]) -> dict[str, int]:

@@ -49,7 +49,10 @@ def _check_supported(config: HfZeroConfig) -> None:
     for key, value in (("fp16.enabled", config.fp16.enabled), ("bf16.enabled", config.bf16.enabled),
                        ("gradient_clipping", config.gradient_clipping),
                        ("zero_optimization.reduce_bucket_size", zero.reduce_bucket_size),
-                       ("zero_optimization.allgather_bucket_size", zero.allgather_bucket_size)):
+                       ("zero_optimization.allgather_bucket_size", zero.allgather_bucket_size),
+                       ("zero_optimization.stage3_prefetch_bucket_size", zero.stage3_prefetch_bucket_size),
+                       ("zero_optimization.stage3_param_persistence_threshold",
+                        zero.stage3_param_persistence_threshold)):
         if value == AUTO:
             problems.append((key, "is still 'auto'; an integration must resolve it"))
     if problems:
@@ -90,7 +93,11 @@ class ZeroEngine:
         zero = self.config.zero_optimization
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
-            overlap_comm=zero.overlap_comm, allgather_bucket_numel=zero.allgather_bucket_size)
+            overlap_comm=zero.overlap_comm, allgather_bucket_numel=zero.allgather_bucket_size,
+            stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
+                                max_live_numel=zero.stage3_max_live_parameters,
+                                persistence_threshold=zero.stage3_param_persistence_threshold,
+                                already_partitioned=_is_zero_init_model(model)))
         self._broadcast_model()
         if zero.zero_quantized_gradients or zero.zero_quantized_weights:
             from hf_zero.quantized_comm import QuantizedCollectives
@@ -234,11 +241,13 @@ class ZeroEngine:
     def memory_breakdown(self) -> dict[str, int]:
         """This rank's bytes by category (params, grads, master_params, optimizer_states,
         comm_buffers, total), each storage counted once."""
-        trainable = {id(p) for g in self.flat_groups for p in g.params}
-        other_params = [p for p in self.module.parameters() if id(p) not in trainable]
+        groups = self._parameter_groups()
+        grouped = {id(p) for g in groups for p in g.params}
+        other_params = [p for p in self.module.parameters() if id(p) not in grouped]
         stage_tensors = self.stage.memory_tensors()
         return bytes_by_category({
-            "params": [t for g in self.flat_groups for t in g.storage_tensors()] + other_params,
+            "persistent_params": stage_tensors.get("persistent_params", []),
+            "params": [t for g in groups for t in g.storage_tensors()] + other_params,
             "grads": stage_tensors.get("grads", []),
             "master_params": self.masters.tensors(),
             "optimizer_states": self.optimizer.state_tensors(),
@@ -290,11 +299,15 @@ class ZeroEngine:
             dist.barrier(group=self.comm.group)
 
     # ---- setup helpers ------------------------------------------------------------------
+    def _parameter_groups(self) -> list:
+        """Every group that owns parameter storage: trainable, plus stage 3's frozen groups."""
+        return list(self.flat_groups) + list(getattr(self.stage, "frozen_groups", []))
+
     def _broadcast_model(self) -> None:
         """Start every rank from rank 0's weights and buffers, as DDP does."""
         if not self.comm.active:
             return
-        trainable = {id(p) for g in self.flat_groups for p in g.params}
+        trainable = {id(p) for g in self._parameter_groups() for p in g.params}
         with torch.no_grad():
             for g in self.flat_groups:
                 for tensor in g.broadcast_tensors():
@@ -304,6 +317,11 @@ class ZeroEngine:
                     self.comm.broadcast(p.data)
             for b in self.module.buffers():
                 self.comm.broadcast(b)
+
+
+def _is_zero_init_model(model: nn.Module) -> bool:
+    """Built under ``hf_zero.zero_init``: weights are already identical on every rank."""
+    return bool(getattr(model, "_hf_zero_init", False))
 
 
 def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = None,

@@ -4,10 +4,15 @@ Same layout as ``FlatParamGroup`` (partition.py's [Note: bucket-interleaved owne
 but the full flat buffer exists only between ``gather()`` and ``release()``; at rest each
 ``param.data`` is an empty tensor and ``param.ds_shape`` / ``param.ds_numel`` give the true
 shape (the attribute names peft and other DeepSpeed-aware code read).
+
+A gather is split in two so that stage 3 can prefetch: ``start_gather()`` allocates the
+full buffer and launches the bucket all-gathers asynchronously, ``wait()`` completes them
+and points every ``param.data`` at its view. No collective is issued anywhere else.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 import torch
@@ -18,12 +23,19 @@ from hf_zero.flat_buffer import shard_chunks, views_by_param
 from hf_zero.partition import BucketPlan, plan_buckets, shard_numel, total_numel
 
 
+class GatherState(enum.Enum):
+    RELEASED = "released"     # only ``shard`` is held; param.data is empty
+    GATHERING = "gathering"   # ``full`` allocated, all-gathers in flight; param.data still empty
+    GATHERED = "gathered"     # ``full`` complete; param.data are views of it
+
+
 class ShardedParamGroup:
     params: list[nn.Parameter]
     names: list[str]
     plans: list[BucketPlan]
     shard: torch.Tensor             # 1D, model dtype: this rank's chunk of every bucket, in plan order
-    full: Optional[torch.Tensor]    # 1D, model dtype, padded; only while gathered
+    full: Optional[torch.Tensor]    # 1D, model dtype, padded; only while gathering / gathered
+    state: GatherState
 
     def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives):
         world, rank = comm.world_size, comm.rank
@@ -34,17 +46,24 @@ class ShardedParamGroup:
         self.shard = torch.empty(shard_numel(self.plans), dtype=dtype, device=device)
         self._shard_chunks = shard_chunks(self.plans, self.shard)
         self._shapes = [p.shape for p in params]
-        full = torch.zeros(total_numel(self.plans), dtype=dtype, device=device)
-        for view, p in zip(views_by_param(self.plans, self._shapes, full), params):
-            view.copy_(p.detach())
+        self.full_numel = total_numel(self.plans)
+        # Copy each parameter's slice straight into the shard: no full-size staging buffer,
+        # so sharding a unit never holds more than the unit itself twice.
         for plan, chunk in zip(self.plans, self._shard_chunks):
+            chunk.zero_()
             start, length = plan.shard(rank)
-            chunk.copy_(full.narrow(0, start, length))
+            for index, offset in zip(plan.param_indices, plan.param_offsets):
+                flat = params[index].detach().reshape(-1)
+                lo, hi = max(offset, start), min(offset + flat.numel(), start + length)
+                if lo < hi:
+                    chunk.narrow(0, lo - start, hi - lo).copy_(flat.narrow(0, lo - offset, hi - lo))
         for p in params:
             p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()
             p._hf_zero_group = self   # lets GatheredParameters find what to gather
         self.full = None
+        self._works: list = []
         self._empty = torch.empty(0, dtype=dtype, device=device)
+        self.state = GatherState.GATHERED
         self.release()
 
     @property
@@ -55,6 +74,10 @@ class ShardedParamGroup:
     def device(self) -> torch.device:
         return self.shard.device
 
+    @property
+    def full_bytes(self) -> int:
+        return self.full_numel * self.shard.element_size()
+
     def storage_tensors(self) -> list[torch.Tensor]:
         return [self.shard] + ([self.full] if self.full is not None else [])
 
@@ -63,31 +86,56 @@ class ShardedParamGroup:
 
     @property
     def gathered(self) -> bool:
-        return self.full is not None
+        return self.state is not GatherState.RELEASED
 
     def shard_chunks(self) -> list[torch.Tensor]:
         """Per bucket: this rank's chunk (views of ``shard``), what the optimizer updates."""
         return self._shard_chunks
 
-    def gather(self, comm: Collectives) -> None:
-        """All-gather the full parameters and point every ``param.data`` at them."""
-        if self.full is not None:
+    def start_gather(self) -> None:
+        """Launch the all-gathers of the full parameters (asynchronously); no-op unless released."""
+        if self.state is not GatherState.RELEASED:
             return
-        full = torch.empty(total_numel(self.plans), dtype=self.dtype, device=self.shard.device)
+        self.full = torch.empty(self.full_numel, dtype=self.dtype, device=self.device)
+        self._works = self._all_gather_into(self.full)
+        self.state = GatherState.GATHERING
+
+    def wait(self) -> None:
+        """Complete a started gather and point every ``param.data`` at its view."""
+        if self.state is not GatherState.GATHERING:
+            return
+        for work in self._works:
+            work.wait()
+        self._works = []
+        for view, p in zip(views_by_param(self.plans, self._shapes, self.full), self.params):
+            p.data = view
+        self.state = GatherState.GATHERED
+
+    def gather(self, comm: Optional[Collectives] = None) -> None:
+        """All-gather the full parameters and point every ``param.data`` at them."""
+        self.start_gather()
+        self.wait()
+
+    def refresh(self) -> None:
+        """Re-gather in place after the optimizer updated the shard (kept-gathered groups)."""
+        if self.state is GatherState.RELEASED:
+            return
+        self.wait()
+        for work in self._all_gather_into(self.full):
+            work.wait()
+
+    def _all_gather_into(self, full: torch.Tensor) -> list:
         works = []
         for plan, chunk in zip(self.plans, self._shard_chunks):
             start, length = plan.shard(self.rank)
             mine = full.narrow(0, start, length)
             mine.copy_(chunk)
-            works.append(comm.all_gather(full.narrow(0, plan.start, plan.padded_numel), mine, async_op=True))
-        for work in works:
-            work.wait()
-        self.full = full
-        for view, p in zip(views_by_param(self.plans, self._shapes, full), self.params):
-            p.data = view
+            works.append(self.comm.all_gather(full.narrow(0, plan.start, plan.padded_numel), mine, async_op=True))
+        return works
 
     def write_back_full(self) -> None:
         """Copy the (edited) gathered values into this rank's shard."""
+        self.wait()
         for plan, chunk in zip(self.plans, self._shard_chunks):
             start, length = plan.shard(self.rank)
             chunk.copy_(self.full.narrow(0, start, length))
@@ -95,6 +143,10 @@ class ShardedParamGroup:
             callback()
 
     def release(self) -> None:
+        if self.state is GatherState.RELEASED:
+            return
+        self.wait()   # never free a buffer an all-gather is still writing into
         for p in self.params:
             p.data = self._empty
         self.full = None
+        self.state = GatherState.RELEASED

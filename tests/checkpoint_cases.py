@@ -18,7 +18,8 @@ def _config(stage: int, world: int, bf16: bool = False, accum: int = 1) -> dict:
             "gradient_clipping": 0.05, "bf16": {"enabled": bf16},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": LR, "warmup_num_steps": 5,
                                                          "warmup_type": "linear"}},
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "allgather_bucket_size": 5000}}
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "allgather_bucket_size": 5000,
+                                  "stage3_param_persistence_threshold": 100}}
 
 
 def _engine(stage: int, world: int, bf16: bool = False, accum: int = 1, dropout: float = 0.1):
@@ -41,13 +42,8 @@ def _train(engine, rank: int, first_step: int, steps: int) -> list[float]:
 
 def _params(model, engine=None) -> dict[str, torch.Tensor]:
     """Full parameters; under stage 3 gathered for the snapshot and released again (collective)."""
-    sharded = [g for g in engine.flat_groups if hasattr(g, "gather")] if engine is not None else []
-    for group in sharded:
-        group.gather(engine.comm)
-    out = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    for group in sharded:
-        group.release()
-    return out
+    with hf_zero.GatheredParameters(list(model.parameters())):
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
 def exact_resume(rank: int, world: int, root: str) -> dict:

@@ -56,7 +56,8 @@ def estimator_vs_measured(rank: int, world: int) -> dict:
             psi = sum(p.numel() for p in model.parameters())   # before stage 3 empties them
             engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": MICRO, "bf16": {"enabled": bf16},
                                                 "optimizer": {"params": {"lr": 1e-3}},
-                                                "zero_optimization": {"stage": stage, "reduce_bucket_size": 20_000}})
+                                                "zero_optimization": {"stage": stage, "reduce_bucket_size": 20_000,
+                                                                      "stage3_param_persistence_threshold": 0}})
             x = batch(rank, 0, 0)
             engine.backward(engine(input_ids=x, labels=x).loss)
             engine.step()

@@ -13,7 +13,8 @@ def _fp16_engine(stage: int, world: int, hysteresis: int):
     config = {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
               "fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": hysteresis},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-              "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000}}
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000,
+                                    "stage3_param_persistence_threshold": 0}}
     return model, hf_zero.initialize(model, config)
 
 
@@ -68,7 +69,8 @@ def accounting(rank: int, world: int) -> dict:
             psi = sum(p.numel() for p in model.parameters())
             config = {"train_micro_batch_size_per_gpu": MICRO, "bf16": {"enabled": bf16},
                       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-                      "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000}}
+                      "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000,
+                                            "stage3_param_persistence_threshold": 0}}
             engine = hf_zero.initialize(model, config)
             x = batch(rank, 0, 0)
             engine.backward(engine(input_ids=x, labels=x).loss)

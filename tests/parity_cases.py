@@ -81,7 +81,9 @@ def zero_config(stage: int, accum: int, clip: float, world: int, bf16: bool = Fa
         "gradient_clipping": clip,
         "bf16": {"enabled": bf16},
         # Small buckets: many buckets per group, parameters straddling rank chunks.
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "allgather_bucket_size": 5000},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "allgather_bucket_size": 5000,
+                              # stage 3: biases and norms persistent, matrices sharded
+                              "stage3_param_persistence_threshold": 100},
     }
 
 
@@ -186,7 +188,8 @@ def unused_and_frozen(rank: int, world: int) -> dict:
         model = TwoBranch()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=EPS)
         engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
-                                            "zero_optimization": {"stage": stage, "reduce_bucket_size": 100}},
+                                            "zero_optimization": {"stage": stage, "reduce_bucket_size": 100,
+                                                                  "stage3_param_persistence_threshold": 0}},
                                     optimizer=opt)
         losses = []
         for step in range(NUM_STEPS):

@@ -12,7 +12,8 @@ def _engine(rank: int):
     model = tiny_gpt2(n_layer=3)
     engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": MICRO,
                                         "optimizer": {"params": {"lr": 1e-3}},
-                                        "zero_optimization": {"stage": 3, "reduce_bucket_size": 3000}})
+                                        "zero_optimization": {"stage": 3, "reduce_bucket_size": 3000,
+                                                              "stage3_param_persistence_threshold": 0}})
     return model, engine
 
 

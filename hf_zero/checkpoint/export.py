@@ -24,7 +24,8 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
     groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
               if getattr(p, "_hf_zero_group", None) is not None}
     if groups and getattr(module, "peft_config", None) is not None:
-        trainable = [g for g in groups.values()]
+        # Only the adapter is written: gather the trainable groups, never the frozen base.
+        trainable = [g for g in groups.values() if g.params[0].requires_grad and not g.gathered]
         for g in trainable:
             g.gather(g.comm)
         try:

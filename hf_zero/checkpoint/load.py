@@ -60,6 +60,21 @@ def _load_masters(engine: "ZeroEngine", reader: CheckpointReader) -> None:
     engine.stage.after_step()      # all-gather, so every rank holds full parameters again
 
 
+def _frozen_groups(engine: "ZeroEngine") -> list:
+    return getattr(engine.stage, "frozen_groups", [])
+
+
+def _load_frozen_shards(engine: "ZeroEngine", reader: CheckpointReader) -> None:
+    """Stage 3: each rank reads the slices of frozen parameters its shard holds."""
+    groups = _frozen_groups(engine)
+    for piece in owned_pieces(groups, engine.stage.partition_rank):
+        target = groups[piece.group].shard_chunks()[piece.chunk].narrow(0, piece.chunk_start, piece.length)
+        kind = "frozen" if reader.has("frozen", piece.name) else "master"
+        reader.fill(target, kind, piece.name, piece.param_start)
+    for group in groups:
+        group.refresh()   # persistent frozen groups are kept gathered
+
+
 def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
     meta = reader.manifest["optimizer"]
     inner = engine.optimizer.inner
@@ -103,9 +118,10 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
     engine.stage.zero_grad()
     with torch.no_grad():
         _load_masters(engine, reader)
-        trainable = {id(p) for g in engine.flat_groups for p in g.params}
+        _load_frozen_shards(engine, reader)
+        grouped = {id(p) for g in [*engine.flat_groups, *_frozen_groups(engine)] for p in g.params}
         for name, p in engine.module.named_parameters():
-            if id(p) not in trainable:
+            if id(p) not in grouped:
                 reader.fill(p.data.view(-1), "frozen" if reader.has("frozen", name) else "master", name, 0)
         for name, b in _persistent_buffers(engine.module).items():
             if reader.has("buffer", name):

@@ -63,8 +63,8 @@ def _gather_objects(value: Any, comm) -> list:
 
 
 def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """This rank's pieces (masters and elementwise optimizer states), plus, on rank 0,
-    frozen parameters and persistent buffers whole."""
+    """This rank's pieces (masters, elementwise optimizer states, stage-3 frozen shards),
+    plus, on rank 0, unsharded frozen parameters and persistent buffers whole."""
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
 
@@ -82,10 +82,15 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor], dict[s
                 if isinstance(value, torch.Tensor) and value.numel() == master.numel() and value.numel() > 1:
                     add(f"state.{key}", piece.name, piece.param_start,
                         value.narrow(0, piece.chunk_start, piece.length))
+    # Stage 3 shards frozen parameters too: each rank writes the pieces its shard holds.
+    frozen_groups = getattr(engine.stage, "frozen_groups", [])
+    for piece in owned_pieces(frozen_groups, engine.stage.partition_rank):
+        chunk = frozen_groups[piece.group].shard_chunks()[piece.chunk]
+        add("frozen", piece.name, piece.param_start, chunk.narrow(0, piece.chunk_start, piece.length))
     if engine.comm.rank == 0:
-        trainable = {id(p) for g in engine.flat_groups for p in g.params}
+        grouped = {id(p) for g in [*engine.flat_groups, *frozen_groups] for p in g.params}
         for name, p in engine.module.named_parameters():
-            if id(p) not in trainable:
+            if id(p) not in grouped:
                 add("frozen", name, 0, p.detach().reshape(-1))
         for name, b in _persistent_buffers(engine.module).items():
             add("buffer", name, 0, b.detach().reshape(-1))

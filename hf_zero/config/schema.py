@@ -127,16 +127,16 @@ class ZeroConfig:
     offload_optimizer: OffloadOptimizerConfig = _sub(OffloadOptimizerConfig, "Optimizer-state offload.")
     offload_param: OffloadParamConfig = _sub(OffloadParamConfig, "Stage-3 parameter offload.")
     sub_group_size: int = _f(1_000_000_000, "Optimizer elements updated per offload sub-group.", min=1)
-    stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: elements prefetched ahead of use "
-                                              "(not implemented yet: accepted, ignored).",
+    stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: parameter elements gathered ahead of use "
+                                              "along the recorded order (0 disables prefetch).",
                                               min=0, auto=True)
-    stage3_param_persistence_threshold: AutoInt = _f(100_000, "Stage 3: parameters this small stay gathered "
-                                                     "(not implemented yet: accepted, ignored).",
-                                                     min=0, auto=True)
-    stage3_max_live_parameters: int = _f(1_000_000_000, "Stage 3: cap on gathered parameter elements (not "
-                                         "implemented yet: accepted, ignored).", min=0)
-    stage3_max_reuse_distance: int = _f(1_000_000_000, "Stage 3: reuse distance kept gathered (not implemented "
-                                       "yet: accepted, ignored).", min=0)
+    stage3_param_persistence_threshold: AutoInt = _f(100_000, "Stage 3: parameters with at most this many "
+                                                     "elements stay gathered (still partitioned for "
+                                                     "gradients and optimizer states).", min=0, auto=True)
+    stage3_max_live_parameters: int = _f(1_000_000_000, "Stage 3: prefetch stops when this many parameter "
+                                         "elements are gathered (a unit needed now is always gathered).", min=0)
+    stage3_max_reuse_distance: int = _f(1_000_000_000, "Stage 3: accepted; a block whose backward follows its "
+                                       "forward directly is always kept gathered, others are released.", min=0)
     stage3_gather_16bit_weights_on_model_save: bool = _f(False, "Stage 3: accepted; save_16bit_model always gathers "
                                                        "shard by shard.")
     zero_quantized_gradients: bool = _f(False, "ZeRO++: reduce gradients as blockwise int8 (stages 1-2; "

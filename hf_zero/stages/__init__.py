@@ -13,16 +13,17 @@ def partition_world_for(stage: int, world_size: int) -> int:
 
 
 def build_groups_and_stage(stage: int, model, specs: list, comm: Collectives, *, bucket_numel: int,
-                           overlap_comm: bool, allgather_bucket_numel: int):
+                           overlap_comm: bool, allgather_bucket_numel: int, stage3_options: dict):
     """Lay out the trainable parameters for ``stage`` and build the stage.
 
     Returns (stage object, parameter groups, index of the optimizer group of each).
+    ``stage3_options``: prefetch / persistence knobs, used by stage 3 only.
     """
     if stage == 3:
         from hf_zero.stages.stage3 import build_stage3
 
         return build_stage3(model, specs, comm, bucket_numel=bucket_numel, overlap_comm=overlap_comm,
-                            allgather_bucket_numel=allgather_bucket_numel)
+                            allgather_bucket_numel=allgather_bucket_numel, **stage3_options)
     world = partition_world_for(stage, comm.world_size)
     indexed = [(i, s) for i, s in enumerate(specs) if s.params]
     groups = [FlatParamGroup(s.params, s.names, bucket_numel, world) for _, s in indexed]

@@ -1,102 +1,157 @@
 """Stage 3: parameters partitioned too; gathered per unit around its forward and backward.
 
-[Note: stage-3 units]
-A *unit* is a module whose parameters are gathered and released together: every instance
-of the model's ``_no_split_modules`` classes (transformer blocks, as FSDP wraps them), plus
-a root unit with all remaining trainable parameters (embeddings, final norm, a tied head).
-- Block units: gathered in a forward pre-hook, released in the forward hook; the forward
-  hook also puts a gradient hook on the block's output, which gathers the block again when
-  backward reaches it. When every trainable parameter of the block has its gradient (post-
-  accumulate-grad hooks), the block is released. Gradients follow stage 2's path
-  (staging bucket -> reduce-scatter into this rank's gradient shard).
-- The root unit is gathered at the model's forward pre-hook and stays gathered until the
-  end of backward (or the end of forward when no graph is built), since embeddings are used
-  first and the head last.
-Gathers happen in execution order, which is the same on every rank, so collectives match.
-Frozen parameters are not sharded. The optimizer updates the shard chunks in place; after
-the step nothing is all-gathered: the next forward gathers. Traffic: all-gather in forward
-and in backward plus the reduce-scatter: 3x the model bytes per step.
+Units, the root and the persistent set are described in stage3_units.py's [Note: stage-3
+units]; what is gathered ahead of use in prefetch.py's [Note: stage-3 prefetch].
+
+[Note: stage-3 release rule]
+Forward: a block unit is gathered in its forward pre-hook and released in its forward hook
+(unless the recorded order says its backward comes next), which also hooks the block's
+outputs so that backward gathers it again just before it is needed. Backward: a block
+may be released only when nothing left in this backward can read its weights. Weights are
+read to compute gradients of the block's *inputs*, so the pre-hook routes the block's
+inputs through an identity autograd function whose backward marks "input gradients done";
+the block is released when every such marker of this pass has fired *and* every trainable
+parameter of the block has its gradient. A block with no marker (its inputs need no
+gradient: the first block of a LoRA model with frozen embeddings) stays gathered until the
+end of backward, which releases everything. Activation checkpointing: a recompute runs the
+block's forward inside backward; its forward hook then keeps the weights gathered. With
+reentrant checkpointing the original forward ran without a graph, so the recompute places
+the markers; with non-reentrant checkpointing the original forward's markers stand.
+The end-of-backward callback is queued from the model's outputs, i.e. in the outermost
+backward, so the nested backward of reentrant checkpointing does not end the step early.
+Gradients follow stage 2's path (staging bucket -> reduce-scatter into this rank's shard).
+Traffic per step: all-gather in forward and in backward plus the reduce-scatter, 3x the
+model bytes (less the root's second gather, plus persistent parameters' refresh).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from hf_zero.sharded_params import ShardedParamGroup
+from hf_zero.sharded_params import GatherState, ShardedParamGroup
+from hf_zero.stages.prefetch import PrefetchPlanner
 from hf_zero.stages.stage2 import PartitionedGradientStage
-
-
-class Unit:
-    def __init__(self, module: Optional[nn.Module], groups: list[ShardedParamGroup]):
-        self.module = module            # None for the root unit
-        self.groups = groups
-        self.num_trainable = sum(len(g.params) for g in groups)
-        self.ready = 0                  # parameters whose gradient arrived in this backward
-        self.hooked_backward = False
-
-    def gather(self, comm) -> None:
-        for g in self.groups:
-            g.gather(comm)
-
-    def release(self) -> None:
-        for g in self.groups:
-            g.release()
-
-
-def find_unit_modules(model: nn.Module) -> list[nn.Module]:
-    """Outermost instances of the model's ``_no_split_modules`` classes."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    if not names:
-        base = getattr(model, "get_base_model", None)   # peft models keep the list on the base model
-        names = set(getattr(base(), "_no_split_modules", None) or ()) if callable(base) else set()
-    found: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
-            if type(child).__name__ in names:
-                found.append(child)
-            else:
-                visit(child)
-
-    visit(model)
-    return found
+from hf_zero.stages.stage3_units import Unit, build_units
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _InputGradMarker(torch.autograd.Function):
+    """Identity on a block's inputs; its backward runs once their gradients are complete."""
+
+    @staticmethod
+    def forward(ctx, on_backward, *tensors):
+        ctx.on_backward = on_backward
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.on_backward()
+        return (None, *grads)
+
+
 class PartitionedParameterStage(PartitionedGradientStage):
     stage = 3
 
-    def __init__(self, groups: list[ShardedParamGroup], units: list[Unit], root: Unit, model: nn.Module,
-                 *args, **kwargs):
-        self.units, self.root, self.model = units, root, model
+    def __init__(self, groups: list[ShardedParamGroup], units: list[Unit], root: Unit, persistent: Unit,
+                 model: nn.Module, *args, prefetch_numel: int = 0, max_live_numel: int = 10**18, **kwargs):
+        self.units, self.root, self.persistent, self.model = units, root, persistent, model
+        self._all_units = units + [root]
         super().__init__(groups, *args, **kwargs)
-        self._unit_of = {id(p): u for u in units + [root] for g in u.groups for p in g.params}
-        self._module_handles = []
+        self.frozen_groups = [g for u in self._all_units + [persistent] for g in u.frozen]
+        self.planner = PrefetchPlanner(prefetch_numel, max_live_numel)
+        self.peak_live_numel = 0     # most parameter elements gathered at once (persistent excluded)
+        self._unit_of = {id(p): u for u in self._all_units + [persistent] for g in u.groups for p in g.params}
+        self._finish_queued_from_output = False
+        persistent.gather()
+        self._module_handles = [
+            model.register_forward_pre_hook(self._root_pre_forward),
+            model.register_forward_hook(self._root_post_forward),
+        ]
         for unit in units:
-            self._module_handles.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit)))
+            self._module_handles.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit),
+                                                                              with_kwargs=True))
             self._module_handles.append(unit.module.register_forward_hook(self._make_post_forward(unit)))
-        self._module_handles.append(model.register_forward_pre_hook(lambda m, a: self.root.gather(self.comm)))
-        self._module_handles.append(model.register_forward_hook(self._root_post_forward))
+
+    # ---- gathering ------------------------------------------------------------------
+    def _live_numel(self) -> int:
+        return sum(u.numel for u in self._all_units if u.state is not GatherState.RELEASED)
+
+    def _request(self, unit: Unit) -> None:
+        """Gather ``unit`` for use now, and start gathering what the recorded order says is next."""
+        self.planner.on_request(unit.index)
+        unit.start_gather()
+        ahead = self.planner.to_prefetch(lambda i: self._all_units[i].numel, self._live_numel(),
+                                         lambda i: self._all_units[i].state is not GatherState.RELEASED)
+        for index in ahead:
+            self._all_units[index].start_gather()
+        self.peak_live_numel = max(self.peak_live_numel, self._live_numel())
+        unit.wait()
+
+    def _release_all(self) -> None:
+        for unit in self._all_units:
+            unit.release()
+            unit.reset_backward()
 
     # ---- forward / backward hooks ---------------------------------------------------
+    def _root_pre_forward(self, module, args) -> None:
+        self.planner.start_pass("train" if torch.is_grad_enabled() else "no_grad")
+        self._request(self.root)
+
+    def _root_post_forward(self, module, args, output) -> None:
+        if not torch.is_grad_enabled():
+            self._release_all()
+            self.planner.end_pass()
+            return
+        for t in _tensors(output):
+            if t.requires_grad:
+                t.register_hook(self._queue_finish_from_output)
+
+    def _queue_finish_from_output(self, grad):
+        # Runs in the outermost backward: reentrant checkpointing's nested backwards must not
+        # end the step (see the release-rule note).
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        return grad
+
     def _make_pre_forward(self, unit: Unit):
-        def hook(module, args):
-            unit.gather(self.comm)
+        def hook(module, args, kwargs):
+            self._request(unit)
+            if not torch.is_grad_enabled():
+                return None
+            if _in_backward() and unit.hooked_backward:
+                return None    # non-reentrant recompute: the original forward's markers stand
+            return self._mark_inputs(unit, args, kwargs)
         return hook
+
+    def _mark_inputs(self, unit: Unit, args: tuple, kwargs: dict) -> Any:
+        positions = [i for i, a in enumerate(args) if _needs_grad(a)]
+        keys = [k for k, v in kwargs.items() if _needs_grad(v)]
+        if not positions and not keys:
+            return None
+        unit.pending_inputs += 1
+        marked = _InputGradMarker.apply(lambda: self._on_inputs_done(unit),
+                                        *[args[i] for i in positions], *[kwargs[k] for k in keys])
+        args = list(args)
+        for i, t in zip(positions, marked):
+            args[i] = t
+        kwargs = dict(kwargs, **dict(zip(keys, marked[len(positions):])))
+        return tuple(args), kwargs
 
     def _make_post_forward(self, unit: Unit):
         def hook(module, args, output):
             if _in_backward():   # activation-checkpoint recompute: backward still needs the weights
+                unit.hooked_backward = True
                 return
-            unit.release()
+            if not self.planner.next_request_is(unit.index):
+                unit.release()
             if torch.is_grad_enabled():
-                unit.hooked_backward = False
                 for t in _tensors(output):
                     if t.requires_grad:
                         t.register_hook(self._make_pre_backward(unit))
@@ -106,15 +161,17 @@ class PartitionedParameterStage(PartitionedGradientStage):
         def hook(grad):
             if not unit.hooked_backward:
                 unit.hooked_backward = True
-                unit.gather(self.comm)
+                self._request(unit)
             return grad
         return hook
 
-    def _root_post_forward(self, module, args, output):
-        if not torch.is_grad_enabled():
-            self.root.release()
-            for unit in self.units:
-                unit.release()
+    def _on_inputs_done(self, unit: Unit) -> None:
+        unit.pending_inputs -= 1
+        self._maybe_release(unit)
+
+    def _maybe_release(self, unit: Unit) -> None:
+        if unit.pending_inputs == 0 and unit.hooked_backward and unit.ready >= unit.num_trainable:
+            unit.release()
 
     # ---- gradients ------------------------------------------------------------------
     def _on_grad_ready(self, param: torch.Tensor) -> None:
@@ -122,20 +179,30 @@ class PartitionedParameterStage(PartitionedGradientStage):
         unit = self._unit_of[id(param)]
         unit.ready += 1
         if unit.module is not None and unit.ready == unit.num_trainable:
-            unit.release()
+            self._maybe_release(unit)
 
     def _finish_backward(self) -> None:
         super()._finish_backward()
-        for unit in self.units + [self.root]:
-            unit.ready = 0
-            unit.release()
+        self._release_all()
+        self.planner.end_pass()
 
     # ---- what the optimizer sees ------------------------------------------------------
     def owned_params(self) -> list[list[torch.Tensor]]:
         return [g.shard_chunks() for g in self.groups]
 
     def after_step(self) -> None:
-        """Nothing to gather: the next forward gathers the updated shards."""
+        """Refresh the kept-gathered persistent parameters; the next forward gathers the rest."""
+        for group in self.persistent.groups:
+            group.refresh()
+
+    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
+        tensors = super().memory_tensors()
+        tensors["persistent_params"] = [g.full for g in self.persistent.all_groups if g.full is not None]
+        return tensors
+
+    def parameter_groups(self) -> list[ShardedParamGroup]:
+        """Every sharded group, trainable and frozen (storage accounting, checkpoints)."""
+        return list(self.groups) + self.frozen_groups
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
@@ -145,11 +212,17 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def unshard(self) -> None:
         """Give every parameter its own full tensor again (engine.destroy)."""
-        for group in self.groups:
-            group.gather(self.comm)
+        for group in self.parameter_groups():
+            group.gather()
             for p in group.params:
                 p.data = p.data.clone()
+                del p._hf_zero_group
             group.full = None
+            group.state = GatherState.RELEASED
+
+
+def _needs_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point()
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -163,29 +236,16 @@ def _tensors(value) -> list[torch.Tensor]:
 
 
 def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, overlap_comm: bool,
-                 allgather_bucket_numel: int):
-    """Shard the trainable parameters into units; returns (stage, groups, spec index per group)."""
-    with torch.no_grad():   # every rank shards rank 0's weights
-        for p in model.parameters():
-            comm.broadcast(p.data)
-    unit_modules = find_unit_modules(model)
-    member = {id(p): i for i, m in enumerate(unit_modules) for p in m.parameters()}
-    groups, group_spec, units = [], [], []
-    per_unit: dict[Optional[int], list[ShardedParamGroup]] = {}
-    # Backward visits the last block first and the root (embeddings) last: build groups in
-    # that order so bucket launches follow gradient readiness.
-    for unit_index in [*reversed(range(len(unit_modules))), None]:
-        for spec_index, spec in enumerate(specs):
-            chosen = [(p, n) for p, n in zip(spec.params, spec.names) if member.get(id(p)) == unit_index]
-            if not chosen:
-                continue
-            group = ShardedParamGroup([p for p, _ in chosen], [n for _, n in chosen], bucket_numel, comm)
-            groups.append(group)
-            group_spec.append(spec_index)
-            per_unit.setdefault(unit_index, []).append(group)
-    units = [Unit(unit_modules[i], per_unit[i]) for i in range(len(unit_modules)) if i in per_unit]
-    units += [Unit(unit_modules[i], []) for i in range(len(unit_modules)) if i not in per_unit]
-    root = Unit(None, per_unit.get(None, []))
-    stage = PartitionedParameterStage(groups, units, root, model, comm, overlap_comm=overlap_comm,
-                                      allgather_bucket_numel=allgather_bucket_numel)
+                 allgather_bucket_numel: int, prefetch_numel: int = 0, max_live_numel: int = 10**18,
+                 persistence_threshold: int = 0, already_partitioned: bool = False):
+    """Shard every parameter into its unit; returns (stage, trainable groups, spec index per group)."""
+    if not already_partitioned:
+        with torch.no_grad():   # every rank shards rank 0's weights
+            for p in model.parameters():
+                comm.broadcast(p.data)
+    units, root, persistent, groups, group_spec = build_units(model, specs, comm, bucket_numel,
+                                                              persistence_threshold)
+    stage = PartitionedParameterStage(groups, units, root, persistent, model, comm, overlap_comm=overlap_comm,
+                                      allgather_bucket_numel=allgather_bucket_numel,
+                                      prefetch_numel=prefetch_numel, max_live_numel=max_live_numel)
     return stage, groups, group_spec

@@ -1,0 +1,158 @@
+"""Which parameters stage 3 gathers together: units, the persistent set, frozen groups.
+
+[Note: stage-3 units]
+A *unit* is a set of parameters gathered and released together:
+- every outermost instance of the model's ``_no_split_modules`` classes (transformer
+  blocks, as FSDP wraps them), with all the parameters registered below it;
+- the *root* unit: every other parameter (embeddings, final norm, a tied head), gathered
+  for the whole forward and backward pass;
+- the *persistent* set: parameters with at most ``stage3_param_persistence_threshold``
+  elements (biases, norms), gathered once and kept gathered; they are still partitioned
+  for gradients and the optimizer and re-gathered after every optimizer step.
+A parameter registered under two units (weights tied across blocks) belongs to the root, so
+it is gathered whenever either block runs. Frozen parameters are sharded the same way
+(their own groups, no gradient or optimizer state), so a LoRA model's frozen base is 1/N
+per rank at rest and is gathered with its block, once per forward and once per backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from hf_zero.comm import Collectives
+from hf_zero.sharded_params import GatherState, ShardedParamGroup
+
+
+class Unit:
+    module: Optional[nn.Module]          # None for the root and the persistent set
+    groups: list[ShardedParamGroup]      # trainable parameters, one group per optimizer group
+    frozen: list[ShardedParamGroup]      # frozen parameters (at most one group)
+
+    def __init__(self, index: int, module: Optional[nn.Module], groups: list[ShardedParamGroup],
+                 frozen: list[ShardedParamGroup]):
+        self.index = index               # position in the stage's unit list (trace key)
+        self.module = module
+        self.groups = groups
+        self.frozen = frozen
+        self.num_trainable = sum(len(g.params) for g in groups)
+        self.numel = sum(g.full_numel for g in self.all_groups)
+        # Per-backward bookkeeping (stages/stage3.py's [Note: stage-3 release rule]).
+        self.ready = 0                   # trainable parameters whose gradient arrived
+        self.pending_inputs = 0          # input-gradient markers registered but not yet reached
+        self.hooked_backward = False     # gathered for this backward already
+
+    @property
+    def all_groups(self) -> list[ShardedParamGroup]:
+        return self.groups + self.frozen
+
+    @property
+    def state(self) -> GatherState:
+        states = {g.state for g in self.all_groups}
+        if not states or states == {GatherState.GATHERED}:
+            return GatherState.GATHERED
+        return GatherState.RELEASED if states == {GatherState.RELEASED} else GatherState.GATHERING
+
+    def start_gather(self) -> None:
+        for g in self.all_groups:
+            g.start_gather()
+
+    def wait(self) -> None:
+        for g in self.all_groups:
+            g.wait()
+
+    def gather(self) -> None:
+        self.start_gather()
+        self.wait()
+
+    def release(self) -> None:
+        for g in self.all_groups:
+            g.release()
+
+    def reset_backward(self) -> None:
+        self.ready, self.pending_inputs, self.hooked_backward = 0, 0, False
+
+
+def find_unit_modules(model: nn.Module) -> list[nn.Module]:
+    """Outermost instances of the model's ``_no_split_modules`` classes."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        base = getattr(model, "get_base_model", None)   # peft models keep the list on the base model
+        names = set(getattr(base(), "_no_split_modules", None) or ()) if callable(base) else set()
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if type(child).__name__ in names:
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+ROOT, PERSISTENT = -1, -2   # pseudo unit indices while assigning parameters
+
+
+def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_threshold: int) -> dict[int, int]:
+    """id(param) -> unit index (``ROOT``, ``PERSISTENT`` or a position in ``unit_modules``)."""
+    owners: dict[int, set[int]] = {}
+    for i, module in enumerate(unit_modules):
+        for p in module.parameters():
+            owners.setdefault(id(p), set()).add(i)
+    assignment = {}
+    for p in model.parameters():
+        found = owners.get(id(p), set())
+        if p.numel() <= persistence_threshold:
+            assignment[id(p)] = PERSISTENT
+        elif len(found) == 1:
+            assignment[id(p)] = next(iter(found))
+        else:   # not in any block, or shared between blocks: gathered for the whole pass
+            assignment[id(p)] = ROOT
+    return assignment
+
+
+def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: int,
+                persistence_threshold: int) -> tuple[list[Unit], Unit, Unit, list[ShardedParamGroup], list[int]]:
+    """Shard every parameter into its unit, in place.
+
+    Returns (block units, root, persistent set, trainable groups in gradient-ready order,
+    optimizer spec index of each trainable group).
+    """
+    unit_modules = find_unit_modules(model)
+    assignment = assign_units(model, unit_modules, persistence_threshold)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    trainable_ids = {id(p) for spec in specs for p in spec.params}
+    groups: list[ShardedParamGroup] = []
+    group_spec: list[int] = []
+    units: list[Unit] = []
+    # Backward visits the last block first and the root (embeddings) last: build groups in
+    # that order so bucket launches follow gradient readiness. Frozen groups have no buckets.
+    order = [*reversed(range(len(unit_modules))), ROOT, PERSISTENT]
+    by_index: dict[int, Unit] = {}
+    for unit_index in order:
+        trainable: list[ShardedParamGroup] = []
+        for spec_index, spec in enumerate(specs):
+            chosen = [(p, n) for p, n in zip(spec.params, spec.names) if assignment[id(p)] == unit_index]
+            if chosen:
+                trainable.append(ShardedParamGroup([p for p, _ in chosen], [n for _, n in chosen],
+                                                   bucket_numel, comm))
+                groups.append(trainable[-1])
+                group_spec.append(spec_index)
+        frozen_params = [p for p in _unique_params(model) if id(p) not in trainable_ids
+                         and assignment[id(p)] == unit_index]
+        frozen = [ShardedParamGroup(frozen_params, [name_of[id(p)] for p in frozen_params], bucket_numel, comm)
+                  ] if frozen_params else []
+        module = unit_modules[unit_index] if unit_index >= 0 else None
+        by_index[unit_index] = Unit(len(by_index), module, trainable, frozen)
+    units = [by_index[i] for i in range(len(unit_modules))]
+    for position, unit in enumerate(units):
+        unit.index = position
+    by_index[ROOT].index, by_index[PERSISTENT].index = len(units), len(units) + 1
+    return units, by_index[ROOT], by_index[PERSISTENT], groups, group_spec
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())   # deduplicated by torch (a tied head appears once)
