@@ -4,8 +4,9 @@ from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config
 from hf_zero.checkpoint import CheckpointError, consolidate
 from hf_zero.engine import ZeroEngine, initialize
 from hf_zero.gathered import GatheredParameters
+from hf_zero.meta_init import from_pretrained, zero_init
 
 __version__ = "0.1.0"
 
 __all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "HfZeroConfig", "ZeroEngine",
-           "__version__", "consolidate", "initialize", "load_config"]
+           "__version__", "consolidate", "from_pretrained", "initialize", "load_config", "zero_init"]

@@ -29,6 +29,7 @@ from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.optim.zero_optimizer import ZeroOptimizer
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
+from hf_zero.meta_init import has_meta_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +92,14 @@ class ZeroEngine:
         if self.dtype != torch.float32:
             model.to(self.dtype)
         zero = self.config.zero_optimization
+        source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
             overlap_comm=zero.overlap_comm, allgather_bucket_numel=zero.allgather_bucket_size,
             stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                                 max_live_numel=zero.stage3_max_live_parameters,
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
-                                already_partitioned=_is_zero_init_model(model)))
+                                source=source))
         self._broadcast_model()
         if zero.zero_quantized_gradients or zero.zero_quantized_weights:
             from hf_zero.quantized_comm import QuantizedCollectives
@@ -303,6 +305,26 @@ class ZeroEngine:
         """Every group that owns parameter storage: trainable, plus stage 3's frozen groups."""
         return list(self.flat_groups) + list(getattr(self.stage, "frozen_groups", []))
 
+    def _meta_source(self, model: nn.Module, stage: int):
+        """Values for a model built under ``zero_init`` (see meta_init.py's note): stage 3
+        reads them shard by shard; stages 0-2 materialise every parameter whole here."""
+        from hf_zero.stages.stage3_units import find_unit_modules
+        from hf_zero.meta_init import ParameterSource, pending_seed, set_parameter_tensor
+
+        seed = torch.tensor([pending_seed()], dtype=torch.int64)
+        self.comm.broadcast(seed)   # rank 0's seed: every rank computes identical values
+        # CUDA-only branch: parameters live on this process's GPU when there is one.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        source = ParameterSource(model, find_unit_modules(model), int(seed.item()), device)
+        source.materialise_buffers()
+        if stage == 3:
+            return source
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                set_parameter_tensor(p, source.full(name, p))
+        source.close()
+        return None
+
     def _broadcast_model(self) -> None:
         """Start every rank from rank 0's weights and buffers, as DDP does."""
         if not self.comm.active:
@@ -317,11 +339,6 @@ class ZeroEngine:
                     self.comm.broadcast(p.data)
             for b in self.module.buffers():
                 self.comm.broadcast(b)
-
-
-def _is_zero_init_model(model: nn.Module) -> bool:
-    """Built under ``hf_zero.zero_init``: weights are already identical on every rank."""
-    return bool(getattr(model, "_hf_zero_init", False))
 
 
 def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = None,

@@ -21,6 +21,7 @@ from torch import nn
 from hf_zero.comm import Collectives
 from hf_zero.flat_buffer import shard_chunks, views_by_param
 from hf_zero.partition import BucketPlan, plan_buckets, shard_numel, total_numel
+from hf_zero.meta_init import set_parameter_tensor
 
 
 class GatherState(enum.Enum):
@@ -37,12 +38,16 @@ class ShardedParamGroup:
     full: Optional[torch.Tensor]    # 1D, model dtype, padded; only while gathering / gathered
     state: GatherState
 
-    def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives):
+    def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives,
+                 source=None):
+        """``source``: a zero_init.ParameterSource for meta-built parameters (values are read
+        slice by slice from it instead of from ``param.data``)."""
         world, rank = comm.world_size, comm.rank
         self.params, self.names, self.rank, self.comm = params, names, rank, comm
         self.on_shard_modified: list = []   # callbacks (the engine refreshes fp32 masters)
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
-        dtype, device = params[0].dtype, params[0].device
+        dtype = params[0].dtype
+        device = source.device if source is not None else params[0].device
         self.shard = torch.empty(shard_numel(self.plans), dtype=dtype, device=device)
         self._shard_chunks = shard_chunks(self.plans, self.shard)
         self._shapes = [p.shape for p in params]
@@ -53,10 +58,15 @@ class ShardedParamGroup:
             chunk.zero_()
             start, length = plan.shard(rank)
             for index, offset in zip(plan.param_indices, plan.param_offsets):
-                flat = params[index].detach().reshape(-1)
-                lo, hi = max(offset, start), min(offset + flat.numel(), start + length)
-                if lo < hi:
-                    chunk.narrow(0, lo - start, hi - lo).copy_(flat.narrow(0, lo - offset, hi - lo))
+                p = params[index]
+                lo, hi = max(offset, start), min(offset + p.numel(), start + length)
+                if lo >= hi:
+                    continue
+                target = chunk.narrow(0, lo - start, hi - lo)
+                if source is not None:
+                    source.read_into(names[index], p, lo - offset, target)
+                else:
+                    target.copy_(p.detach().reshape(-1).narrow(0, lo - offset, hi - lo))
         for p in params:
             p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()
             p._hf_zero_group = self   # lets GatheredParameters find what to gather
@@ -147,6 +157,6 @@ class ShardedParamGroup:
             return
         self.wait()   # never free a buffer an all-gather is still writing into
         for p in self.params:
-            p.data = self._empty
+            set_parameter_tensor(p, self._empty)
         self.full = None
         self.state = GatherState.RELEASED

@@ -22,10 +22,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
 
     def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, **kwargs):
         self.allgather_bucket_numel = allgather_bucket_numel
-        # 1D, model dtype: this rank's chunk of every bucket, in bucket-plan order
-        self.grad_shards = [torch.zeros(shard_numel(g.plans), dtype=g.dtype, device=g.device)
-                            for g in groups]
-        self._shard_chunks = [shard_chunks(g.plans, shard) for g, shard in zip(groups, self.grad_shards)]
+        self._grad_shards: list[torch.Tensor] | None = None   # allocated by the first backward
         self._staging: dict[tuple[int, int], torch.Tensor] = {}   # (group, bucket start) -> 1D bucket
         self._shard_has_grad: set[tuple[int, int]] = set()
         super().__init__(groups, *args, **kwargs)
@@ -34,6 +31,21 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         for bucket in self.buckets:
             for index in bucket.plan.param_indices:
                 self._where[(bucket.group_index, index)] = bucket
+
+    @property
+    def grad_shards(self) -> list[torch.Tensor]:
+        """Per group, 1D model dtype: this rank's chunk of every bucket, in bucket-plan order.
+        Allocated on first use, so building an engine (or evaluating) holds no gradient memory."""
+        if self._grad_shards is None:
+            self._grad_shards = [torch.zeros(shard_numel(g.plans), dtype=g.dtype, device=g.device)
+                                 for g in self.groups]
+            self._grad_chunks = [shard_chunks(g.plans, shard) for g, shard in zip(self.groups, self._grad_shards)]
+        return self._grad_shards
+
+    @property
+    def _shard_chunks(self) -> list[list[torch.Tensor]]:
+        self.grad_shards
+        return self._grad_chunks
 
     def _staging_for(self, bucket: Bucket) -> torch.Tensor:
         key = (bucket.group_index, bucket.plan.start)
@@ -71,7 +83,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         return self._shard_chunks
 
     def zero_grad(self) -> None:
-        for shard in self.grad_shards:
+        for shard in self._grad_shards or []:
             shard.zero_()
         self._shard_has_grad.clear()
         for g in self.groups:
@@ -79,4 +91,4 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
                 p.grad = None
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"grads": list(self.grad_shards), "comm_buffers": list(self._staging.values())}
+        return {"grads": list(self._grad_shards or []), "comm_buffers": list(self._staging.values())}

@@ -237,14 +237,19 @@ def _tensors(value) -> list[torch.Tensor]:
 
 def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, overlap_comm: bool,
                  allgather_bucket_numel: int, prefetch_numel: int = 0, max_live_numel: int = 10**18,
-                 persistence_threshold: int = 0, already_partitioned: bool = False):
-    """Shard every parameter into its unit; returns (stage, trainable groups, spec index per group)."""
-    if not already_partitioned:
-        with torch.no_grad():   # every rank shards rank 0's weights
+                 persistence_threshold: int = 0, source=None):
+    """Shard every parameter into its unit; returns (stage, trainable groups, spec index per group).
+
+    ``source`` (meta_init.py): values of a meta-built model, identical on every rank by
+    construction; otherwise every rank shards rank 0's weights."""
+    if source is None:
+        with torch.no_grad():
             for p in model.parameters():
                 comm.broadcast(p.data)
     units, root, persistent, groups, group_spec = build_units(model, specs, comm, bucket_numel,
-                                                              persistence_threshold)
+                                                              persistence_threshold, source)
+    if source is not None:
+        source.close()
     stage = PartitionedParameterStage(groups, units, root, persistent, model, comm, overlap_comm=overlap_comm,
                                       allgather_bucket_numel=allgather_bucket_numel,
                                       prefetch_numel=prefetch_numel, max_live_numel=max_live_numel)

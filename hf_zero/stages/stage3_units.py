@@ -115,8 +115,10 @@ def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_th
 
 
 def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: int,
-                persistence_threshold: int) -> tuple[list[Unit], Unit, Unit, list[ShardedParamGroup], list[int]]:
-    """Shard every parameter into its unit, in place.
+                persistence_threshold: int, source=None
+                ) -> tuple[list[Unit], Unit, Unit, list[ShardedParamGroup], list[int]]:
+    """Shard every parameter into its unit, in place (``source``: values of a meta-built
+    model, see meta_init.py).
 
     Returns (block units, root, persistent set, trainable groups in gradient-ready order,
     optimizer spec index of each trainable group).
@@ -138,13 +140,13 @@ def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: 
             chosen = [(p, n) for p, n in zip(spec.params, spec.names) if assignment[id(p)] == unit_index]
             if chosen:
                 trainable.append(ShardedParamGroup([p for p, _ in chosen], [n for _, n in chosen],
-                                                   bucket_numel, comm))
+                                                   bucket_numel, comm, source))
                 groups.append(trainable[-1])
                 group_spec.append(spec_index)
-        frozen_params = [p for p in _unique_params(model) if id(p) not in trainable_ids
+        frozen_params = [p for p in model.parameters() if id(p) not in trainable_ids
                          and assignment[id(p)] == unit_index]
-        frozen = [ShardedParamGroup(frozen_params, [name_of[id(p)] for p in frozen_params], bucket_numel, comm)
-                  ] if frozen_params else []
+        frozen = [ShardedParamGroup(frozen_params, [name_of[id(p)] for p in frozen_params], bucket_numel, comm,
+                                    source)] if frozen_params else []
         module = unit_modules[unit_index] if unit_index >= 0 else None
         by_index[unit_index] = Unit(len(by_index), module, trainable, frozen)
     units = [by_index[i] for i in range(len(unit_modules))]
@@ -153,6 +155,3 @@ def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: 
     by_index[ROOT].index, by_index[PERSISTENT].index = len(units), len(units) + 1
     return units, by_index[ROOT], by_index[PERSISTENT], groups, group_spec
 
-
-def _unique_params(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.parameters())   # deduplicated by torch (a tied head appears once)

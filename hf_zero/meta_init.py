@@ -1,0 +1,248 @@
+"""Partitioned construction: build a model without materialising it, shard it as it is made.
+
+[Note: partitioned construction]
+``with hf_zero.zero_init(): model = AutoModelForCausalLM.from_config(cfg)`` builds every
+parameter and buffer on the meta device: no memory and no initialisation. ``initialize``
+(stage 3) then builds each rank's shards parameter by parameter; a value is produced only
+when its shard is built, this rank's slice is copied and the value is dropped. Values come
+from a ``ParameterSource``:
+- random initialisation: a *scratch* deep copy of one unit (a transformer block, or one
+  root module such as the embedding) is materialised and initialised the way transformers
+  does it (``_init_weights`` children before parents, so a parent's re-initialisation such
+  as GPT-2's scaled ``c_proj`` applies; peft adapters through ``reset_lora_parameters``;
+  plain modules through ``reset_parameters``), under an RNG seeded from one seed (rank 0's)
+  and the unit's name. Every rank therefore computes the same values whatever order it
+  builds them in, and the result does not depend on the world size. Peak: the shards
+  plus one unit.
+- pretrained weights (``hf_zero.from_pretrained``): each rank reads, from the Hugging Face
+  safetensors files, only the rows covering its own slices (``safe_open(...).get_slice``).
+  Parameters missing from the files (e.g. new LoRA adapters) are initialised as above.
+Stages 0-2 hold whole parameters: the source materialises each parameter in full instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def zero_init(seed: Optional[int] = None) -> Iterator[None]:
+    """Build models on the meta device; ``hf_zero.initialize`` materialises them shard by shard.
+
+    ``seed``: the initialisation seed (default: this process's ``torch.initial_seed()``);
+    rank 0's value is used on every rank.
+    """
+    global _pending_seed
+    _pending_seed = torch.initial_seed() if seed is None else int(seed)
+    with torch.device("meta"):
+        yield
+
+
+_pending_seed: Optional[int] = None
+
+
+def pending_seed() -> int:
+    """The seed of the last ``zero_init`` block (else this process's initial seed)."""
+    seed = torch.initial_seed() if _pending_seed is None else _pending_seed
+    return seed % (2**62)   # fits the int64 tensor it is broadcast in
+
+
+def from_pretrained(path: str | Path, model_class=None, **config_kwargs) -> nn.Module:
+    """A model whose weights ``initialize`` reads slice by slice from ``path`` (HF safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    with zero_init():
+        model = (model_class or AutoModelForCausalLM).from_config(config)
+    model._hf_zero_weights = str(path)
+    return model
+
+
+def set_parameter_tensor(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """``param.data = tensor``, also for a meta parameter (``.data`` cannot change device):
+    the Parameter object stays the same, so optimizers and modules holding it are unaffected."""
+    if not param.is_meta:
+        param.data = tensor
+        return
+    attributes = dict(param.__dict__)
+    torch.utils.swap_tensors(param, nn.Parameter(tensor, requires_grad=param.requires_grad))
+    param.__dict__.update(attributes)
+
+
+def has_meta_parameters(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
+
+
+class _SafetensorsSlices:
+    """Element ranges of tensors in a (sharded) HF safetensors checkpoint, read straight into
+    their destination (checkpoint/safetensors_io.py: no memory map, no temporary copies)."""
+
+    def __init__(self, path: Path):
+        from hf_zero.checkpoint.safetensors_io import SafetensorsFile
+
+        self._file_class = SafetensorsFile
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            self.file_of = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            single = SafetensorsFile(path / "model.safetensors")
+            self.file_of = {k: path / "model.safetensors" for k in single.keys()}
+            single.close()
+        self._handles: dict[Path, object] = {}
+
+    def key_for(self, name: str) -> Optional[str]:
+        """The checkpoint key of a model parameter name (peft wrappers renamed stripped)."""
+        bare = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        for candidate in (name, bare):
+            if candidate in self.file_of:
+                return candidate
+        return None
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        file = self.file_of[key]
+        if file not in self._handles:
+            self._handles[file] = self._file_class(file)
+        self._handles[file].read_into(key, start, out)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+class ParameterSource:
+    """Values of a meta-built model's parameters, one slice at a time (see module note)."""
+
+    def __init__(self, model: nn.Module, unit_modules: list[nn.Module], seed: int,
+                 device: torch.device = torch.device("cpu")):
+        self.model, self.seed, self.device = model, seed, device
+        weights = getattr(model, "_hf_zero_weights", None)
+        self.files = _SafetensorsSlices(Path(weights)) if weights else None
+        names = {id(m): n for n, m in model.named_modules()}
+        self._unit_of: dict[int, tuple[str, nn.Module]] = {}
+        in_unit = set()
+        for unit in unit_modules:
+            for p in unit.parameters():
+                self._unit_of[id(p)] = (names[id(unit)], unit)
+                in_unit.add(id(p))
+        for name, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                if id(p) not in in_unit:
+                    self._unit_of.setdefault(id(p), (name, module))
+        self._scratch_key: Optional[str] = None
+        self._scratch: dict[int, torch.Tensor] = {}    # id(original param) -> materialised value
+        self._initializer = _nearest_initializers(model)
+
+    def read_into(self, name: str, param: nn.Parameter, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + out.numel()) of the flattened value of ``param`` (named
+        ``name``) into the 1D ``out`` (cast to its dtype)."""
+        if self.files is not None:
+            key = self.files.key_for(name)
+            if key is not None:
+                self.files.read_into(key, start, out)
+                return
+        out.copy_(self._initialised(param).reshape(-1).narrow(0, start, out.numel()))
+
+    def full(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        out = torch.empty(param.numel(), dtype=param.dtype, device=self.device)
+        self.read_into(name, param, 0, out)
+        return out.view(param.shape)
+
+    def close(self) -> None:
+        """Drop the scratch unit and open files (construction is over)."""
+        self._scratch, self._scratch_key = {}, None
+        if self.files is not None:
+            self.files.close()
+
+    def _initialised(self, param: nn.Parameter) -> torch.Tensor:
+        unit_name, unit = self._unit_of[id(param)]
+        if self._scratch_key != unit_name:
+            self._scratch = {}   # drop the previous unit first: peak is one unit
+            self._scratch = self._materialise(unit_name, unit)
+            self._scratch_key = unit_name
+        return self._scratch[id(param)]
+
+    def _materialise(self, unit_name: str, unit: nn.Module) -> dict[int, torch.Tensor]:
+        originals = list(unit.parameters())
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device=self.device), p.requires_grad)
+                for p in originals}
+        scratch = copy.deepcopy(unit, memo={k: v for k, v in memo.items()})   # params replaced, rest copied
+        seed = (self.seed ^ zlib.crc32(unit_name.encode())) % (2**63)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for module, original in _post_order(scratch, unit):
+                _initialise_module(module, self._initializer.get(id(original)), self.model)
+        return {id(p): memo[id(p)].data for p in originals}
+
+    def materialise_buffers(self) -> None:
+        """Give meta buffers real storage and their initial values (rotary tables and the like)."""
+        for name, module in self.model.named_modules():
+            metas = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+            if not metas:
+                continue
+            for n in metas:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device=self.device)
+            init = self._initializer.get(id(module))
+            if init is None:
+                raise ValueError(f"zero_init: buffer '{name}.{metas[0]}' was built on the meta device and its "
+                                 f"module {type(module).__name__} has no transformers initializer to recompute it")
+            with torch.no_grad():
+                init._init_weights(module)
+
+
+def _nearest_initializers(model: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> the closest enclosing transformers PreTrainedModel (whose _init_weights applies)."""
+    found: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, current: Optional[nn.Module]) -> None:
+        if hasattr(module, "_init_weights") and hasattr(module, "config"):
+            current = module
+        if current is not None:
+            found[id(module)] = current
+        for child in module.children():
+            visit(child, current)
+
+    visit(model, None)
+    return found
+
+
+def _post_order(scratch: nn.Module, original: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(scratch module, original module) pairs, children before parents."""
+    pairs = []
+    for (name, s), (_, o) in zip(scratch.named_children(), original.named_children()):
+        pairs.extend(_post_order(s, o))
+    pairs.append((scratch, original))
+    return pairs
+
+
+def _initialise_module(module: nn.Module, initializer: Optional[nn.Module], model: nn.Module) -> None:
+    # Parents come after children: a LoRA layer re-initialises its lora_A / lora_B as peft does.
+    if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
+        configs = getattr(model, "peft_config", {})
+        for adapter in module.lora_A:
+            init = getattr(configs.get(adapter), "init_lora_weights", True)
+            module.reset_lora_parameters(adapter, init)
+        return
+    if initializer is not None:
+        initializer._init_weights(module)
+    elif hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    elif any(True for _ in module.parameters(recurse=False)):
+        name = next(n for n, _ in module.named_parameters(recurse=False))
+        raise ValueError(f"zero_init: cannot initialise parameter '{name}' of {type(module).__name__}: no "
+                         "transformers _init_weights and no reset_parameters")
+
