@@ -27,7 +27,20 @@ from hf_zero.testing import run_on_ranks  # noqa: E402
 MICRO, SEQ = 4, 128
 BUCKET_NUMEL = 25 * 2**20 // 4   # 25 MiB of fp32, DDP's default bucket
 SIZES = {"25M": dict(n_embd=256, n_layer=12, n_head=4), "100M": dict(n_embd=768, n_layer=8, n_head=12)}
-SYSTEMS = ["ddp", "ddp_fused", "zero0", "zero1", "zero2", "zero3", "fsdp2", "zero1_bf16", "zero2_bf16", "zero3_bf16"]
+SYSTEMS = ["ddp", "ddp_fused", "zero0", "zero1", "zero2", "zero3", "zero3_noprefetch", "zero3_capped", "fsdp2",
+           "zero1_bf16", "zero2_bf16", "zero3_bf16"]
+
+
+def stage3_knobs(system: str, model: torch.nn.Module) -> dict:
+    """zero3: DeepSpeed's defaults (prefetch 5e7 elements, persistence 1e5); _noprefetch: none;
+    _capped: one block prefetched, live cap = root + two blocks."""
+    if system.endswith("noprefetch"):
+        return {"stage3_prefetch_bucket_size": 0}
+    if system.endswith("capped"):
+        block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        root = sum(p.numel() for p in model.parameters()) - block * len(model.transformer.h)
+        return {"stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": root + 2 * block}
+    return {}
 
 
 def build_model(size: str) -> torch.nn.Module:
@@ -81,7 +94,8 @@ def run_system(system: str, size: str, rank: int, world: int, steps: int) -> dic
         config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 1.0, "bf16": {"enabled": mixed},
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                   "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET_NUMEL,
-                                        "allgather_bucket_size": BUCKET_NUMEL}}
+                                        "allgather_bucket_size": BUCKET_NUMEL,
+                                        **(stage3_knobs(system, model) if stage == 3 else {})}}
         engine = hf_zero.initialize(model, config)
         for i, x in enumerate(data):
             if i == 1:
@@ -95,9 +109,16 @@ def run_system(system: str, size: str, rank: int, world: int, steps: int) -> dic
         model_state = mem["params"] + mem["grads"] + mem["master_params"] + mem["optimizer_states"]
         comm = sum(v["bytes"] for v in engine.comm_stats().values())
         comm_ratio = comm / steps / (psi * (2 if mixed else 4))
+        extra = {"persistent": mem["persistent_params"]}
+        if stage == 3:
+            element = 2 if mixed else 4
+            cap = config["zero_optimization"].get("stage3_max_live_parameters")
+            largest = max(u.numel for u in engine.stage.units + [engine.stage.root])
+            extra.update(peak_live=engine.stage.peak_live_numel * element,
+                         live_bound=(cap + largest) * element if cap else float("nan"))
         engine.destroy()
     return {"times": times, "psi": psi, "model_state": model_state,
-            "state_ratio": model_state / formula(stage, psi, world, mixed), "comm_ratio": comm_ratio}
+            "state_ratio": model_state / formula(stage, psi, world, mixed), "comm_ratio": comm_ratio, **extra}
 
 
 def run_fsdp2(model, psi: int, data: list, world: int) -> dict:
@@ -148,9 +169,9 @@ def main() -> None:
     sizes, systems = args.sizes.split(","), args.systems.split(",")
     per_rank = run_on_ranks(bench_rank, 2, sizes, systems, args.rounds, args.steps, timeout_s=3600)
     print(f"world 2, gloo, micro-batch {MICRO}, seq {SEQ}, {args.rounds} rounds x {args.steps} timed steps")
-    print("| model | system | median step s | spread | / DDP | / DDP fused | model-state MB/rank "
-          "| / ZeRO formula | comm / model bytes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | system | median step s | spread | / DDP | / DDP fused | / zero2 | model-state MB/rank "
+          "| / ZeRO formula | persistent MB | comm / model bytes | peak gathered MB (bound) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         base = {}
         for system in systems:
@@ -162,9 +183,12 @@ def main() -> None:
             spread = (max(steps) - min(steps)) / med
             rel = med / base["ddp"] if "ddp" in base else float("nan")
             rel_fused = med / base["ddp_fused"] if "ddp_fused" in base else float("nan")
+            rel_zero2 = med / base["zero2" + ("_bf16" if system.endswith("bf16") else "")] \
+                if ("zero2" + ("_bf16" if system.endswith("bf16") else "")) in base else float("nan")
+            live = (f"{r0['peak_live'] / 2**20:.1f} ({r0['live_bound'] / 2**20:.1f})" if "peak_live" in r0 else "")
             print(f"| {size} ({r0['psi'] / 1e6:.1f}M) | {system} | {med:.3f} | {spread:.0%} | {rel:.2f} | "
-                  f"{rel_fused:.2f} | {r0['model_state'] / 2**20:.1f} | {r0['state_ratio']:.3f} | "
-                  f"{r0['comm_ratio']:.3f} |")
+                  f"{rel_fused:.2f} | {rel_zero2:.2f} | {r0['model_state'] / 2**20:.1f} | {r0['state_ratio']:.3f} | "
+                  f"{r0.get('persistent', 0) / 2**20:.2f} | {r0['comm_ratio']:.3f} | {live} |")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class ZeroEngine:
                                 max_live_numel=zero.stage3_max_live_parameters,
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
                                 source=source))
+        self.stage.watch_outputs(model)
         self._broadcast_model()
         if zero.zero_quantized_gradients or zero.zero_quantized_weights:
             from hf_zero.quantized_comm import QuantizedCollectives
@@ -275,6 +276,8 @@ class ZeroEngine:
             for p in g.params:
                 p.grad = None
         self.optimizer.inner.state.clear()
+        for group in self.optimizer.inner.param_groups:   # a user-held optimizer must not pin the masters
+            group["params"] = []
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None):

@@ -36,6 +36,17 @@ def tiny_gpt2(seed: int = 0, n_embd: int = 32, n_layer: int = 2, dropout: float 
     return GPT2LMHeadModel(config)
 
 
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """Untied embeddings, RMSNorm, rotary buffers, gated MLP: the other common layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def batch(rank: int, step: int, micro: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
     return torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
@@ -53,8 +64,8 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def run_ddp(rank: int, accum: int, clip: float, dtype: torch.dtype = torch.float32):
-    model = tiny_gpt2().to(dtype)
+def run_ddp(rank: int, accum: int, clip: float, dtype: torch.dtype = torch.float32, build=tiny_gpt2):
+    model = build().to(dtype)
     ddp = DDP(model)
     opt = torch.optim.AdamW(param_groups(model), lr=LR, eps=EPS)
     losses, norms = [], []
@@ -88,13 +99,13 @@ def zero_config(stage: int, accum: int, clip: float, world: int, bf16: bool = Fa
 
 
 def run_hf_zero(rank: int, world: int, stage: int, accum: int, clip: float, bf16: bool = False,
-                plain_torch_loop: bool = False):
-    model = tiny_gpt2()
+                plain_torch_loop: bool = False, build=tiny_gpt2):
+    model = build()
     opt = torch.optim.AdamW(param_groups(model), lr=LR, eps=EPS)
     engine = hf_zero.initialize(model, zero_config(stage, accum, clip, world, bf16), optimizer=opt)
     assert engine.module is model
     if bf16:
-        assert model.transformer.wte.weight.dtype == torch.bfloat16
+        assert model.get_input_embeddings().weight.dtype == torch.bfloat16
         assert all(m.dtype == torch.float32 for g in engine.masters.masters for m in g)
     losses, norms = [], []
     for step in range(NUM_STEPS):
@@ -129,6 +140,11 @@ def parity_grid(rank: int, world: int) -> dict:
             diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
             out[(stage, accum, clip, "engine")] = (ref_losses, losses, diff)
             out[(stage, accum, clip, "norms")] = (ref_norms, norms)
+        ref_losses_l, ref_params_l, ref_norms_l = run_ddp(rank, accum, clip, build=tiny_llama)
+        losses, params, norms = run_hf_zero(rank, world, 3, accum, clip, build=tiny_llama)
+        diff = max(((params[n] - ref_params_l[n]).abs().max().item(), n) for n in ref_params_l)
+        out[(3, accum, clip, "llama")] = (ref_losses_l, losses, diff)
+        out[(3, accum, clip, "llama-norms")] = (ref_norms_l, norms)
         if accum == 2:
             for stage in (1, 2, 3):
                 losses, params, _ = run_hf_zero(rank, world, stage, accum, clip, plain_torch_loop=True)

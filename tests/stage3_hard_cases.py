@@ -58,13 +58,13 @@ def _ddp_reference(build, rank: int, data) -> tuple[list[float], dict]:
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None) -> dict:
+def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None, stage: int = 3) -> dict:
     model = build()
     if prepare is not None:
         prepare(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=EPS)
     engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 0.0,
-                                        "zero_optimization": {"stage": 3, "reduce_bucket_size": 3000, **zero}},
+                                        "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, **zero}},
                                 optimizer=opt)
     model.train()
     losses, gathered, frozen_empty = [], [], True
@@ -77,9 +77,10 @@ def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None) -> dict:
         gathered.append(engine.comm_stats().get("all_gather", {}).get("bytes", 0))
         frozen_empty &= all(p.numel() == 0 for p in model.parameters() if not p.requires_grad)
     out = {"losses": losses, "all_gather_bytes": gathered, "frozen_empty_at_rest": frozen_empty,
-           "peak_live_numel": engine.stage.peak_live_numel, "num_prefetched": engine.stage.planner.num_prefetched,
-           "unit_numels": sorted(u.numel for u in engine.stage.units), "root_numel": engine.stage.root.numel,
            "mem": engine.memory_breakdown()}
+    if stage == 3:
+        out.update(peak_live_numel=engine.stage.peak_live_numel, num_prefetched=engine.stage.planner.num_prefetched,
+                   unit_numels=sorted(u.numel for u in engine.stage.units), root_numel=engine.stage.root.numel)
     engine.destroy()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return out
@@ -104,6 +105,24 @@ def lora_cases(rank: int, world: int) -> dict:
                            prepare=lambda m, r=reentrant: _enable_checkpointing(m, r))
         run["param_diff"] = _max_diff(run.pop("params"), ref_params)
         out[reentrant] = run
+    return out
+
+
+def checkpointing_all_stages(rank: int, world: int) -> dict:
+    """GPT-2 with activation checkpointing (reentrant or not) at stages 0-2 vs DDP without it."""
+    build = lambda: tiny_gpt2(n_layer=2)  # noqa: E731
+    ref_losses, ref_params = _ddp_reference(build, rank, _lm_loss)
+    out = {"ref": ref_losses}
+
+    def enable(model, reentrant):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+
+    for stage in (0, 1, 2):
+        for reentrant in (False, True):
+            run = _hf_zero_run(build, rank, _lm_loss, {}, prepare=lambda m, r=reentrant: enable(m, r), stage=stage)
+            run["param_diff"] = _max_diff(run.pop("params"), ref_params)
+            out[(stage, reentrant)] = run
     return out
 
 

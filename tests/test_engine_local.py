@@ -90,23 +90,29 @@ def test_optimizer_that_already_stepped_is_rejected():
         hf_zero.initialize(model, CONFIG, optimizer=opt)
 
 
+@pytest.mark.parametrize("bf16", (False, True), ids=("fp32", "bf16"))
 @pytest.mark.parametrize("stage", (0, 1, 2, 3))
-def test_destroy_frees_engine_memory_and_hooks(stage):
+def test_destroy_frees_engine_memory_and_hooks(stage, bf16):
     import gc
     import weakref
 
     model = tiny_gpt2()
-    engine = hf_zero.initialize(model, {**CONFIG, "zero_optimization": {"stage": stage, "reduce_bucket_size": 4000,
-                                                                     "stage3_param_persistence_threshold": 0}})
+    user_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)   # still held by the user afterwards
+    engine = hf_zero.initialize(model, {**CONFIG, "bf16": {"enabled": bf16},
+                                        "zero_optimization": {"stage": stage, "reduce_bucket_size": 4000,
+                                                              "stage3_param_persistence_threshold": 0}},
+                                optimizer=user_optimizer)
     one_step(engine, model)
     stage_obj = engine.stage
     grads = getattr(stage_obj, "grad_buffers", None) or stage_obj.grad_shards
     watched = [weakref.ref(t) for t in grads] + [weakref.ref(t) for t in engine.optimizer.state_tensors()]
+    watched += [weakref.ref(t) for t in engine.masters.tensors()]   # fp32 masters (bf16 only)
+    assert not bf16 or engine.masters.tensors()
     watched.append(weakref.ref(engine))
     engine.destroy()
     del engine, stage_obj, grads
     gc.collect()
-    assert all(ref() is None for ref in watched), "gradient buffers / optimizer states outlived destroy()"
+    assert all(ref() is None for ref in watched), "gradient buffers / optimizer states / masters outlived destroy()"
     # the model is plain again: whole parameters, no hf_zero hooks, and it still trains
     assert all(p.numel() > 0 and p.grad is None for p in model.parameters())
     assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())

@@ -1,4 +1,4 @@
-"""hf_zero stages 0-2 against DDP + torch.optim.AdamW (same seed, same data per rank).
+"""hf_zero stages 0-3 (GPT-2; Llama at stage 3) against DDP + torch.optim.AdamW (same seed, same data per rank).
 
 One spawned gloo group per world size runs the whole grid (parity_cases.py); the tests
 below look their case up. fp32: losses rtol 1e-5 at every micro-step, parameters atol 1e-6.
@@ -24,6 +24,7 @@ def grid(world: int) -> dict:
 CASES = [(stage, accum, clip, "engine") for stage, accum, clip in
          itertools.product((0, 1, 2, 3), (1, 2), (0.0, parity_cases.CLIP))]
 CASES += [(stage, 2, clip, "plain") for stage, clip in itertools.product((1, 2, 3), (0.0, parity_cases.CLIP))]
+CASES += [(3, accum, clip, "llama") for accum, clip in itertools.product((1, 2), (0.0, parity_cases.CLIP))]
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -43,6 +44,9 @@ def test_global_grad_norm_equals_clip_grad_norm(world):
         for stage, accum, clip in itertools.product((0, 1, 2, 3), (1, 2), (0.0, parity_cases.CLIP)):
             ref_norms, norms = results[(stage, accum, clip, "norms")]
             assert norms == pytest.approx(ref_norms, rel=1e-5), (rank, stage, accum, clip)
+        for accum, clip in itertools.product((1, 2), (0.0, parity_cases.CLIP)):
+            ref_norms, norms = results[(3, accum, clip, "llama-norms")]
+            assert norms == pytest.approx(ref_norms, rel=1e-5), (rank, "llama", accum, clip)
 
 
 def test_training_moves_the_parameters():

@@ -1,5 +1,6 @@
-"""Stage 3's hard cases against DDP + AdamW (2 gloo ranks, one spawn per case family).
+"""Stage 3's hard cases, and activation checkpointing at every stage, against DDP + AdamW.
 
+(2 gloo ranks, one spawn per case family.)
 fp32: losses rtol 1e-5 at every step, final parameters atol 1e-6 (see parity_cases.py).
 """
 
@@ -37,6 +38,13 @@ def test_lora_stage3_gathers_the_frozen_base_once_per_forward_and_backward(reent
     for r in _results(cases.lora_cases):
         per_step = r[reentrant]["all_gather_bytes"]
         assert all(r["model_bytes"] <= b <= 2 * r["model_bytes"] for b in per_step), (per_step, r["model_bytes"])
+
+
+@pytest.mark.parametrize("stage", (0, 1, 2))
+@pytest.mark.parametrize("reentrant", (False, True), ids=("nonreentrant", "reentrant"))
+def test_activation_checkpointing_at_stages_0_to_2_matches_ddp(stage, reentrant):
+    for rank, r in enumerate(_results(cases.checkpointing_all_stages)):
+        _check_parity(r["ref"], r[(stage, reentrant)], rank)
 
 
 @pytest.mark.parametrize("model", ("hard", "gpt2"))

@@ -65,7 +65,7 @@ def memory_table(engine: hf_zero.ZeroEngine, world: int) -> str:
     trainable = sum(true_numel(p) for g in engine.flat_groups for p in g.params)
     frozen = sum(true_numel(p) for p in engine.module.parameters()) - trainable
     # Plain data parallelism holds full fp32 params, grads and two Adam moments on every rank.
-    ddp = {"params": 4 * (trainable + frozen), "grads": 4 * trainable, "master_params": 0,
+    ddp = {"persistent_params": 0, "params": 4 * (trainable + frozen), "grads": 4 * trainable, "master_params": 0,
            "optimizer_states": 8 * trainable, "comm_buffers": 0}
     ddp["total"] = sum(ddp.values())
     lines = [f"{'bytes per rank':<18}{'hf_zero':>12}{'plain DP':>12}"]

@@ -105,8 +105,8 @@ class ZeroStage(abc.ABC):
         if bucket.launched:
             raise RuntimeError(
                 f"hf_zero: parameter '{group.names[index]}' received a second gradient after its "
-                "bucket was reduced in this backward (reentrant activation checkpointing or a "
-                "second backward through the same graph); use non-reentrant checkpointing")
+                "bucket was reduced in this backward (a second backward through the same graph, "
+                "or a backward that does not start from the model's outputs)")
         self._accept_grad(group, index, param)
         if id(param) in self._seen:
             return
@@ -166,6 +166,24 @@ class ZeroStage(abc.ABC):
         finally:
             self._sync = previous
 
+    def watch_outputs(self, model: torch.nn.Module) -> None:
+        """Queue the end-of-backward callback from the model's outputs, i.e. in the outermost
+        backward: reentrant activation checkpointing runs a nested backward per segment,
+        and a callback queued from a parameter hook inside it would end the step early."""
+        self._handles.append(model.register_forward_hook(self._hook_outputs))
+
+    def _hook_outputs(self, module, args, output) -> None:
+        if torch.is_grad_enabled():
+            for t in output_tensors(output):
+                if t.requires_grad:
+                    t.register_hook(self._queue_finish_from_output)
+
+    def _queue_finish_from_output(self, grad: torch.Tensor) -> torch.Tensor:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        return grad
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -206,3 +224,14 @@ class ZeroStage(abc.ABC):
     @abc.abstractmethod
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Tensors this stage owns, by accounting category ('grads', 'comm_buffers')."""
+
+
+def output_tensors(value) -> list[torch.Tensor]:
+    """Every tensor in a (nested) forward output: tensors, dicts (ModelOutput), lists, tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in output_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in output_tensors(v)]
+    return []

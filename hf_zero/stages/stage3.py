@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hf_zero.sharded_params import GatherState, ShardedParamGroup
+from hf_zero.stages.base import output_tensors
 from hf_zero.stages.prefetch import PrefetchPlanner
 from hf_zero.stages.stage2 import PartitionedGradientStage
 from hf_zero.stages.stage3_units import Unit, build_units
@@ -107,18 +108,6 @@ class PartitionedParameterStage(PartitionedGradientStage):
         if not torch.is_grad_enabled():
             self._release_all()
             self.planner.end_pass()
-            return
-        for t in _tensors(output):
-            if t.requires_grad:
-                t.register_hook(self._queue_finish_from_output)
-
-    def _queue_finish_from_output(self, grad):
-        # Runs in the outermost backward: reentrant checkpointing's nested backwards must not
-        # end the step (see the release-rule note).
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-        return grad
 
     def _make_pre_forward(self, unit: Unit):
         def hook(module, args, kwargs):
@@ -152,7 +141,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
             if not self.planner.next_request_is(unit.index):
                 unit.release()
             if torch.is_grad_enabled():
-                for t in _tensors(output):
+                for t in output_tensors(output):
                     if t.requires_grad:
                         t.register_hook(self._make_pre_backward(unit))
         return hook
@@ -223,16 +212,6 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
 def _needs_grad(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point()
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, overlap_comm: bool,
