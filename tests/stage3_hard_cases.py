@@ -137,7 +137,8 @@ class Block(nn.Module):
 
 
 class HardModel(nn.Module):
-    """Block 0 runs twice per forward; blocks 1 and 2 share a linear layer; one frozen layer."""
+    """Block 0 runs twice per forward; blocks 1 and 2 share a linear layer; one frozen layer;
+    block 0's norm also runs outside block 0 through an unregistered reference."""
 
     _no_split_modules = ["Block"]
 
@@ -148,11 +149,17 @@ class HardModel(nn.Module):
         self.blocks[2].lin = self.blocks[1].lin          # shared weights across two units
         self.blocks[1].norm.requires_grad_(False)        # a frozen parameter inside a unit
         self.out = nn.Linear(width, 4)
+        self.borrowed = [self.blocks[0].norm]            # a plain list: not registered here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
         h = self.blocks[0](self.blocks[0](h))             # called twice
-        return self.out(self.blocks[2](self.blocks[1](h)))
+        h = self.out_of_unit(self.blocks[2](self.blocks[1](h)))
+        return self.out(h)
+
+    def out_of_unit(self, h: torch.Tensor) -> torch.Tensor:
+        # block 0's norm used outside block 0, through an unregistered reference
+        return self.borrowed[0](h)
 
 
 def _hard_build() -> HardModel:

@@ -26,6 +26,7 @@ model bytes (less the root's second gather, plus persistent parameters' refresh)
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ from hf_zero.stages.base import output_tensors
 from hf_zero.stages.prefetch import PrefetchPlanner
 from hf_zero.stages.stage2 import PartitionedGradientStage
 from hf_zero.stages.stage3_units import Unit, build_units
+
+
+logger = logging.getLogger(__name__)
 
 
 def _in_backward() -> bool:
@@ -68,6 +72,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
         self.planner = PrefetchPlanner(prefetch_numel, max_live_numel)
         self.peak_live_numel = 0     # most parameter elements gathered at once (persistent excluded)
         self._unit_of = {id(p): u for u in self._all_units + [persistent] for g in u.groups for p in g.params}
+        owner = {id(p): u for u in self._all_units for g in u.all_groups for p in g.params}
         self._finish_queued_from_output = False
         persistent.gather()
         self._module_handles = [
@@ -78,6 +83,11 @@ class PartitionedParameterStage(PartitionedGradientStage):
             self._module_handles.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit),
                                                                               with_kwargs=True))
             self._module_handles.append(unit.module.register_forward_hook(self._make_post_forward(unit)))
+            for name, sub in unit.module.named_modules():
+                direct = list(sub.parameters(recurse=False))
+                if sub is not unit.module and direct and all(owner.get(id(p)) is unit for p in direct):
+                    self._module_handles.append(sub.register_forward_pre_hook(self._make_borrow_check(unit, name)))
+        self._warned_borrow: set[int] = set()
 
     # ---- gathering ------------------------------------------------------------------
     def _live_numel(self) -> int:
@@ -96,8 +106,8 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def _release_all(self) -> None:
         for unit in self._all_units:
+            unit.reset_backward()   # unpins first: nothing may stay gathered across an optimizer step
             unit.release()
-            unit.reset_backward()
 
     # ---- forward / backward hooks ---------------------------------------------------
     def _root_pre_forward(self, module, args) -> None:
@@ -111,6 +121,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def _make_pre_forward(self, unit: Unit):
         def hook(module, args, kwargs):
+            unit.in_forward += 1
             self._request(unit)
             if not torch.is_grad_enabled():
                 return None
@@ -133,8 +144,27 @@ class PartitionedParameterStage(PartitionedGradientStage):
         kwargs = dict(kwargs, **dict(zip(keys, marked[len(positions):])))
         return tuple(args), kwargs
 
+    def _make_borrow_check(self, unit: Unit, name: str):
+        # A submodule runs while its unit is released: another block calls it through a
+        # reference that is not registered there. Gather its unit now (every rank takes the
+        # same path, so the collective matches) and keep it until the pass ends, since
+        # that block's backward will read the weights too.
+        def hook(module, args):
+            # In backward (an activation-checkpoint recompute runs the block's forward without
+            # the block's own hooks) the weights were gathered for backward, or pinned in forward.
+            if not unit.in_forward and not _in_backward():
+                if unit.index not in self._warned_borrow:
+                    self._warned_borrow.add(unit.index)
+                    logger.warning("hf_zero stage 3: '%s' of %s runs outside its block's forward; it is gathered "
+                                   "on demand and kept for the pass (register it where it is used)",
+                                   name, type(unit.module).__name__)
+                self._request(unit)
+                unit.pinned = True
+        return hook
+
     def _make_post_forward(self, unit: Unit):
         def hook(module, args, output):
+            unit.in_forward -= 1
             if _in_backward():   # activation-checkpoint recompute: backward still needs the weights
                 unit.hooked_backward = True
                 return

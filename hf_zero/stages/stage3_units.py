@@ -42,6 +42,8 @@ class Unit:
         self.ready = 0                   # trainable parameters whose gradient arrived
         self.pending_inputs = 0          # input-gradient markers registered but not yet reached
         self.hooked_backward = False     # gathered for this backward already
+        self.pinned = False              # used outside its own forward: kept until the pass ends
+        self.in_forward = 0              # depth of this unit's own forward calls running now
 
     @property
     def all_groups(self) -> list[ShardedParamGroup]:
@@ -67,11 +69,13 @@ class Unit:
         self.wait()
 
     def release(self) -> None:
+        if self.pinned:
+            return
         for g in self.all_groups:
             g.release()
 
     def reset_backward(self) -> None:
-        self.ready, self.pending_inputs, self.hooked_backward = 0, 0, False
+        self.ready, self.pending_inputs, self.hooked_backward, self.pinned = 0, 0, False, False
 
 
 def find_unit_modules(model: nn.Module) -> list[nn.Module]:
