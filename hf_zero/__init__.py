@@ -7,5 +7,17 @@ from hf_zero.gathered import GatheredParameters
 
 __version__ = "0.1.0"
 
-__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "HfZeroConfig", "ZeroEngine",
-           "__version__", "consolidate", "initialize", "load_config"]
+__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "HfZeroConfig", "HfZeroTrainer",
+           "HfZeroTrainerMixin", "ZeroEngine", "ZeroTrainingArguments", "__version__", "consolidate", "initialize",
+           "load_config", "prepare_accelerate"]
+
+_INTEGRATIONS = ("HfZeroTrainer", "HfZeroTrainerMixin", "ZeroTrainingArguments", "prepare_accelerate")
+
+
+def __getattr__(name: str):
+    # Lazy: importing hf_zero must not import transformers / accelerate.
+    if name in _INTEGRATIONS:
+        from hf_zero import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'hf_zero' has no attribute '{name}'")
