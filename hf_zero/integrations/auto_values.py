@@ -86,11 +86,12 @@ def _autos_left(data: Any, prefix: str = "") -> list[str]:
 
 
 def resolve_auto(config: Union[dict, str, None], matched: dict[str, Any], derived: dict[str, Any],
-                 source: str) -> HfZeroConfig:
+                 source: str, defaults: Optional[dict[str, Any]] = None) -> HfZeroConfig:
     """Return the validated config with every ``"auto"`` filled (see the note above).
 
-    ``matched`` / ``derived``: dotted key -> the framework's value; ``source`` names the
-    framework in error messages (e.g. ``"TrainingArguments"``).
+    ``matched`` / ``derived``: dotted key -> the framework's value; ``defaults``: filled where
+    absent or ``"auto"``, never checked; ``source`` names the framework in error messages
+    (e.g. ``"TrainingArguments"``).
     """
     if isinstance(config, HfZeroConfig):
         raise TypeError("resolve_auto needs the raw config (dict, path or inline JSON), not a parsed HfZeroConfig")
@@ -108,6 +109,9 @@ def resolve_auto(config: Union[dict, str, None], matched: dict[str, Any], derive
                                   f"or make them agree"))
     for key, value in derived.items():
         if _get(data, key) == AUTO:
+            _set(data, key, value)
+    for key, value in (defaults or {}).items():
+        if _get(data, key) in (AUTO, _MISSING):
             _set(data, key, value)
     left = _autos_left(data)
     problems += [(key, f"is 'auto' but {source} gives nothing to fill it from; set a value") for key in left]
