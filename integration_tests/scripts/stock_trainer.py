@@ -54,7 +54,8 @@ def run(script: ScriptArguments, args: TrainingArguments, trainer_cls: type = Tr
     trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results = {"log_history": trainer.state.log_history, "eval": trainer.evaluate(),
-               "predict": trainer.predict(evaluation).metrics}
+               "predict": trainer.predict(evaluation).metrics,
+               "activation_checkpointing": bool(getattr(model, "is_activation_checkpointing", False))}
     if script.generate:   # every rank generates (different lengths are fine with synced_gpus)
         prompt = evaluation.ids[:1, :4]
         out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, synced_gpus=args.world_size > 1,
