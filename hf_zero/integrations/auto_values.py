@@ -115,6 +115,10 @@ def resolve_auto(config: Union[dict, str, None], matched: dict[str, Any], derive
             _set(data, key, value)
     left = _autos_left(data)
     problems += [(key, f"is 'auto' but {source} gives nothing to fill it from; set a value") for key in left]
+    try:   # unknown keys and bad values join the contradictions in the one error
+        resolved = load_config(data)
+    except ConfigError as err:
+        problems += err.problems
     if problems:
         raise ConfigError(problems, where)
-    return load_config(data)
+    return resolved
