@@ -68,7 +68,7 @@ def main() -> None:
         # the root unit (embeddings, tied head) is gathered once per step, not twice, so a full
         # run is slightly under 3x; the frozen-base share only means something with a frozen base
         frozen_share = per_step - 3 * result["trainable_bytes"]
-        frozen = f"{max(0.0, frozen_share) / 2**20:.3f}" if result["frozen_bytes"] else "-"
+        frozen = f"{frozen_share / 2**20:.3f}" if result["frozen_bytes"] else "-"
         print(f"| {name} | {result['trainable_bytes'] / 2**20:.2f} | {result['frozen_bytes'] / 2**20:.2f} | {kinds} | "
               f"{per_step / 2**20:.2f} | {per_step / result['trainable_bytes']:.2f} | {frozen} |")
 
