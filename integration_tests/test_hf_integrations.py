@@ -26,6 +26,10 @@ RTOL = 1e-5
 COMMON = ["--max_steps", "6", "--logging_steps", "1", "--adam_epsilon", "1e-6", "--weight_decay", "0.01",
           "--use_cpu", "--report_to", "none", "--seed", "0", "--dataloader_drop_last",
           "--per_device_eval_batch_size", "2", "--disable_tqdm", "true"]
+# Checkpoint and evaluate every 2 steps and reload the best checkpoint at the end; "best" is
+# the *highest* eval loss so that it is not simply the last one. Training losses are unaffected.
+LOAD_BEST = ["--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+             "--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--greater_is_better", "true"]
 LORA = ["--lora", "--learning_rate", "1e-2", "--activation_checkpointing", "true"]
 # "auto" everywhere transformers fills it for DeepSpeed; the per-step report on at every step
 AUTO_CONFIG = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
@@ -72,17 +76,17 @@ def work(tmp_path_factory) -> Path:
 def reference(work) -> Path:
     out = work / "reference"
     run([sys.executable, SCRIPTS / "stock_trainer.py", "--output_dir", out, "--per_device_train_batch_size", "4",
-         "--learning_rate", "1e-3", "--save_strategy", "no", "--generate", *COMMON])
+         "--learning_rate", "1e-3", "--generate", *LOAD_BEST, *COMMON])
     return out
 
 
 @pytest.fixture(scope="module")
 def sweep(work) -> Path:
-    """--hf_zero, stages 0-3 in one launch, checkpoints every 3 steps."""
+    """--hf_zero, stages 0-3 in one launch, checkpoints every 2 steps, best one reloaded at the end."""
     out = work / "sweep"
     run(torchrun(SCRIPTS / "zero_trainer.py", "--output_dir", out, "--per_device_train_batch_size", "2",
                  "--learning_rate", "1e-3", "--hf_zero", work / "auto.json", "--stages", "0,1,2,3",
-                 "--save_strategy", "steps", "--save_steps", "3", "--generate", *COMMON))
+                 "--generate", *LOAD_BEST, *COMMON))
     return out
 
 
@@ -94,13 +98,17 @@ def test_trainer_flag_matches_single_process(sweep, reference, stage):
     assert_losses_match(step_losses(out), step_losses(reference))
     got = results(out)
     assert got["eval"]["eval_loss"] == pytest.approx(ref["eval"]["eval_loss"], rel=RTOL)
+    evals = [h["eval_loss"] for h in got["log_history"] if "eval_loss" in h][:-1]   # at steps 2, 4, 6
+    assert len(evals) == 3
+    assert got["eval"]["eval_loss"] == pytest.approx(max(evals), rel=RTOL)   # the best was reloaded
+    assert got["eval"]["eval_loss"] != pytest.approx(evals[-1], rel=RTOL)    # ... and it is not the last
     assert got["predict"]["test_loss"] == pytest.approx(ref["predict"]["test_loss"], rel=RTOL)
     assert got["generated"] == ref["generated"]          # generate(synced_gpus=True) on every rank
     saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
     expected = AutoModelForCausalLM.from_pretrained(reference).state_dict()
     for name, tensor in expected.items():
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    assert (out / "checkpoint-3" / "hf_zero" / "latest").is_file()
+    assert (out / "checkpoint-4" / "hf_zero" / "latest").is_file()
 
 
 def test_trainer_logs_carry_the_engine_report(sweep):
@@ -117,17 +125,17 @@ def test_trainer_logs_carry_the_engine_report(sweep):
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["world1", "world2"])
 def test_trainer_resume(sweep, reference, work, nproc):
-    """Resume the 2-rank stage-3 run from checkpoint-3 on 1 process (micro-batch 4, same global
-    batch) and on 2, under stage 2: steps 4-6 match the uninterrupted reference."""
+    """Resume the 2-rank stage-3 run from checkpoint-4 on 1 process (micro-batch 4, same global
+    batch) and on 2, under stage 2: steps 5-6 match the uninterrupted reference."""
     out = work / f"resumed{nproc}"
     command = [SCRIPTS / "zero_trainer.py", "--output_dir", out, "--learning_rate", "1e-3",
                "--hf_zero", json.dumps({**AUTO_CONFIG, "zero_optimization": {"stage": 2}}),
-               "--resume_from_checkpoint", sweep / "stage3" / "checkpoint-3", "--save_strategy", "no", *COMMON]
+               "--resume_from_checkpoint", sweep / "stage3" / "checkpoint-4", "--save_strategy", "no", *COMMON]
     if nproc == 1:
         run([sys.executable, *command, "--per_device_train_batch_size", "4"])
     else:
         run(torchrun(*command, "--per_device_train_batch_size", "2"))
-    assert_losses_match(step_losses(out), step_losses(reference), steps=range(4, 7))
+    assert_losses_match(step_losses(out), step_losses(reference), steps=range(5, 7))
 
 
 @pytest.fixture(scope="module")
