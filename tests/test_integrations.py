@@ -117,12 +117,13 @@ def test_trainer_refuses_a_bad_config_at_construction(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
+    bad = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stag": 2}}
     args = hf_zero.ZeroTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                                         per_device_train_batch_size=2,
-                                         hf_zero={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stag": 2}})
+                                         per_device_train_batch_size=2, hf_zero=bad)
     with pytest.raises(ConfigError) as err:
         hf_zero.HfZeroTrainer(model=model, args=args)
-    assert {key for key, _ in err.value.problems} >= {"zero_optimization.stag"}
+    # the contradiction with --per_device_train_batch_size and the typo, in one error
+    assert {key for key, _ in err.value.problems} >= {"zero_optimization.stag", "train_micro_batch_size_per_gpu"}
 
 
 def test_launch_command_uses_torchrun_and_passes_the_config(tmp_path):

@@ -34,7 +34,8 @@ from typing import Any, Optional, Union
 import torch
 
 from hf_zero.integrations.auto_values import derived_from_hidden_size, hidden_size_of, resolve_auto
-from hf_zero.integrations.common import config_spec, current_grad_norm, install_step_hooks, mark_prepared, scale_backward
+from hf_zero.integrations.common import (config_spec, current_grad_norm, install_step_hooks, mark_prepared,
+                                         scale_backward)
 
 CHECKPOINT_SUBDIR = "hf_zero"
 _OPTIMIZER_MARKER = "hf_zero: optimizer state is in the hf_zero/ checkpoint beside this file"
