@@ -109,6 +109,7 @@ def test_trainer_flag_matches_single_process(sweep, reference, stage):
     for name, tensor in expected.items():
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert (out / "checkpoint-4" / "hf_zero" / "latest").is_file()
+    assert (out / "generation_config.json").is_file()
 
 
 def test_trainer_logs_carry_the_engine_report(sweep):
@@ -119,6 +120,8 @@ def test_trainer_logs_carry_the_engine_report(sweep):
         for entry in logs:
             assert entry["hf_zero/comm_bytes"] > 0
             assert entry["hf_zero/time/step_s"] > 0
+            assert entry["hf_zero/time/forward_s"] > 0 and entry["hf_zero/time/backward_s"] > 0
+            assert entry["hf_zero/tokens_per_sec"] > 0
             assert entry["hf_zero/memory/total_bytes"] > 0
             assert entry["hf_zero/grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-4)
 

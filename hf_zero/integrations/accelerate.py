@@ -35,7 +35,7 @@ import torch
 
 from hf_zero.integrations.auto_values import derived_from_hidden_size, hidden_size_of, resolve_auto
 from hf_zero.integrations.common import (config_spec, current_grad_norm, install_step_hooks, mark_prepared,
-                                         scale_backward)
+                                         scale_backward, time_forward_and_backward)
 
 CHECKPOINT_SUBDIR = "hf_zero"
 _OPTIMIZER_MARKER = "hf_zero: optimizer state is in the hf_zero/ checkpoint beside this file"
@@ -88,6 +88,7 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
     install_step_hooks(engine)
     accelerator.scaler = None   # hf_zero owns fp16 loss scaling (see the note)
     scale_backward(accelerator, engine)
+    time_forward_and_backward(accelerator, engine)
     _gate_on_sync(accelerator, engine)
     _route_clipping(accelerator, engine)
     _route_state_dict(accelerator, engine)

@@ -47,6 +47,39 @@ def install_step_hooks(engine: "ZeroEngine") -> None:
     engine.optimizer.register_step_post_hook(after)
 
 
+def time_forward_and_backward(accelerator: Any, engine: "ZeroEngine") -> None:
+    """With ``wall_clock_breakdown``, time the forward (model hooks, training passes only, with
+    tokens counted from ``input_ids``) and ``accelerator.backward``, which foreign loops run
+    instead of ``engine(...)`` / ``engine.backward``. Install after ``scale_backward``."""
+    import torch
+
+    timers = engine.timers
+    if timers is None:
+        return
+    started: list[float] = []
+
+    def before_forward(module: Any, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            timers.tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
+            started.append(time.perf_counter())
+
+    def after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if started:
+            timers.seconds["forward"] += time.perf_counter() - started.pop()
+
+    engine.module.register_forward_pre_hook(before_forward, with_kwargs=True)
+    engine.module.register_forward_hook(after_forward, with_kwargs=True)
+    original = accelerator.backward
+
+    def backward(loss: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        original(loss, **kwargs)
+        timers.seconds["backward"] += time.perf_counter() - start
+
+    accelerator.backward = backward
+
+
 def current_grad_norm(engine: "ZeroEngine") -> float:
     """The global norm of the gradient accumulated so far (unscaled), as the optimizer step
     will compute it: what ``clip_grad_norm_`` returns under the Trainer / accelerate. The

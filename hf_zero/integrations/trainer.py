@@ -28,7 +28,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_zero.integrations.auto_values import derived_from_hidden_size, hidden_size_of, resolve_auto
 from hf_zero.integrations.common import (config_spec, current_grad_norm, install_step_hooks, mark_prepared,
-                                         scale_backward)
+                                         scale_backward, time_forward_and_backward)
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class HfZeroTrainerMixin:
         mark_prepared(engine)
         install_step_hooks(engine)
         scale_backward(self.accelerator, engine)
+        time_forward_and_backward(self.accelerator, engine)
         return self.optimizer
 
     # ---- gradient norm: the default reads local .grad, wrong for partitioned gradients --------
@@ -154,6 +155,9 @@ class HfZeroTrainerMixin:
         # early on the other ranks and leave rank 0 alone in the gather.
         engine.save_16bit_model(output_dir, dtype=engine.dtype)
         if self.args.should_save:
+            generation = getattr(self.model, "generation_config", None)
+            if generation is not None and not os.path.exists(os.path.join(output_dir, "generation_config.json")):
+                generation.save_pretrained(output_dir)   # stage 3's shard-by-shard export writes config.json only
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
