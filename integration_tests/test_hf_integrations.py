@@ -179,8 +179,8 @@ def test_unmodified_script_lora_stage3_checkpointing(work, lora_reference, reent
 def test_accelerate_loop_and_state_resume(work):
     """An accelerate loop (2 changed lines) launched by `hf-zero launch` from an accelerate
     config with an `hf-zero:` section, stage 3: per-step loss and clipped gradient norm match
-    a single-process plain run; `save_state` at step 3 resumes on 1 process under stage 2;
-    `get_state_dict` gives a loadable model."""
+    a single-process plain run; `save_state` at step 3 resumes on 1 process under stage 2
+    (`accelerate launch` with HF_ZERO_CONFIG); `get_state_dict` gives a loadable model."""
     from transformers import AutoModelForCausalLM
 
     script = SCRIPTS / "accelerate_loop.py"
@@ -191,8 +191,11 @@ def test_accelerate_loop_and_state_resume(work):
         "hf-zero:\n  zero_optimization: {stage: 3, reduce_bucket_size: auto}\n  gradient_accumulation_steps: auto\n")
     run([sys.executable, script, "--plain", "--micro", "4", "--out", ref])
     run([BIN / "hf-zero", "launch", "--config", work / "accelerate.yaml", script, "--out", out, "--save_at", "3"])
-    run([sys.executable, script, "--micro", "4", "--out", resumed, "--resume", out / "state"],
-        HF_ZERO_CONFIG=json.dumps({"zero_optimization": {"stage": 2}}))
+    (work / "accelerate_single.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_machines: 1\nnum_processes: 1\n"
+        "machine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
+    run([BIN / "accelerate", "launch", "--config_file", work / "accelerate_single.yaml", script, "--micro", "4",
+         "--out", resumed, "--resume", out / "state"], HF_ZERO_CONFIG=json.dumps({"zero_optimization": {"stage": 2}}))
     expected, got, again = results(ref), results(out), results(resumed)
     for step in map(str, range(1, 7)):
         assert got["loss"][step] == pytest.approx(expected["loss"][step], rel=RTOL)
