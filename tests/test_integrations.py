@@ -170,3 +170,36 @@ def test_cli_launch_reports_a_bad_key_with_exit_code_2(tmp_path, capsys):
     assert main(["launch", "--config", '{"zero_optimisation": {}}', str(script)]) == 2
     assert "did you mean 'zero_optimization'" in capsys.readouterr().err
     assert main(["launch", "--config", '{}', str(tmp_path / "missing.py")]) == 2
+
+
+def test_trainer_fp16_is_owned_by_hf_zero(tmp_path):
+    """One process, in-process: fp16 "auto" follows --fp16, the accelerator's own mixed
+    precision is off (no GradScaler), hf_zero's loss scale reaches backward, steps train."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.arange(i, i + 8) % 32
+            return {"input_ids": ids, "labels": ids}
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0))
+    config = {"fp16": {"enabled": "auto", "initial_scale_power": 8}, "zero_optimization": {"stage": 2},
+              "wall_clock_breakdown": True, "steps_per_print": 1}
+    args = hf_zero.ZeroTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", fp16=True,
+                                         per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+                                         save_strategy="no", disable_tqdm=True, hf_zero=config)
+    trainer = hf_zero.HfZeroTrainer(model=model, args=args, train_dataset=Windows())
+    trainer.train()
+    engine = trainer.hf_zero_engine
+    assert engine.dtype == torch.float16 and next(model.parameters()).dtype == torch.float16
+    assert trainer.accelerator.mixed_precision == "no" and trainer.accelerator.scaler is None
+    assert engine.global_steps == 3
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["hf_zero/loss_scale"] for h in logs][0] == 2.0 ** 8
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
