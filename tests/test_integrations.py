@@ -203,3 +203,15 @@ def test_trainer_fp16_is_owned_by_hf_zero(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["hf_zero/loss_scale"] for h in logs][0] == 2.0 ** 8
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+
+
+def test_hf_zero_and_deepspeed_together_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0))
+    args = hf_zero.ZeroTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                         hf_zero={"zero_optimization": {"stage": 1}})
+    args.deepspeed = "ds_config.json"   # set after construction: TrainingArguments would import deepspeed
+    with pytest.raises(ValueError, match="hf_zero replaces DeepSpeed"):
+        hf_zero.HfZeroTrainer(model=model, args=args)

@@ -81,6 +81,9 @@ class HfZeroTrainerMixin:
         self._hf_zero_max_steps = max(1, self.args.max_steps)
         self._hf_zero_report_logged: Optional[dict] = None
         if self._hf_zero_spec() is not None:
+            if getattr(self.args, "deepspeed", None):
+                raise ValueError("--hf_zero and --deepspeed are both set; hf_zero replaces DeepSpeed: pass the "
+                                 "DeepSpeed config as --hf_zero")
             self._hf_zero_config()   # fail on a bad config now, before data loading and training
 
     # ---- configuration --------------------------------------------------------------
