@@ -8,5 +8,17 @@ from hf_zero.meta_init import from_pretrained, zero_init
 
 __version__ = "0.1.0"
 
-__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "HfZeroConfig", "ZeroEngine",
-           "__version__", "consolidate", "from_pretrained", "initialize", "load_config", "zero_init"]
+__all__ = ["AUTO", "CheckpointError", "ConfigError", "GatheredParameters", "HfZeroConfig", "HfZeroTrainer",
+           "HfZeroTrainerMixin", "ZeroEngine", "ZeroTrainingArguments", "__version__", "consolidate", "from_pretrained",
+           "initialize", "load_config", "prepare_accelerate", "zero_init"]
+
+_INTEGRATIONS = ("HfZeroTrainer", "HfZeroTrainerMixin", "ZeroTrainingArguments", "prepare_accelerate")
+
+
+def __getattr__(name: str):
+    # Lazy: importing hf_zero must not import transformers / accelerate.
+    if name in _INTEGRATIONS:
+        from hf_zero import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'hf_zero' has no attribute '{name}'")

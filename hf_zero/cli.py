@@ -1,4 +1,4 @@
-"""The ``hf-zero`` command: ``check-config``, ``consolidate``, ``estimate`` and ``env``."""
+"""The ``hf-zero`` command: ``check-config``, ``consolidate``, ``estimate``, ``env`` and ``launch``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,16 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from hf_zero.integrations.launch import launch
+
+    try:
+        return launch(args.config, args.nproc, args.script, args.script_args, dry_run=args.dry_run)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"hf-zero launch: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-zero", description="hf_zero: ZeRO for the Hugging Face stack")
     parser.add_argument("--version", action="version", version=f"hf_zero {__version__}")
@@ -89,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     est.set_defaults(run=_estimate)
     env = commands.add_parser("env", help="versions, backends and usable accelerated paths")
     env.set_defaults(run=_env)
+    launch = commands.add_parser("launch", help="run an unmodified HF Trainer / accelerate script under hf_zero "
+                                 "(torchrun or accelerate launch)")
+    launch.add_argument("--config", required=True, help="hf_zero config (JSON/YAML path or inline JSON), or an "
+                        "accelerate config YAML with an 'hf-zero:' section")
+    launch.add_argument("--nproc", type=int, default=None, help="local processes (default: 1, or the accelerate "
+                        "config's num_processes)")
+    launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    launch.add_argument("script")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER)
+    launch.set_defaults(run=_launch)
     args = parser.parse_args(argv)
     return args.run(args)
 

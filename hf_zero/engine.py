@@ -191,12 +191,18 @@ class ZeroEngine:
                 self.optimizer.step()
             if self.lr_scheduler is not None and not self.optimizer.step_was_skipped:
                 self.lr_scheduler.step()
-            self.global_steps += 1
-            if self.timers is not None:
-                self.timers.steps += 1
-            if self.global_steps % self.config.steps_per_print == 0:
-                self._report()
+            self.count_optimizer_step()
         self.micro_steps += 1
+
+    def count_optimizer_step(self) -> None:
+        """Count one optimizer step and emit the per-step report every ``steps_per_print`` steps.
+        ``step()`` calls it; loops that call ``engine.optimizer.step()`` themselves (the HF
+        Trainer, accelerate) get it from a step hook the integrations install."""
+        self.global_steps += 1
+        if self.timers is not None:
+            self.timers.steps += 1
+        if self.global_steps % self.config.steps_per_print == 0:
+            self._report()
 
     def _report(self) -> None:
         """Per-step averages since the last report, logged on rank 0 and kept in last_report."""

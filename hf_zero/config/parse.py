@@ -7,6 +7,7 @@ unknown keys. Nothing here touches torch or a process group.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -38,24 +39,11 @@ def load_config(config: Union["HfZeroConfig", dict, str, os.PathLike, None] = No
 
     ``overrides`` are top-level keys (``gradient_clipping=0.5``) applied on top.
     """
-    source = None
     if isinstance(config, HfZeroConfig):
         if not overrides:
             return config
         config = config_to_dict(config)
-    if config is None:
-        data: dict = {}
-    elif isinstance(config, dict):
-        data = dict(config)
-    elif isinstance(config, (str, os.PathLike)):
-        text = str(config)
-        if text.lstrip().startswith("{"):
-            source = "inline JSON"
-            data = _loads_json(text, source)
-        else:
-            data, source = _read_file(Path(text)), text
-    else:
-        raise TypeError(f"config must be a dict, a path or an HfZeroConfig, got {type(config).__name__}")
+    data, source = read_config_dict(config)
     data.update(overrides)
     problems: list[tuple[str, str]] = []
     result = _build(HfZeroConfig, data, "", problems)
@@ -64,6 +52,22 @@ def load_config(config: Union["HfZeroConfig", dict, str, os.PathLike, None] = No
     if problems:
         raise ConfigError(problems, source)
     return result
+
+
+def read_config_dict(config: Union[dict, str, os.PathLike, None]) -> tuple[dict, str | None]:
+    """The raw DeepSpeed-style dict (a copy, unvalidated, absent keys still absent) from a dict,
+    a JSON/YAML path or inline JSON, and a name for its source. Integrations read it to tell
+    keys the user left out from keys set to their defaults."""
+    if config is None:
+        return {}, None
+    if isinstance(config, dict):
+        return copy.deepcopy(config), None
+    if isinstance(config, (str, os.PathLike)):
+        text = str(config)
+        if text.lstrip().startswith("{"):
+            return _loads_json(text, "inline JSON"), "inline JSON"
+        return _read_file(Path(text)), text
+    raise TypeError(f"config must be a dict, a path or an HfZeroConfig, got {type(config).__name__}")
 
 
 def config_to_dict(config: HfZeroConfig) -> dict:

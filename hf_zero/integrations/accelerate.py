@@ -1,0 +1,177 @@
+"""An accelerate training loop under hf_zero: one call before ``accelerator.prepare``.
+
+```python
+model, optimizer = hf_zero.prepare_accelerate(accelerator, model, optimizer)   # the added line
+model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+```
+
+[Note: accelerate integration]
+accelerate cannot be extended by registration (closed ``DistributedType``, unknown yaml keys
+rejected), so the model is sharded in place *before* ``prepare`` and both objects carry
+``_is_accelerate_prepared``: ``prepare`` returns them untouched (no DDP wrapper) yet tracks
+them. What accelerate would then do wrongly on private shards is routed on this
+accelerator instance only:
+
+- ``optimizer.step`` / ``optimizer.zero_grad`` do nothing on micro-steps where
+  ``accelerator.sync_gradients`` is false (what accelerate's optimizer wrapper would do;
+  the wrapper itself cannot be used: it re-loads the optimizer's state dict).
+- ``backward``: accelerate divides by its accumulation steps; hf_zero multiplies by its fp16
+  loss scale (accelerate's GradScaler is switched off: its step never runs on our optimizer).
+- ``clip_grad_norm_`` on the model's parameters: returns the global norm and makes the next
+  optimizer step clip to ``max_norm`` (clipping happens on the partitioned gradients).
+- ``get_state_dict``: full tensors (stage 3 gathers; every rank must call it).
+- ``save_state`` / ``load_state``: a pre-hook writes / reads an hf_zero sharded checkpoint in
+  ``<dir>/hf_zero`` (any world size); accelerate's own model file is skipped and its
+  optimizer file holds only a marker (its default would save rank 0's shard only).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any, Optional, Union
+
+import torch
+
+from hf_zero.integrations.auto_values import derived_from_hidden_size, hidden_size_of, resolve_auto
+from hf_zero.integrations.common import (config_spec, current_grad_norm, install_step_hooks, mark_prepared,
+                                         scale_backward, time_forward_and_backward)
+
+CHECKPOINT_SUBDIR = "hf_zero"
+_OPTIMIZER_MARKER = "hf_zero: optimizer state is in the hf_zero/ checkpoint beside this file"
+
+
+def accelerate_values(accelerator: Any, micro_batch_size: Optional[int], raw: dict) -> tuple[dict, dict, dict]:
+    """(matched, derived, defaults) for auto_values.resolve_auto from an ``Accelerator``."""
+    accum = accelerator.gradient_accumulation_steps
+    precision = str(accelerator.mixed_precision)
+    matched: dict[str, Any] = {"gradient_accumulation_steps": accum, "fp16.enabled": precision == "fp16",
+                               "bf16.enabled": precision == "bf16"}
+    derived: dict[str, Any] = {"gradient_clipping": 0.0}   # set per step by accelerator.clip_grad_norm_
+    defaults: dict[str, Any] = {}
+    if micro_batch_size is not None:
+        matched["train_micro_batch_size_per_gpu"] = micro_batch_size
+        matched["train_batch_size"] = micro_batch_size * accum * accelerator.num_processes
+    elif raw.get("train_batch_size") in (None, "auto"):
+        # The batch keys are informational in this loop (accelerate feeds the batches);
+        # DeepSpeed's invariant still needs one of them.
+        defaults = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": accum * accelerator.num_processes}
+    return matched, derived, defaults
+
+
+def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                       config: Union[dict, str, None] = None, micro_batch_size: Optional[int] = None):
+    """Shard ``model`` with hf_zero for this accelerate loop; returns ``(model, optimizer)``.
+
+    ``config``: hf_zero config (dict, path or inline JSON); default ``HF_ZERO_CONFIG``.
+    ``optimizer``: the loop's elementwise optimizer, built before this call and never stepped
+    (rebound to hf_zero's master shards); omit it to build one from the config's ``optimizer``.
+    """
+    import hf_zero
+    from hf_zero.config import ConfigError, read_config_dict
+
+    spec = config_spec(config)
+    if spec is None:
+        raise ValueError("hf_zero.prepare_accelerate: no hf_zero config; pass config= or set HF_ZERO_CONFIG "
+                         "(`hf-zero launch` does)")
+    raw, _ = read_config_dict(spec)
+    if optimizer is not None and isinstance(raw.get("optimizer"), dict):
+        raise ConfigError([("optimizer", "the training loop passes its own optimizer; remove this section "
+                                         "or pass optimizer=None")])
+    matched, derived, defaults = accelerate_values(accelerator, micro_batch_size, raw)
+    derived.update(derived_from_hidden_size(hidden_size_of(model)))
+    config = resolve_auto(spec, matched, derived, "the Accelerator", defaults)
+    engine = hf_zero.initialize(model, config, optimizer=optimizer)
+    mark_prepared(engine)
+    # accelerate pairs a scheduler with its optimizer through ``prepared.optimizer``
+    engine.optimizer.optimizer = engine.optimizer
+    install_step_hooks(engine)
+    accelerator.scaler = None   # hf_zero owns fp16 loss scaling (see the note)
+    scale_backward(accelerator, engine)
+    time_forward_and_backward(accelerator, engine)
+    _gate_on_sync(accelerator, engine)
+    _route_clipping(accelerator, engine)
+    _route_state_dict(accelerator, engine)
+    _route_save_and_load(accelerator, engine)
+    accelerator.hf_zero_engine = engine
+    return engine.module, engine.optimizer
+
+
+def _gate_on_sync(accelerator: Any, engine: Any) -> None:
+    optimizer = engine.optimizer
+    step, zero_grad = optimizer.step, optimizer.zero_grad   # bound: torch's step hooks still fire
+
+    def gated_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return step(*args, **kwargs) if accelerator.sync_gradients else None
+
+    def gated_zero_grad(self: Any, set_to_none: bool = True) -> None:
+        if accelerator.sync_gradients:   # keep the gradients accumulated so far
+            zero_grad(set_to_none)
+
+    # bound methods: LR schedulers wrap ``optimizer.step`` through its ``__func__``
+    optimizer.step = types.MethodType(gated_step, optimizer)
+    optimizer.zero_grad = types.MethodType(gated_zero_grad, optimizer)
+
+
+def _route_clipping(accelerator: Any, engine: Any) -> None:
+    original = accelerator.clip_grad_norm_
+    owned = {id(p) for p in engine.module.parameters()}
+    default_clip = engine.optimizer.gradient_clipping
+
+    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
+        parameters = list(parameters)
+        if not any(id(p) in owned for p in parameters):
+            return original(parameters, max_norm, norm_type)
+        if float(norm_type) != 2.0:
+            raise ValueError(f"hf_zero clips the global 2-norm only, got norm_type={norm_type}")
+        engine.optimizer.gradient_clipping = float(max_norm)   # applied by the next step, then reset
+        return torch.tensor(current_grad_norm(engine))
+
+    def reset_clip(optimizer: Any, args: Any, kwargs: Any) -> None:
+        engine.optimizer.gradient_clipping = default_clip
+
+    engine.optimizer.register_step_post_hook(reset_clip)
+    accelerator.clip_grad_norm_ = clip_grad_norm_
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with whole tensors (gathering stage-3 shards; all ranks call it)."""
+    from hf_zero import GatheredParameters
+
+    with GatheredParameters(list(module.parameters())):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _route_state_dict(accelerator: Any, engine: Any) -> None:
+    original = accelerator.get_state_dict
+
+    def get_state_dict(model: Any, unwrap: bool = True) -> dict:
+        return full_state_dict(engine.module) if model is engine.module else original(model, unwrap)
+
+    accelerator.get_state_dict = get_state_dict
+    optimizer = engine.optimizer
+    optimizer.state_dict = lambda: {"hf_zero": _OPTIMIZER_MARKER}
+
+    def load_state_dict(state: dict) -> None:
+        if state.get("hf_zero") != _OPTIMIZER_MARKER:
+            raise ValueError("this optimizer state was not saved by hf_zero's accelerate integration; "
+                             "hf_zero restores its optimizer from the hf_zero/ checkpoint")
+
+    optimizer.load_state_dict = load_state_dict
+
+
+def _route_save_and_load(accelerator: Any, engine: Any) -> None:
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        engine.save_checkpoint(os.path.join(output_dir, CHECKPOINT_SUBDIR))
+        for index, model in enumerate(models):
+            if model is engine.module and index < len(weights):
+                weights.pop(index)   # the checkpoint holds the weights; keeps load-side indices aligned
+                break
+
+    def load_hook(models: list, input_dir: str) -> None:
+        if engine.module in models:
+            models.remove(engine.module)   # a local list: accelerate then skips loading this model
+        engine.load_checkpoint(os.path.join(input_dir, CHECKPOINT_SUBDIR))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

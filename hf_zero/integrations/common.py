@@ -1,0 +1,114 @@
+"""Glue the Trainer and accelerate adapters share: the environment switch, the step hooks
+that keep the engine's counters and report current under a foreign loop, the gradient norm
+those loops ask for, and the routing that makes accelerate pass the sharded objects through.
+
+This is the only module of hf_zero that reads an environment variable (``HF_ZERO_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from hf_zero.engine import ZeroEngine
+
+CONFIG_ENV = "HF_ZERO_CONFIG"
+"""Environment variable holding a config path or inline JSON; launchers pass it to every rank."""
+
+
+def config_from_env() -> Optional[str]:
+    """The hf_zero config named by ``HF_ZERO_CONFIG`` (a path or inline JSON), or None."""
+    value = os.environ.get(CONFIG_ENV, "").strip()
+    return value or None
+
+
+def config_spec(explicit: Union[dict, str, None]) -> Union[dict, str, None]:
+    """An explicitly given config wins over the environment."""
+    return explicit if explicit not in (None, "") else config_from_env()
+
+
+def install_step_hooks(engine: "ZeroEngine") -> None:
+    """Under a loop that calls ``engine.optimizer.step()`` itself, count steps (checkpoint tags,
+    the per-step report) and time the optimizer phase as ``engine.step()`` would."""
+    started: list[float] = []
+
+    def before(optimizer: Any, args: Any, kwargs: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if engine.timers is not None and started:
+            engine.timers.seconds["optimizer"] += time.perf_counter() - started.pop()
+        started.clear()
+        engine.count_optimizer_step()
+
+    engine.optimizer.register_step_pre_hook(before)
+    engine.optimizer.register_step_post_hook(after)
+
+
+def time_forward_and_backward(accelerator: Any, engine: "ZeroEngine") -> None:
+    """With ``wall_clock_breakdown``, time the forward (model hooks, training passes only, with
+    tokens counted from ``input_ids``) and ``accelerator.backward``, which foreign loops run
+    instead of ``engine(...)`` / ``engine.backward``. Install after ``scale_backward``."""
+    import torch
+
+    timers = engine.timers
+    if timers is None:
+        return
+    started: list[float] = []
+
+    def before_forward(module: Any, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            timers.tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
+            started.append(time.perf_counter())
+
+    def after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if started:
+            timers.seconds["forward"] += time.perf_counter() - started.pop()
+
+    engine.module.register_forward_pre_hook(before_forward, with_kwargs=True)
+    engine.module.register_forward_hook(after_forward, with_kwargs=True)
+    original = accelerator.backward
+
+    def backward(loss: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        original(loss, **kwargs)
+        timers.seconds["backward"] += time.perf_counter() - start
+
+    accelerator.backward = backward
+
+
+def current_grad_norm(engine: "ZeroEngine") -> float:
+    """The global norm of the gradient accumulated so far (unscaled), as the optimizer step
+    will compute it: what ``clip_grad_norm_`` returns under the Trainer / accelerate. The
+    clipping itself happens inside the step (``gradient_clipping``), on the partitioned
+    gradients. One scalar all-reduce when gradients are partitioned."""
+    from hf_zero.optim.grad_norm import global_grad_norm
+
+    stage = engine.stage
+    stage.wait_for_reductions()
+    grads = [g for group in stage.owned_grads() for g in group]
+    norm = global_grad_norm(grads, engine.comm, stage.partitions_optimizer)
+    return float(norm.item()) / (stage.grad_divisor * engine.scaler.scale)
+
+
+def mark_prepared(engine: "ZeroEngine") -> None:
+    """accelerate returns objects carrying this flag untouched from ``prepare`` (no DDP
+    wrapper, no autocast patch), yet keeps tracking them; the model is already sharded."""
+    engine.module._is_accelerate_prepared = True
+    engine.optimizer._is_accelerate_prepared = True
+
+
+def scale_backward(accelerator: Any, engine: "ZeroEngine") -> None:
+    """fp16: multiply the loss by hf_zero's dynamic loss scale in ``accelerator.backward``
+    (accelerate's own GradScaler is kept off; its step would never run on our optimizer)."""
+    if not engine.scaler.dynamic and engine.scaler.scale == 1.0:
+        return
+    original = accelerator.backward
+
+    def backward(loss: Any, **kwargs: Any) -> None:
+        original(loss.float() * engine.scaler.scale, **kwargs)   # fp32: a scaled fp16 loss may overflow
+
+    accelerator.backward = backward
