@@ -5,8 +5,8 @@
 World size 2 on gloo, the demo's GPT-2 (n_embd 256, 4 layers, byte vocabulary) with and
 without LoRA (r=8 on c_attn and c_proj), fp32, micro-batch 4, seq 64. Bytes per step from
 ``engine.comm_stats()`` after one warm-up step (see hf_zero/comm.py for how each collective
-is counted). "frozen base" is what remains of the LoRA run's traffic after the adapter's
-own stage-3 traffic (3x its bytes: all-gather in forward and backward, reduce-scatter).
+is counted). "frozen base" is the LoRA run's traffic minus that of the same run with
+``stage3_persist_frozen_params`` (which leaves only the adapters' own traffic).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hf_zero.testing import run_on_ranks  # noqa: E402
 MICRO, SEQ = 4, 64
 
 
-def _measure(rank: int, world: int, lora: bool, steps: int) -> dict:
+def _measure(rank: int, world: int, lora: bool, steps: int, persist_frozen: bool = False) -> dict:
     from hf_zero.checkpoint.layout import true_numel
     from hf_zero.demo.__main__ import build_model
 
@@ -35,7 +35,11 @@ def _measure(rank: int, world: int, lora: bool, steps: int) -> dict:
             p.requires_grad_(True)
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 1.0,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-              "zero_optimization": {"stage": 3, "reduce_bucket_size": 2_000_000}}
+              "zero_optimization": {"stage": 3, "reduce_bucket_size": 2_000_000,
+                                    # 0: adapters are plain sharded parameters, so their own traffic
+                                    # is exactly 3x their bytes and the rest is the frozen base's
+                                    "stage3_param_persistence_threshold": 0,
+                                    "stage3_persist_frozen_params": persist_frozen}}
     engine = hf_zero.initialize(model, config)
     g = torch.Generator().manual_seed(rank)
     for step in range(steps + 1):
@@ -47,8 +51,10 @@ def _measure(rank: int, world: int, lora: bool, steps: int) -> dict:
     trainable = sum(true_numel(p) for grp in engine.flat_groups for p in grp.params)
     total = sum(true_numel(p) for p in model.parameters())
     stats = engine.comm_stats()
+    mem = engine.memory_breakdown()
     return {"per_step": {k: v["bytes"] / steps for k, v in stats.items()},
-            "trainable_bytes": 4 * trainable, "frozen_bytes": 4 * (total - trainable)}
+            "trainable_bytes": 4 * trainable, "frozen_bytes": 4 * (total - trainable),
+            "param_bytes": mem["params"] + mem["persistent_params"]}
 
 
 def main() -> None:
@@ -56,22 +62,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     rows = []
-    for name, lora in (("full fine-tuning", False), ("LoRA", True)):
-        result = run_on_ranks(_measure, 2, lora, args.steps)[0]
+    for name, lora, persist in (("full fine-tuning", False, False), ("LoRA, frozen base sharded", True, False),
+                                ("LoRA, stage3_persist_frozen_params", True, True)):
+        result = run_on_ranks(_measure, 2, lora, args.steps, persist)[0]
         per_step = sum(result["per_step"].values())
         rows.append((name, result, per_step))
     print("| stage 3, world 2, fp32 | trainable MB | frozen MB | bytes/step (by collective) | MB/step | "
-          "/ trainable bytes | frozen-base MB/step |")
-    print("|---|---|---|---|---|---|---|")
+          "/ trainable bytes | frozen-base MB/step | parameter MB/rank at rest |")
+    print("|---|---|---|---|---|---|---|---|")
+    adapters_only = rows[2][2]   # frozen base persisted: what remains is the adapters' own traffic
     for name, result, per_step in rows:
         kinds = ", ".join(f"{k} {v / 2**20:.2f} MB" for k, v in result["per_step"].items())
-        # the root unit (embeddings, tied head) is gathered once per step, not twice, so a full
-        # run is slightly under 3x; the frozen-base share only means something with a frozen base
-        frozen_share = per_step - 3 * result["trainable_bytes"]
-        frozen = f"{frozen_share / 2**20:.3f}" if result["frozen_bytes"] else "-"
+        frozen = f"{(per_step - adapters_only) / 2**20:.3f}" if result["frozen_bytes"] else "-"
         print(f"| {name} | {result['trainable_bytes'] / 2**20:.2f} | {result['frozen_bytes'] / 2**20:.2f} | {kinds} | "
-              f"{per_step / 2**20:.2f} | {per_step / result['trainable_bytes']:.2f} | {frozen} |")
-
+              f"{per_step / 2**20:.2f} | {per_step / result['trainable_bytes']:.2f} | {frozen} | "
+              f"{result['param_bytes'] / 2**20:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -99,6 +99,7 @@ class ZeroEngine:
             stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                                 max_live_numel=zero.stage3_max_live_parameters,
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
+                                persist_frozen=zero.stage3_persist_frozen_params,
                                 source=source))
         self.stage.watch_outputs(model)
         self._broadcast_model()

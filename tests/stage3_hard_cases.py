@@ -105,6 +105,11 @@ def lora_cases(rank: int, world: int) -> dict:
                            prepare=lambda m, r=reentrant: _enable_checkpointing(m, r))
         run["param_diff"] = _max_diff(run.pop("params"), ref_params)
         out[reentrant] = run
+    run = _hf_zero_run(lora_gpt2, rank, _lm_loss, {"stage3_param_persistence_threshold": 0,
+                                                    "stage3_persist_frozen_params": True})
+    run["param_diff"] = _max_diff(run.pop("params"), ref_params)
+    run["trainable_bytes"] = sum(p.numel() * p.element_size() for p in lora_gpt2().parameters() if p.requires_grad)
+    out["persist_frozen"] = run
     return out
 
 

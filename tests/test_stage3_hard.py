@@ -40,6 +40,15 @@ def test_lora_stage3_gathers_the_frozen_base_once_per_forward_and_backward(reent
         assert all(r["model_bytes"] <= b <= 2 * r["model_bytes"] for b in per_step), (per_step, r["model_bytes"])
 
 
+def test_lora_stage3_with_persisted_frozen_base_matches_ddp_and_moves_only_adapters():
+    for rank, r in enumerate(_results(cases.lora_cases)):
+        run = r["persist_frozen"]
+        _check_parity(r["ref"], run, rank)
+        assert not run["frozen_empty_at_rest"]
+        # the adapters are gathered in forward and backward; the base never after the first gather
+        assert all(b <= 2 * run["trainable_bytes"] for b in run["all_gather_bytes"]), run["all_gather_bytes"]
+
+
 @pytest.mark.parametrize("stage", (0, 1, 2))
 @pytest.mark.parametrize("reentrant", (False, True), ids=("nonreentrant", "reentrant"))
 def test_activation_checkpointing_at_stages_0_to_2_matches_ddp(stage, reentrant):

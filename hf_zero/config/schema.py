@@ -135,6 +135,9 @@ class ZeroConfig:
                                                      "gradients and optimizer states).", min=0, auto=True)
     stage3_max_live_parameters: int = _f(1_000_000_000, "Stage 3: prefetch stops when this many parameter "
                                          "elements are gathered (a unit needed now is always gathered).", min=0)
+    stage3_persist_frozen_params: bool = _f(False, "Stage 3 (hf_zero extension): keep frozen parameters (e.g. a "
+                                           "LoRA model's base) gathered on every rank: no traffic for them, "
+                                           "plain data parallelism's memory. Default: sharded like the rest.")
     stage3_max_reuse_distance: int = _f(1_000_000_000, "Stage 3: accepted; a block whose backward follows its "
                                        "forward directly is always kept gathered, others are released.", min=0)
     stage3_gather_16bit_weights_on_model_save: bool = _f(False, "Stage 3: accepted; save_16bit_model always gathers "

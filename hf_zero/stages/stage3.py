@@ -246,7 +246,7 @@ def _needs_grad(value: Any) -> bool:
 
 def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, overlap_comm: bool,
                  allgather_bucket_numel: int, prefetch_numel: int = 0, max_live_numel: int = 10**18,
-                 persistence_threshold: int = 0, source=None):
+                 persistence_threshold: int = 0, source=None, persist_frozen: bool = False):
     """Shard every parameter into its unit; returns (stage, trainable groups, spec index per group).
 
     ``source`` (meta_init.py): values of a meta-built model, identical on every rank by
@@ -256,7 +256,7 @@ def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, over
             for p in model.parameters():
                 comm.broadcast(p.data)
     units, root, persistent, groups, group_spec = build_units(model, specs, comm, bucket_numel,
-                                                              persistence_threshold, source)
+                                                              persistence_threshold, source, persist_frozen)
     if source is not None:
         source.close()
     stage = PartitionedParameterStage(groups, units, root, persistent, model, comm, overlap_comm=overlap_comm,

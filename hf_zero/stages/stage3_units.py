@@ -12,7 +12,9 @@ A *unit* is a set of parameters gathered and released together:
 A parameter registered under two units (weights tied across blocks) belongs to the root, so
 it is gathered whenever either block runs. Frozen parameters are sharded the same way
 (their own groups, no gradient or optimizer state), so a LoRA model's frozen base is 1/N
-per rank at rest and is gathered with its block, once per forward and once per backward.
+per rank at rest and is gathered with its block, once per forward and once per backward;
+``stage3_persist_frozen_params`` puts them in the persistent set instead (whole on every
+rank, never communicated after the first gather).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def find_unit_modules(model: nn.Module) -> list[nn.Module]:
 ROOT, PERSISTENT = -1, -2   # pseudo unit indices while assigning parameters
 
 
-def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_threshold: int) -> dict[int, int]:
+def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_threshold: int,
+                 persist_frozen: bool = False) -> dict[int, int]:
     """id(param) -> unit index (``ROOT``, ``PERSISTENT`` or a position in ``unit_modules``)."""
     owners: dict[int, set[int]] = {}
     for i, module in enumerate(unit_modules):
@@ -109,7 +112,7 @@ def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_th
     assignment = {}
     for p in model.parameters():
         found = owners.get(id(p), set())
-        if p.numel() <= persistence_threshold:
+        if p.numel() <= persistence_threshold or (persist_frozen and not p.requires_grad):
             assignment[id(p)] = PERSISTENT
         elif len(found) == 1:
             assignment[id(p)] = next(iter(found))
@@ -119,7 +122,7 @@ def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_th
 
 
 def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: int,
-                persistence_threshold: int, source=None
+                persistence_threshold: int, source=None, persist_frozen: bool = False
                 ) -> tuple[list[Unit], Unit, Unit, list[ShardedParamGroup], list[int]]:
     """Shard every parameter into its unit, in place (``source``: values of a meta-built
     model, see meta_init.py).
@@ -128,7 +131,7 @@ def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: 
     optimizer spec index of each trainable group).
     """
     unit_modules = find_unit_modules(model)
-    assignment = assign_units(model, unit_modules, persistence_threshold)
+    assignment = assign_units(model, unit_modules, persistence_threshold, persist_frozen)
     name_of = {id(p): n for n, p in model.named_parameters()}
     trainable_ids = {id(p) for spec in specs for p in spec.params}
     groups: list[ShardedParamGroup] = []
