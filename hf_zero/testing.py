@@ -80,6 +80,18 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
                  threads: int | None = None) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes sharing a gloo
     group; return the results ordered by rank. ``fn`` must be importable (module level)."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout_s, threads)
+        except RuntimeError as err:
+            # The free port was taken by another process before rank 0 bound it: the group
+            # never formed and ``fn`` never ran, so launching again on a new port is safe.
+            if "ddress already in use" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float, threads: int | None) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
