@@ -58,7 +58,7 @@ def _ddp_reference(build, rank: int, data) -> tuple[list[float], dict]:
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None, stage: int = 3) -> dict:
+def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None, stage: int = 3, steps: int = NUM_STEPS) -> dict:
     model = build()
     if prepare is not None:
         prepare(model)
@@ -68,7 +68,7 @@ def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None, stage: int = 
                                 optimizer=opt)
     model.train()
     losses, gathered, frozen_empty = [], [], True
-    for step in range(NUM_STEPS):
+    for step in range(steps):
         engine.reset_comm_stats()
         loss = data(engine, rank, step)
         engine.backward(loss)
@@ -80,6 +80,7 @@ def _hf_zero_run(build, rank: int, data, zero: dict, prepare=None, stage: int = 
            "mem": engine.memory_breakdown()}
     if stage == 3:
         out.update(peak_live_numel=engine.stage.peak_live_numel, num_prefetched=engine.stage.planner.num_prefetched,
+                   num_misses=engine.stage.planner.num_misses,
                    unit_numels=sorted(u.numel for u in engine.stage.units), root_numel=engine.stage.root.numel)
     engine.destroy()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -165,6 +166,61 @@ class HardModel(nn.Module):
     def out_of_unit(self, h: torch.Tensor) -> torch.Tensor:
         # block 0's norm used outside block 0, through an unregistered reference
         return self.borrowed[0](h)
+
+
+class SwitchingModel(nn.Module):
+    """The forward path changes between steps (same on every rank): block 1 runs only on even
+    steps, so the recorded prefetch order goes stale and block 1 gets no gradient half the time."""
+
+    _no_split_modules = ["Block"]
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.blocks = nn.ModuleList([Block(width) for _ in range(3)])
+        self.out = nn.Linear(width, 4)
+        self.step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for i, block in enumerate(self.blocks):
+            if i != 1 or self.step % 2 == 0:
+                h = block(h)
+        return self.out(h)
+
+
+def _switching_loss(model, rank: int, step: int) -> torch.Tensor:
+    model.module.step = step   # DDP and the engine both hold the model as .module
+    return _hard_loss(model, rank, step)
+
+
+def _switching_build() -> SwitchingModel:
+    torch.manual_seed(0)
+    return SwitchingModel()
+
+
+def switching_path(rank: int, world: int) -> dict:
+    """A changing forward path with prefetch on, against DDP(find_unused_parameters)."""
+    ref_model = _switching_build()
+    ddp = DDP(ref_model, find_unused_parameters=True)
+    opt = torch.optim.AdamW(ref_model.parameters(), lr=LR, eps=EPS)
+    ref_losses = []
+    for step in range(4):
+        loss = _switching_loss(ddp, rank, step)
+        loss.backward()
+        # A parameter no rank used gets a zero gradient in ZeRO's flat buffers (and DeepSpeed's);
+        # torch's AdamW would skip a None gradient instead, so give the reference the zeros.
+        for p in ref_model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
+    run = _hf_zero_run(_switching_build, rank, _switching_loss, {"stage3_prefetch_bucket_size": 10**8,
+                                                                 "stage3_param_persistence_threshold": 0}, steps=4)
+    run["param_diff"] = _max_diff(run.pop("params"), {n: p.detach() for n, p in ref_model.named_parameters()})
+    run["ref"] = ref_losses
+    return run
 
 
 def _hard_build() -> HardModel:

@@ -75,6 +75,12 @@ def test_prefetch_happens_and_respects_max_live(model):
         assert capped["peak_live_numel"] <= capped["knobs"]["stage3_max_live_parameters"] + largest
 
 
+def test_changing_forward_path_falls_back_and_matches_ddp():
+    for rank, r in enumerate(_results(cases.switching_path)):
+        _check_parity(r["ref"], r, rank)
+        assert r["num_misses"] > 0 and r["num_prefetched"] > 0, "the order changed and prefetch must have noticed"
+
+
 def test_persistent_parameters_are_reported_apart():
     for r in _results(cases.hard_cases):
         assert r[("gpt2", "persistent")]["mem"]["persistent_params"] > 0
