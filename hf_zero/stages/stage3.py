@@ -4,21 +4,23 @@ Units, the root and the persistent set are described in stage3_units.py's [Note:
 units]; what is gathered ahead of use in prefetch.py's [Note: stage-3 prefetch].
 
 [Note: stage-3 release rule]
-Forward: a block unit is gathered in its forward pre-hook and released in its forward hook
+Forward: a block is gathered in its forward pre-hook and released in its forward hook
 (unless the recorded order says its backward comes next), which also hooks the block's
 outputs so that backward gathers it again just before it is needed. Backward: a block
 may be released only when nothing left in this backward can read its weights. Weights are
-read to compute gradients of the block's *inputs*, so the pre-hook routes the block's
-inputs through an identity autograd function whose backward marks "input gradients done";
-the block is released when every such marker of this pass has fired *and* every trainable
-parameter of the block has its gradient. A block with no marker (its inputs need no
-gradient: the first block of a LoRA model with frozen embeddings) stays gathered until the
-end of backward, which releases everything. Activation checkpointing: a recompute runs the
-block's forward inside backward; its forward hook then keeps the weights gathered. With
-reentrant checkpointing the original forward ran without a graph, so the recompute places
-the markers; with non-reentrant checkpointing the original forward's markers stand.
-The end-of-backward callback is queued from the model's outputs, i.e. in the outermost
-backward, so the nested backward of reentrant checkpointing does not end the step early.
+read to compute gradients of the block's *inputs*, so the pre-hook puts a gradient hook
+(a *marker*) on each input that needs a gradient; it fires once that input's gradient is
+complete. The block is released when every marker of this pass has fired *and* every
+trainable parameter of the block has its gradient. A block with no marker (its inputs need
+no gradient: the first block of a LoRA model with frozen embeddings) stays gathered until
+the end of backward, which releases everything; a block called several times per forward
+waits for all its calls' markers. Activation checkpointing: transformers 5 checkpoints a
+layer's ``forward``, so the block's own hooks stay outside the checkpoint and its markers
+sit on the real inputs; a recompute that does run the block's hooks inside backward keeps
+the weights gathered and (reentrant: the original forward built no graph) places the
+markers itself. The end-of-backward callback is queued from the model's outputs
+(``watch_outputs`` in stages/base.py), so the nested backward of reentrant checkpointing
+does not end the step early.
 Gradients follow stage 2's path (staging bucket -> reduce-scatter into this rank's shard).
 Traffic per step: all-gather in forward and in backward plus the reduce-scatter, 3x the
 model bytes (less the root's second gather, plus persistent parameters' refresh).
@@ -44,20 +46,6 @@ logger = logging.getLogger(__name__)
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
-
-
-class _InputGradMarker(torch.autograd.Function):
-    """Identity on a block's inputs; its backward runs once their gradients are complete."""
-
-    @staticmethod
-    def forward(ctx, on_backward, *tensors):
-        ctx.on_backward = on_backward
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.on_backward()
-        return (None, *grads)
 
 
 class PartitionedParameterStage(PartitionedGradientStage):
@@ -127,22 +115,26 @@ class PartitionedParameterStage(PartitionedGradientStage):
                 return None
             if _in_backward() and unit.hooked_backward:
                 return None    # non-reentrant recompute: the original forward's markers stand
-            return self._mark_inputs(unit, args, kwargs)
+            self._mark_inputs(unit, args, kwargs)
+            return None
         return hook
 
-    def _mark_inputs(self, unit: Unit, args: tuple, kwargs: dict) -> Any:
-        positions = [i for i, a in enumerate(args) if _needs_grad(a)]
-        keys = [k for k, v in kwargs.items() if _needs_grad(v)]
-        if not positions and not keys:
-            return None
-        unit.pending_inputs += 1
-        marked = _InputGradMarker.apply(lambda: self._on_inputs_done(unit),
-                                        *[args[i] for i in positions], *[kwargs[k] for k in keys])
-        args = list(args)
-        for i, t in zip(positions, marked):
-            args[i] = t
-        kwargs = dict(kwargs, **dict(zip(keys, marked[len(positions):])))
-        return tuple(args), kwargs
+    def _mark_inputs(self, unit: Unit, args: tuple, kwargs: dict) -> None:
+        # A gradient hook on each input fires once that input's gradient is complete, i.e.
+        # once every op of this call that reads the unit's weights has run its backward.
+        # (Hooks, not an identity autograd function: the block may edit its inputs in place.)
+        seen: set[int] = set()
+        for value in (*args, *kwargs.values()):
+            if _needs_grad(value) and id(value) not in seen:
+                seen.add(id(value))
+                unit.pending_inputs += 1
+                value.register_hook(self._make_input_done(unit))
+
+    def _make_input_done(self, unit: Unit):
+        def hook(grad):
+            self._on_inputs_done(unit)
+            return grad
+        return hook
 
     def _make_borrow_check(self, unit: Unit, name: str):
         # A submodule runs while its unit is released: another block calls it through a
