@@ -72,7 +72,7 @@ def run_system(system: str, size: str, rank: int, world: int, steps: int) -> dic
     psi = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, model.config.vocab_size, (MICRO, SEQ), generator=g) for _ in range(steps + 1)]
-    times = []
+    times, extra = [], {}
     if system == "fsdp2":
         return run_fsdp2(model, psi, data, world)
     if system.startswith("ddp"):
