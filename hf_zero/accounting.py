@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "comm_buffers")
+CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "comm_buffers", "offload_buffers")
 
 
 def bytes_by_category(tensors: dict[str, list[torch.Tensor]]) -> dict[str, int]:

@@ -13,12 +13,17 @@ import torch
 class MasterWeights:
     masters: list[list[torch.Tensor]]   # per group, per bucket: 1D fp32 tensors the optimizer steps
 
-    def __init__(self, owned_params: list[list[torch.Tensor]], force_copy: bool = False):
+    def __init__(self, owned_params: list[list[torch.Tensor]], force_copy: bool = False,
+                 device: torch.device | None = None):
+        """``device``: where the masters live (offload backends pass the host); default: with the
+        parameters. A copy is kept when the parameters are not fp32 or live elsewhere."""
         self.owned_params = owned_params
         dtypes = {p.dtype for group in owned_params for p in group}
-        self.keeps_copy = force_copy or (dtypes != {torch.float32} and bool(dtypes))
+        elsewhere = device is not None and any(p.device != device for group in owned_params for p in group)
+        self.keeps_copy = force_copy or elsewhere or (dtypes != {torch.float32} and bool(dtypes))
         if self.keeps_copy:
-            self.masters = [[p.detach().to(torch.float32).clone() for p in group] for group in owned_params]
+            self.masters = [[p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
+                             for p in group] for group in owned_params]
         else:
             self.masters = owned_params
 
@@ -27,7 +32,7 @@ class MasterWeights:
         for masters, group_grads in zip(self.masters, grads):
             for master, grad in zip(masters, group_grads):
                 if self.keeps_copy:
-                    master.grad = grad.to(torch.float32).mul_(coefficient)
+                    master.grad = grad.to(device=master.device, dtype=torch.float32).mul_(coefficient)
                 else:
                     master.grad = grad.mul_(coefficient)
 
