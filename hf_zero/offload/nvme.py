@@ -91,14 +91,29 @@ class NvmeOffload(SubGroupOffload):
                       for sg in self.plan]
         slot_bytes = len(self._kinds()) * self._stride(max_sub_group_numel(self.plan))
         self.slots = [_Slot(aligned_buffer(slot_bytes, self.pin)) for _ in range(self.num_slots)]
-        self._write_all()
-        for t in self._swapped_tensors():
-            _swap_out(t)
+        # States were created swapped out (_new_state); resident states (a user optimizer
+        # that already holds some) are written as they are.
+        self._write_all(from_tensors=[k for k in self._kinds() if k == "master" or self._states_resident(k)])
+        self._swap_out_all()
+
+    def _new_state(self, master: torch.Tensor) -> torch.Tensor:
+        # Born swapped out: full-size zeros would cost the very memory offload saves.
+        state = torch.empty(master.numel(), dtype=torch.float32)
+        _swap_out(state)
+        return state
+
+    def _states_resident(self, kind: str) -> bool:
+        return any(self._tensor(kind, gi, ci).untyped_storage().nbytes() > 0
+                   for gi, g in enumerate(self.masters.masters) for ci in range(len(g)))
 
     # ---- moving whole sub-groups (setup, resident) ---------------------------------------
-    def _gather(self, sub_group: SubGroup, buffer: torch.Tensor) -> None:
+    def _gather(self, sub_group: SubGroup, buffer: torch.Tensor, kinds: Optional[list[str]] = None) -> None:
+        """Copy ``kinds`` (default: all) of ``sub_group`` into ``buffer``; other regions become zeros."""
         for k, kind in enumerate(self._kinds()):
             region = self._region(buffer, sub_group, k)
+            if kinds is not None and kind not in kinds:
+                region.zero_()
+                continue
             for s in sub_group.slices:
                 region.narrow(0, s.offset, s.length).copy_(self._tensor(kind, s.group, s.chunk).narrow(0, s.start,
                                                                                                       s.length))
@@ -110,11 +125,11 @@ class NvmeOffload(SubGroupOffload):
                 self._tensor(kind, s.group, s.chunk).narrow(0, s.start, s.length).copy_(
                     region.narrow(0, s.offset, s.length))
 
-    def _write_all(self) -> None:
+    def _write_all(self, from_tensors: Optional[list[str]] = None) -> None:
         self._drain()
         buffer = self.slots[0].buffer
         for sg in self.plan:
-            self._gather(sg, buffer)
+            self._gather(sg, buffer, from_tensors)
             self.io.write(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
 
     def _read_all(self) -> None:
@@ -138,8 +153,22 @@ class NvmeOffload(SubGroupOffload):
             self.failed = err
             raise
         finally:
-            for t in self._swapped_tensors():   # load_checkpoint may have put new state tensors there
-                _swap_out(t)
+            self._swap_out_all()
+
+    def _swap_out_all(self) -> None:
+        for gi, g in enumerate(self.masters.masters):
+            for ci, master in enumerate(g):
+                # A storage that was ever exposed to numpy (the checkpoint reader fills through
+                # memoryviews) can no longer be resized: give such tensors fresh storage, keeping
+                # the tensor objects (they key inner.state and fill param_groups).
+                if self.masters.keeps_copy:
+                    if master.untyped_storage().resizable():
+                        _swap_out(master)
+                    else:
+                        master.data = self._new_state(master)
+                state = self.inner.state[master]
+                for key in self.state_keys:   # load_checkpoint may have put new tensors here
+                    state[key] = self._new_state(master)
 
     # ---- the step's storage hooks -------------------------------------------------------
     def _slot(self, sub_group: SubGroup) -> _Slot:
