@@ -55,8 +55,7 @@ def check_swap_dir(nvme_path: Optional[str], needed_bytes: int, key: str) -> Pat
     except OSError as err:
         raise SwapSetupError(f"hf_zero: {key}.nvme_path {path} is not writable ({err.strerror}); "
                              f"swap {_sizes(needed_bytes)}") from err
-    finally:
-        probe.unlink(missing_ok=True)
+    probe.unlink()
     free = free_bytes(path)
     if free < needed_bytes:
         raise SwapSetupError(f"hf_zero: {key}.nvme_path {path} has too little space: this rank's swap "
