@@ -3,6 +3,7 @@
 Run by test_offload_local.py as ``python offload_memory_case.py DEVICE SWAP_DIR`` (one
 process per device, since peak RSS only grows within a process) and by benchmarks/offload.py.
 fp32, stage 1, one rank, two steps, tiny activations: the model states dominate memory.
+Optional further arguments: steps, sub_group_size, rows per batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def model() -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000) -> dict:
+def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000, rows: int = 4) -> dict:
     net = model()
     num_params = sum(p.numel() for p in net.parameters())
     engine = hf_zero.initialize(net, {
@@ -36,18 +37,20 @@ def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000)
         "zero_optimization": {"stage": 1, "sub_group_size": sub_group_size,
                               "offload_optimizer": {"device": device, "nvme_path": swap, "buffer_count": 2}}})
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, WIDTH, generator=g)
-    losses, times = [], []
+    x = torch.randn(rows, WIDTH, generator=g)
+    losses, times, opt_times = [], [], []
     for _ in range(steps):
         start = time.perf_counter()
         loss = engine(x).pow(2).mean()
         engine.backward(loss)
+        before_step = time.perf_counter()
         engine.step()
+        opt_times.append(time.perf_counter() - before_step)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     mem = engine.memory_breakdown()
     engine.destroy()
-    return {"device": device, "num_params": num_params, "losses": losses, "step_s": times,
+    return {"device": device, "num_params": num_params, "losses": losses, "step_s": times, "optimizer_s": opt_times,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "optimizer_state_bytes": 8 * num_params, "memory": mem}
 
