@@ -78,3 +78,18 @@ def test_resume_across_backends_is_bit_identical(swap, tmp_path_factory, stage, 
     for rank, results in enumerate(_runs["resume"]):
         uninterrupted, resumed = results[(stage, bf16, src, dst)]
         assert resumed == uninterrupted, f"rank {rank}"
+
+
+@pytest.mark.parametrize("device", ("cpu", "nvme"))
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"stage{c[0]}-{'bf16' if c[1] else 'fp32'}")
+def test_estimator_predicts_offloaded_bytes_within_5_percent(swap, device, case):
+    from hf_zero.diagnostics.estimator import optimizer_offload_bytes
+
+    num_params = sum(p.numel() for p in pc.tiny_gpt2().parameters())
+    for results in _once("parity", oc.parity_grid, swap):
+        mem = results[(*case, device)][1][2]
+        # bf16 keeps an fp32 master copy; fp32 host parameters are their own masters
+        predicted = optimizer_offload_bytes(num_params // 2, device, master_copy=case[1],
+                                            sub_group_size=oc.SUB_GROUP, buffer_count=2)
+        for where in ("offload_host", "offload_nvme"):
+            assert mem[where] == pytest.approx(predicted[where], rel=0.05, abs=1), (where, mem, predicted)
