@@ -66,36 +66,52 @@ def stream_bandwidth(iters: int) -> float:
     return 2 * buf.numel() * 4 / median_s(lambda: buf.mul_(1.0000001), iters)
 
 
-def torch_adamw_rate(numel: int, iters: int, **impl) -> float:
-    p = torch.nn.Parameter(torch.randn(numel))
-    p.grad = torch.randn(numel) * 1e-3
-    opt = torch.optim.AdamW([p], **HYPER, **impl)
-    return numel / median_s(opt.step, iters)
-
-
-def hf_zero_rates(numel: int, iters: int, sub_group_size: int) -> tuple[float, float]:
-    """(sub-group update only, whole CpuOffload.step incl. the unscale x clip pass) in params/s."""
+def adam_contenders(numel: int, sub_group_sizes: tuple[int, ...]) -> dict:
+    """name -> a function running one optimizer step over ``numel`` fp32 parameters."""
     from hf_zero.offload.cpu_adam import adam_update
 
-    param = torch.randn(numel)
-    grad = torch.randn(numel) * 1e-3
-    offload = CpuOffload([[param]], sub_group_size, pin_memory=False)
-    inner = torch.optim.AdamW([offload.masters.masters[0][0]], **HYPER)
-    offload.attach(inner)
-    one = torch.ones(1)
-    whole = numel / median_s(lambda: offload.step([[grad]], one), iters)
-    state = inner.state[offload.masters.masters[0][0]]
-    group = inner.param_groups[0]
+    out = {}
+    for size in sub_group_sizes:
+        param = torch.randn(numel)
+        grad = torch.randn(numel) * 1e-3
+        offload = CpuOffload([[param]], size, pin_memory=False)
+        inner = torch.optim.AdamW([offload.masters.masters[0][0]], **HYPER)
+        offload.attach(inner)
+        state = inner.state[param]
 
-    def update_only() -> None:
-        for sg in offload.plan:
-            sl = [(s.start, s.length) for s in sg.slices]
-            adam_update(inner, group, [param.narrow(0, a, n) for a, n in sl], [grad.narrow(0, a, n) for a, n in sl],
-                        {k: [state[k].narrow(0, a, n) for a, n in sl] for k in offload.state_keys}, 1.0)
+        def update_only(offload=offload, inner=inner, state=state, param=param, grad=grad) -> None:
+            for sg in offload.plan:
+                sl = [(s.start, s.length) for s in sg.slices]
+                adam_update(inner, inner.param_groups[0], [param.narrow(0, a, n) for a, n in sl],
+                            [grad.narrow(0, a, n) for a, n in sl],
+                            {k: [state[k].narrow(0, a, n) for a, n in sl] for k in offload.state_keys}, 1.0)
 
-    update = numel / median_s(update_only, iters)
-    offload.close()
-    return update, whole
+        one = torch.ones(1)
+        out[f"hf_zero sub-group update (sub_group_size {size:.0e})"] = update_only
+        out[f"hf_zero CpuOffload.step incl. unscale/clip pass ({size:.0e})"] = (
+            lambda offload=offload, grad=grad, one=one: offload.step([[grad]], one))
+    for name, impl in (("torch AdamW default", {}), ("torch AdamW foreach", {"foreach": True}),
+                       ("torch AdamW fused", {"fused": True})):
+        p = torch.nn.Parameter(torch.randn(numel))
+        p.grad = torch.randn(numel) * 1e-3
+        out[name] = torch.optim.AdamW([p], **HYPER, **impl).step
+    return out
+
+
+def interleaved_rates(contenders: dict, numel: int, iters: int) -> dict[str, list[float]]:
+    """Params/s per contender: every iteration runs each once, in a rotating order, so that
+    load from other processes falls on all of them alike."""
+    for fn in contenders.values():
+        fn()   # warm-up: lazily created state
+    names = list(contenders)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fn = contenders[name]
+            fn()
+            rates[name].append(numel / (time.perf_counter() - start))
+    return rates
 
 
 DS_SNIPPET = """
@@ -192,8 +208,7 @@ def step_times(swap: str, reps: int, steps: int, rows: int) -> dict[str, list[di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--numel", type=int, default=50_000_000)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--swap-dir", default=tempfile.gettempdir())
     parser.add_argument("--swap-gib", type=float, default=2.0)
     parser.add_argument("--reps", type=int, default=2)
@@ -210,19 +225,11 @@ def main() -> None:
         limit = bandwidth / ADAM_BYTES
         print(f"(a) CPU AdamW, {args.numel / 1e6:.0f}M fp32 parameters; in-place streaming bandwidth "
               f"{bandwidth / 1e9:.1f} GB/s -> limit {limit / 1e6:.0f} Mparam/s (28 B/param)\n")
-        # Rounds interleave the implementations so that load from other processes spreads over all.
-        measured: dict[str, list[float]] = {}
-        for _ in range(args.rounds):
-            for size in (1_000_000_000, 10_000_000):
-                update, whole = hf_zero_rates(args.numel, args.iters, size)
-                measured.setdefault(f"hf_zero sub-group update (sub_group_size {size:.0e})", []).append(update)
-                measured.setdefault(f"hf_zero CpuOffload.step incl. unscale/clip pass ({size:.0e})", []).append(whole)
-            for name, impl in (("torch AdamW default", {}), ("torch AdamW foreach", {"foreach": True}),
-                               ("torch AdamW fused", {"fused": True})):
-                measured.setdefault(name, []).append(torch_adamw_rate(args.numel, args.iters, **impl))
+        measured = interleaved_rates(adam_contenders(args.numel, (1_000_000_000, 10_000_000)), args.numel,
+                                     args.iters)
         ds, note = deepspeed_rate(args.numel, args.iters, args.deepspeed_path)
         fused = statistics.median(measured["torch AdamW fused"])
-        print(f"median of {args.rounds} interleaved rounds (each the median of {args.iters} steps), min-max\n")
+        print(f"median of {args.iters} interleaved steps each, min-max\n")
         print("| implementation | Mparam/s | spread | x limit | x torch fused |\n|---|---|---|---|---|")
         for name, rates in measured.items():
             rate = statistics.median(rates)

@@ -17,8 +17,9 @@ fp32 parameters already in host memory are their own masters: 8 bytes). Gradient
 stay with the parameters (the update brings them to the host one sub-group at a time);
 :func:`optimizer_offload_bytes` is the exact per-rank figure that ``engine.memory_breakdown()``
 reports as ``offload_host`` / ``offload_nvme``. Parameter offload (stage 3, not implemented
-yet) would move the parameter shards too; its rows are formulas. Activations use the per-layer estimate for transformer blocks of
-Korthikanti et al. 2022 (s*b*h*(34 + 5*a*s/h) bytes in 16-bit), which is not validated here.
+yet) would move the parameter shards too; its rows are formulas. Activations use the
+per-layer estimate for transformer blocks of Korthikanti et al. 2022
+(s*b*h*(34 + 5*a*s/h) bytes in 16-bit), which is not validated here.
 """
 
 from __future__ import annotations
