@@ -46,6 +46,7 @@ def _swap_in(tensor: torch.Tensor) -> None:
 
 class NvmeOffload(SubGroupOffload):
     location = "nvme"
+    allocates_masters = False   # a full fp32 copy in memory, even briefly, is what nvme avoids
 
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, nvme_path: Optional[str],
                  buffer_count: int, pin_memory: bool, rank: int, force_copy: bool = False):
@@ -91,9 +92,9 @@ class NvmeOffload(SubGroupOffload):
                       for sg in self.plan]
         slot_bytes = len(self._kinds()) * self._stride(max_sub_group_numel(self.plan))
         self.slots = [_Slot(aligned_buffer(slot_bytes, self.pin)) for _ in range(self.num_slots)]
-        # States were created swapped out (_new_state); resident states (a user optimizer
-        # that already holds some) are written as they are.
-        self._write_all(from_tensors=[k for k in self._kinds() if k == "master" or self._states_resident(k)])
+        # Masters and states were created swapped out: the masters' initial values come from
+        # the parameter chunks, sub-group by sub-group; the states start as zeros.
+        self._write_all(from_tensors=["master"], masters_from_params=True)
         self._swap_out_all()
 
     def _new_state(self, master: torch.Tensor) -> torch.Tensor:
@@ -102,12 +103,10 @@ class NvmeOffload(SubGroupOffload):
         _swap_out(state)
         return state
 
-    def _states_resident(self, kind: str) -> bool:
-        return any(self._tensor(kind, gi, ci).untyped_storage().nbytes() > 0
-                   for gi, g in enumerate(self.masters.masters) for ci in range(len(g)))
 
     # ---- moving whole sub-groups (setup, resident) ---------------------------------------
-    def _gather(self, sub_group: SubGroup, buffer: torch.Tensor, kinds: Optional[list[str]] = None) -> None:
+    def _gather(self, sub_group: SubGroup, buffer: torch.Tensor, kinds: Optional[list[str]] = None,
+                masters_from_params: bool = False) -> None:
         """Copy ``kinds`` (default: all) of ``sub_group`` into ``buffer``; other regions become zeros."""
         for k, kind in enumerate(self._kinds()):
             region = self._region(buffer, sub_group, k)
@@ -115,8 +114,11 @@ class NvmeOffload(SubGroupOffload):
                 region.zero_()
                 continue
             for s in sub_group.slices:
-                region.narrow(0, s.offset, s.length).copy_(self._tensor(kind, s.group, s.chunk).narrow(0, s.start,
-                                                                                                      s.length))
+                if kind == "master" and masters_from_params:
+                    source = self.masters.owned_params[s.group][s.chunk]   # model dtype, cast by copy_
+                else:
+                    source = self._tensor(kind, s.group, s.chunk)
+                region.narrow(0, s.offset, s.length).copy_(source.narrow(0, s.start, s.length))
 
     def _scatter(self, sub_group: SubGroup, buffer: torch.Tensor) -> None:
         for k, kind in enumerate(self._kinds()):
@@ -125,11 +127,11 @@ class NvmeOffload(SubGroupOffload):
                 self._tensor(kind, s.group, s.chunk).narrow(0, s.start, s.length).copy_(
                     region.narrow(0, s.offset, s.length))
 
-    def _write_all(self, from_tensors: Optional[list[str]] = None) -> None:
+    def _write_all(self, from_tensors: Optional[list[str]] = None, masters_from_params: bool = False) -> None:
         self._drain()
         buffer = self.slots[0].buffer
         for sg in self.plan:
-            self._gather(sg, buffer, from_tensors)
+            self._gather(sg, buffer, from_tensors, masters_from_params)
             self.io.write(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
 
     def _read_all(self) -> None:

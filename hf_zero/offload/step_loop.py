@@ -38,8 +38,11 @@ class SubGroupOffload(OptimizerOffload):
     updates_on_device = False
     host = torch.device("cpu")
 
+    allocates_masters = True   # nvme: masters are born swapped out and filled from the parameters
+
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, force_copy: bool = False):
-        self.masters = MasterWeights(owned_params, force_copy=force_copy, device=self.host)
+        self.masters = MasterWeights(owned_params, force_copy=force_copy, device=self.host,
+                                     allocate=self.allocates_masters)
         self.plan: list[SubGroup] = plan_sub_groups([[m.numel() for m in g] for g in self.masters.masters],
                                                     sub_group_size)
         on_accelerator = any(p.device.type != "cpu" for g in owned_params for p in g)
