@@ -242,8 +242,9 @@ class ZeroEngine:
         return self.optimizer.last_grad_norm
 
     def memory_breakdown(self) -> dict[str, int]:
-        """This rank's bytes by category (params, grads, master_params, optimizer_states,
-        comm_buffers, total), each storage counted once."""
+        """This rank's resident bytes by category (params, grads, master_params, optimizer_states,
+        comm_buffers, offload_buffers, total), each storage counted once; plus where the
+        optimizer masters/states are (offload_host, offload_nvme; see docs/offload.md)."""
         trainable = {id(p) for g in self.flat_groups for p in g.params}
         other_params = [p for p in self.module.parameters() if id(p) not in trainable]
         stage_tensors = self.stage.memory_tensors()
