@@ -9,7 +9,6 @@ Optional further arguments: steps, sub_group_size, rows per batch.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -18,6 +17,17 @@ import torch
 import hf_zero
 
 WIDTH, DEPTH = 2048, 24   # 24 x 2048 x 2048 = 100.7M parameters
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark. Not getrusage's ru_maxrss: Linux carries that
+    over from the parent across fork + exec, so a child of a big process would report the
+    parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def model() -> torch.nn.Module:
@@ -51,7 +61,7 @@ def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000,
     mem = engine.memory_breakdown()
     engine.destroy()
     return {"device": device, "num_params": num_params, "losses": losses, "step_s": times, "optimizer_s": opt_times,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "optimizer_state_bytes": 8 * num_params, "memory": mem}
 
 
