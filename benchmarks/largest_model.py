@@ -59,7 +59,7 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int) -> dict:
     engine = hf_zero.initialize(model, {
         "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
-        "zero_optimization": {"stage": 3, "sub_group_size": 50_000_000, "reduce_bucket_size": 50_000_000,
+        "zero_optimization": {"stage": 3, "sub_group_size": 10_000_000, "reduce_bucket_size": 50_000_000,
                               "allgather_bucket_size": 50_000_000,
                               "offload_optimizer": {"device": "nvme", "nvme_path": swap, "buffer_count": 2}}})
     ids = torch.randint(0, shape["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(rank))
