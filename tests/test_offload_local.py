@@ -213,3 +213,19 @@ def run_unedited(tmp_path) -> float:
     loss = _step(engine, 1)
     engine.destroy()
     return loss
+
+
+def test_forked_child_exit_leaves_the_parents_swap_files(tmp_path):
+    # A DataLoader-style forked worker inherits the engine; its normal exit must not delete them.
+    engine = hf_zero.initialize(tiny_gpt2(), _config(path=tmp_path))
+    pid = os.fork()
+    if pid == 0:   # child: a normal interpreter-level exit runs atexit finalizers
+        import atexit
+
+        atexit._run_exitfuncs()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(list(tmp_path.iterdir())) == 1
+    _step(engine)   # the parent's state is intact
+    engine.destroy()
+    assert list(tmp_path.iterdir()) == []

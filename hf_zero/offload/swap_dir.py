@@ -63,8 +63,10 @@ def check_swap_dir(nvme_path: Optional[str], needed_bytes: int, key: str) -> Pat
     return path
 
 
-def _remove(directory: str) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+def _remove(directory: str, owner_pid: int) -> None:
+    # A forked child (a DataLoader worker) inherits the finalizer; only the owner may remove.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class SwapDir:
@@ -73,7 +75,7 @@ class SwapDir:
     def __init__(self, root: Path, rank: int):
         self.path = root / f"hf_zero_swap_rank{rank}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.path.mkdir()
-        self._finalizer = weakref.finalize(self, _remove, str(self.path))
+        self._finalizer = weakref.finalize(self, _remove, str(self.path), os.getpid())
 
     def allocate(self, name: str, nbytes: int) -> Path:
         """Create ``name`` with ``nbytes`` reserved (reads as zeros)."""
