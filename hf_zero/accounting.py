@@ -6,7 +6,8 @@ import torch
 
 # persistent_params: stage 3's kept-gathered small parameters, listed first so that
 # their full copies are not counted as "params" (reported apart from the 16 Psi / N formula).
-CATEGORIES = ("persistent_params", "params", "grads", "master_params", "optimizer_states", "comm_buffers")
+CATEGORIES = ("persistent_params", "params", "grads", "master_params", "optimizer_states", "comm_buffers",
+              "offload_buffers")
 
 
 def bytes_by_category(tensors: dict[str, list[torch.Tensor]]) -> dict[str, int]:

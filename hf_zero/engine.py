@@ -27,6 +27,7 @@ from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.optim.zero_optimizer import ZeroOptimizer
+from hf_zero.offload import build_optimizer_offload
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
 from hf_zero.meta_init import has_meta_parameters
@@ -40,9 +41,11 @@ def _check_supported(config: HfZeroConfig) -> None:
     zero = config.zero_optimization
     if zero.stage == 3 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_weights", "not implemented for stage 3 yet"))
-    for key in ("offload_optimizer", "offload_param"):
-        if getattr(zero, key).device != "none":
-            problems.append((f"zero_optimization.{key}.device", "offload is not implemented yet; use 'none'"))
+    if zero.offload_param.device != "none":
+        problems.append(("zero_optimization.offload_param.device", "parameter offload is not implemented yet; "
+                         "use 'none' (offload_optimizer works)"))
+    if zero.offload_optimizer.device != "none" and zero.stage == 0:
+        problems.append(("zero_optimization.offload_optimizer.device", "optimizer offload needs stage 1, 2 or 3"))
     if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
     if config.fp16.enabled is True and config.bf16.enabled is True:
@@ -110,10 +113,13 @@ class ZeroEngine:
             self.stage.quantized_gradients = quantized if zero.zero_quantized_gradients else None
             self.stage.quantized_weights = quantized if zero.zero_quantized_weights else None
         # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
-        self.masters = MasterWeights(self.stage.owned_params(), force_copy=zero.zero_quantized_weights)
+        # The offload backend (none / cpu / nvme) decides where masters and optimizer states live.
+        self.offload = build_optimizer_offload(zero, self.stage.owned_params(), self.comm.rank,
+                                               force_copy=zero.zero_quantized_weights)
+        self.masters: MasterWeights = self.offload.masters
         for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
             if hasattr(group, "on_shard_modified"):
-                group.on_shard_modified.append(self.masters.reload_from_params)
+                group.on_shard_modified.append(self.offload.reload_from_params)
 
         # Each optimizer group steps the master chunks of all its parameter groups (several
         # at stage 3, one per unit; none for a group emptied by freezing).
@@ -125,8 +131,9 @@ class ZeroEngine:
         else:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
+        self.offload.attach(inner)
         self.scaler = build_loss_scaler(self.config.fp16)
-        self.optimizer = ZeroOptimizer(inner, self.stage, self.masters, self.scaler, self.comm,
+        self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
                                        float(self.config.gradient_clipping), self._fused_update(inner))
         if lr_scheduler is None and self.config.scheduler is not None:
             lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
@@ -157,7 +164,10 @@ class ZeroEngine:
             raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
                              f"got {type(inner).__name__}")
         on_cuda = self.flat_groups[0].device.type == "cuda"   # CUDA-only branch: Triton kernels need a GPU
-        if mode == "off" or not supported or (mode == "auto" and not on_cuda):
+        if mode == "triton" and not self.offload.updates_on_device:
+            raise ValueError("fused_kernels='triton' runs the update on the device; offload_optimizer runs it "
+                             "on the CPU (use 'auto' or 'off')")
+        if mode == "off" or not supported or not self.offload.updates_on_device or (mode == "auto" and not on_cuda):
             return None
         return FusedAdamW(inner, self.masters.owned_params, keeps_copy=self.masters.keeps_copy, backend="triton")
 
@@ -249,20 +259,26 @@ class ZeroEngine:
         return self.optimizer.last_grad_norm
 
     def memory_breakdown(self) -> dict[str, int]:
-        """This rank's bytes by category (params, grads, master_params, optimizer_states,
-        comm_buffers, total), each storage counted once."""
+        """This rank's resident bytes by category (persistent_params, params, grads, master_params,
+        optimizer_states, comm_buffers, offload_buffers, total), each storage counted once; plus
+        where the optimizer masters/states are (offload_host, offload_nvme; see docs/offload.md)."""
         groups = self._parameter_groups()
         grouped = {id(p) for g in groups for p in g.params}
         other_params = [p for p in self.module.parameters() if id(p) not in grouped]
         stage_tensors = self.stage.memory_tensors()
-        return bytes_by_category({
+        result = bytes_by_category({
             "persistent_params": stage_tensors.get("persistent_params", []),
             "params": [t for g in groups for t in g.storage_tensors()] + other_params,
             "grads": stage_tensors.get("grads", []),
             "master_params": self.masters.tensors(),
             "optimizer_states": self.optimizer.state_tensors(),
             "comm_buffers": stage_tensors.get("comm_buffers", []),
+            "offload_buffers": self.offload.buffer_tensors(),
         })
+        # Where the optimizer masters/states are: 'offload_host' bytes resident on the host
+        # (cpu backend: masters + states; nvme: swap buffers), 'offload_nvme' bytes in swap files.
+        result.update(self.offload.memory_by_location())
+        return result
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
         """Bytes and calls per collective kind since the last reset (see comm.py's note)."""
@@ -283,6 +299,7 @@ class ZeroEngine:
             for p in g.params:
                 p.grad = None
         self.optimizer.inner.state.clear()
+        self.offload.close()   # swap files removed, threads joined
         for group in self.optimizer.inner.param_groups:   # a user-held optimizer must not pin the masters
             group["params"] = []
 

@@ -70,8 +70,13 @@ def test_estimates_follow_zero_and_offload_moves_states():
     none = estimate(shape, 4, 2, "none", mixed=True)
     cpu = estimate(shape, 4, 2, "cpu", mixed=True)
     assert none.device_model_states == 2e6 + 14e6 / 4
-    assert cpu.device_model_states == 2e6 and cpu.host_model_states == (12e6 + 2e6) / 4
-    assert estimate(shape, 4, 3, "cpu").device_model_states == 0
+    # masters + Adam (12 bytes per owned parameter) move to the host; gradient partitions stay
+    assert cpu.device_model_states == 2e6 + 2e6 / 4 and cpu.host_model_states == 12e6 / 4
+    nvme = estimate(shape, 4, 2, "nvme", mixed=True, sub_group_size=10_000, buffer_count=4)
+    assert nvme.nvme_model_states == pytest.approx(12e6 / 4, rel=0.05)   # + 4 KiB I/O padding per region
+    # four buffers of one sub-group's 3 regions, each padded to 4 KiB, plus 4 KiB alignment slack
+    assert nvme.host_model_states == 4 * (3 * 40_960 + 4096)
+    assert estimate(shape, 4, 3, "cpu").device_model_states == 2e6 / 4   # only the gradient partition
     assert estimate(shape, 4, 2, "none").activations_checkpointed < estimate(shape, 4, 2, "none").activations
     assert largest_model_fitting(16e9, 8, 3, "none", True) == pytest.approx(8e9)
     # DeepSpeed's ZeRO-2 estimate (4 Psi + 16 Psi / N) vs ZeRO's 2 Psi + 14 Psi / N: theirs keeps

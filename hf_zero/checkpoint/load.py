@@ -116,8 +116,12 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
     _check_model_matches(reader, engine.module, path)
     engine.stage.wait_for_reductions()
     engine.stage.zero_grad()
-    with torch.no_grad():
+    # Offloaded masters / states are materialised, filled, and written back to their backend.
+    with torch.no_grad(), engine.offload.resident(write_back=True):
         _load_masters(engine, reader)
+        if load_optimizer_states and not load_module_only:
+            _load_optimizer(engine, reader)
+    with torch.no_grad():
         _load_frozen_shards(engine, reader)
         grouped = {id(p) for g in [*engine.flat_groups, *_frozen_groups(engine)] for p in g.params}
         for name, p in engine.module.named_parameters():
@@ -126,8 +130,6 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
         for name, b in _persistent_buffers(engine.module).items():
             if reader.has("buffer", name):
                 reader.fill(b.data.view(-1), "buffer", name, 0)
-        if load_optimizer_states and not load_module_only:
-            _load_optimizer(engine, reader)
     manifest = reader.manifest
     if not load_module_only:
         if load_lr_scheduler_states and engine.lr_scheduler is not None and manifest["lr_scheduler"] is not None:

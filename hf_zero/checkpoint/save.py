@@ -156,9 +156,11 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
         (save_dir / tmp_name).mkdir()
     tmp = save_dir / _broadcast_object(tmp_name, comm)
 
-    tensors, index = _rank_tensors(engine)
     file_name = f"rank_{comm.rank:05d}.safetensors"
-    entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
+    with engine.offload.resident():   # offloaded masters / states materialised for the write
+        tensors, index = _rank_tensors(engine)
+        entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
+        del tensors
     _after_file_written(tmp / file_name)
     for piece in index.values():
         piece["file"] = file_name

@@ -91,19 +91,23 @@ class BF16Config:
 
 @dataclass(frozen=True, kw_only=True)
 class OffloadOptimizerConfig:
-    device: str = _f("none", "Where the optimizer state lives (offload issue; only 'none' runs today: "
-                     "initialize refuses the others).",
-                     choices=("none", "cpu", "nvme"))
-    nvme_path: Optional[str] = _f(None, "Directory for NVMe swap files.")
-    pin_memory: bool = _f(True, "Pin host buffers when an accelerator exists.")
-    buffer_count: int = _f(4, "Swap buffers in flight.", min=1)
+    device: str = _f("none", "Where the fp32 master weights and Adam states live and the update runs: "
+                     "'none' (with the parameters), 'cpu' (host memory, CPU AdamW in sub-groups), 'nvme' "
+                     "(files under nvme_path, swapped through host buffers). Stages 1-3; Adam/AdamW only. "
+                     "See docs/offload.md.", choices=("none", "cpu", "nvme"))
+    nvme_path: Optional[str] = _f(None, "Directory for NVMe swap files (required for 'nvme'; checked for "
+                                  "existence, write access and free space at initialize).")
+    pin_memory: bool = _f(True, "Pin host masters/states/buffers when a CUDA device exists (no effect on CPU).")
+    buffer_count: int = _f(4, "NVMe: host swap buffers, one sub-group each (at least 2 are used: one "
+                           "is read while another is updated and a third written).", min=1)
     fast_init: bool = _f(False, "Accepted for compatibility.")
     ratio: float = _f(1.0, "Accepted for compatibility.", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OffloadParamConfig:
-    device: str = _f("none", "Where stage-3 parameters live (offload issue; only 'none' runs today).",
+    device: str = _f("none", "Where stage-3 parameters live (not implemented yet: only 'none' runs; "
+                     "initialize refuses the others).",
                      choices=("none", "cpu", "nvme"))
     nvme_path: Optional[str] = _f(None, "Directory for NVMe swap files.")
     pin_memory: bool = _f(True, "Pin host buffers when an accelerator exists.")
@@ -126,7 +130,9 @@ class ZeroConfig:
     round_robin_gradients: bool = _f(False, "Accepted for compatibility.")
     offload_optimizer: OffloadOptimizerConfig = _sub(OffloadOptimizerConfig, "Optimizer-state offload.")
     offload_param: OffloadParamConfig = _sub(OffloadParamConfig, "Stage-3 parameter offload.")
-    sub_group_size: int = _f(1_000_000_000, "Optimizer elements updated per offload sub-group.", min=1)
+    sub_group_size: int = _f(1_000_000_000, "Optimizer elements per offload sub-group: the unit of CPU "
+                             "update, copy-back and NVMe swap (each NVMe buffer holds one sub-group's "
+                             "master and Adam states).", min=1)
     stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: parameter elements gathered ahead of use "
                                               "along the recorded order (0 disables prefetch).",
                                               min=0, auto=True)

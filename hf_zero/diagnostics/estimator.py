@@ -10,10 +10,16 @@ for stages 0-2 (tests/test_estimator.py): with Psi parameters and N data-paralle
 | 2 | 4 Psi + 12 Psi/N | 2 Psi + 14 Psi/N |
 | 3 | 16 Psi/N | 16 Psi/N |
 
-Optimizer offload moves the optimizer part (Adam, plus masters in mixed precision) and the
-gradient partitions to the host (cpu) or to files with host buffers (nvme); parameter
-offload (stage 3) moves the parameter shards too. Activations use the per-layer estimate for transformer blocks of
-Korthikanti et al. 2022 (s*b*h*(34 + 5*a*s/h) bytes in 16-bit), which is not validated here.
+Optimizer offload (hf_zero/offload/) moves the optimizer part to the host (cpu) or to files
+with host swap buffers (nvme): fp32 masters and Adam moments, 12 bytes per owned parameter
+(the master is a host copy whenever the parameters live on an accelerator or are not fp32;
+fp32 parameters already in host memory are their own masters: 8 bytes). Gradient partitions
+stay with the parameters (the update brings them to the host one sub-group at a time);
+:func:`optimizer_offload_bytes` is the exact per-rank figure that ``engine.memory_breakdown()``
+reports as ``offload_host`` / ``offload_nvme``. Parameter offload (stage 3, not implemented
+yet) would move the parameter shards too; its rows are formulas. Activations use the
+per-layer estimate for transformer blocks of Korthikanti et al. 2022
+(s*b*h*(34 + 5*a*s/h) bytes in 16-bit), which is not validated here.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OFFLOADS = ("none", "cpu", "nvme")
+SWAP_ALIGN = 4096   # hf_zero.offload.swapper.ALIGN (kept import-free: this module is pure arithmetic)
 
 
 @dataclass(frozen=True)
@@ -39,9 +46,10 @@ class Estimate:
     offload: str                 # optimizer (and, at stage 3, parameter) offload device
     device_model_states: float   # bytes per rank on the accelerator
     host_model_states: float     # bytes per rank in host memory
-    buffers: float               # communication / gather buffers per rank
+    buffers: float               # communication / gather buffers per rank (device), plus nvme swap buffers (host)
     activations: float           # per rank, for the given micro-batch
     activations_checkpointed: float
+    nvme_model_states: float = 0.0   # bytes per rank in NVMe swap files
 
     @property
     def device_total(self) -> float:
@@ -72,28 +80,54 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, mixed: bool,
     return layers * per_layer + logits
 
 
+def optimizer_offload_bytes(owned_numel: int, device: str, master_copy: bool, sub_group_size: int = 1_000_000_000,
+                            buffer_count: int = 4, num_states: int = 2) -> dict[str, int]:
+    """Bytes one rank's optimizer offload holds, by location, for ``owned_numel`` owned
+    parameters: ``offload_host`` (cpu: masters if copied + ``num_states`` Adam moments; nvme:
+    the swap buffers) and ``offload_nvme`` (the swap files; I/O padding ignored)."""
+    kinds = num_states + (1 if master_copy else 0)
+    if device == "cpu":
+        return {"offload_host": 4 * kinds * owned_numel, "offload_nvme": 0}
+    if device == "nvme":   # every region padded to the O_DIRECT alignment (swapper.py)
+        def padded(numel: int) -> int:
+            return -(-4 * numel // SWAP_ALIGN) * SWAP_ALIGN
+
+        full, last = divmod(owned_numel, sub_group_size)
+        files = kinds * (full * padded(sub_group_size) + (padded(last) if last else 0))
+        buffer = kinds * padded(min(sub_group_size, owned_numel)) + SWAP_ALIGN   # + alignment slack
+        return {"offload_host": max(2, buffer_count) * buffer, "offload_nvme": files}
+    return {"offload_host": 0, "offload_nvme": 0}
+
+
 def estimate(shape: ModelShape, world: int, stage: int, offload: str = "none", mixed: bool = True,
              micro_batch: int = 1, seq: int = 2048, reduce_bucket_size: float = 5e8,
-             prefetch_bucket_size: float = 5e7) -> Estimate:
+             prefetch_bucket_size: float = 5e7, sub_group_size: int = 1_000_000_000,
+             buffer_count: int = 4) -> Estimate:
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
     params, grads, optim = model_state_bytes(stage, shape.num_params, world, mixed)
     p_bytes = 2 if mixed else 4
-    device, host = params + grads + optim, 0.0
-    if offload != "none":   # ZeRO-Offload: gradient shards and optimizer states live on the host
-        device -= optim + grads
-        host += optim + grads if offload == "cpu" else 0.0
-        if stage == 3:
+    device, host, nvme, swap_buffers = params + grads + optim, 0.0, 0.0, 0.0
+    if offload != "none":   # masters + Adam leave the accelerator; gradient partitions stay
+        device -= optim
+        # On an accelerator the fp32 master is always a host copy (12 bytes per owned parameter).
+        moved = optimizer_offload_bytes(int(shape.num_params / (world if stage >= 1 else 1)), offload, True,
+                                        sub_group_size, buffer_count)
+        host += moved["offload_host"] if offload == "cpu" else 0.0
+        swap_buffers = moved["offload_host"] if offload == "nvme" else 0.0
+        nvme += moved["offload_nvme"]
+        if stage == 3:   # parameter offload: formula only (not implemented yet)
             device -= params
             host += params if offload == "cpu" else 0.0
+            nvme += params if offload == "nvme" else 0.0
     # Stage 0-2: at most two reduction buckets in flight; stage 3 adds gathered parameters
     # (prefetch window plus the largest layer).
     buffers = 2 * min(reduce_bucket_size, shape.num_params) * p_bytes
     if stage == 3:
         buffers += (min(prefetch_bucket_size, shape.num_params) + shape.largest_layer_params) * p_bytes
-    return Estimate(stage, offload, device, host, buffers,
+    return Estimate(stage, offload, device, host + swap_buffers, buffers,
                     activation_bytes(shape, micro_batch, seq, mixed, False),
-                    activation_bytes(shape, micro_batch, seq, mixed, True))
+                    activation_bytes(shape, micro_batch, seq, mixed, True), nvme)
 
 
 def largest_model_fitting(device_bytes: float, world: int, stage: int, offload: str, mixed: bool) -> float:

@@ -13,12 +13,21 @@ import torch
 class MasterWeights:
     masters: list[list[torch.Tensor]]   # per group, per bucket: 1D fp32 tensors the optimizer steps
 
-    def __init__(self, owned_params: list[list[torch.Tensor]], force_copy: bool = False):
+    def __init__(self, owned_params: list[list[torch.Tensor]], force_copy: bool = False,
+                 device: torch.device | None = None, allocate: bool = True):
+        """``device``: where the masters live (offload backends pass the host); default: with the
+        parameters. A copy is kept when the parameters are not fp32 or live elsewhere.
+        ``allocate=False`` (NVMe offload): copies get their shapes but 0-byte storage; the
+        caller fills them from ``owned_params`` where it keeps them."""
         self.owned_params = owned_params
         dtypes = {p.dtype for group in owned_params for p in group}
-        self.keeps_copy = force_copy or (dtypes != {torch.float32} and bool(dtypes))
-        if self.keeps_copy:
-            self.masters = [[p.detach().to(torch.float32).clone() for p in group] for group in owned_params]
+        elsewhere = device is not None and any(p.device != device for group in owned_params for p in group)
+        self.keeps_copy = force_copy or elsewhere or (dtypes != {torch.float32} and bool(dtypes))
+        if self.keeps_copy and not allocate:
+            self.masters = [[_unallocated(p.numel(), device or p.device) for p in group] for group in owned_params]
+        elif self.keeps_copy:
+            self.masters = [[p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
+                             for p in group] for group in owned_params]
         else:
             self.masters = owned_params
 
@@ -27,7 +36,7 @@ class MasterWeights:
         for masters, group_grads in zip(self.masters, grads):
             for master, grad in zip(masters, group_grads):
                 if self.keeps_copy:
-                    master.grad = grad.to(torch.float32).mul_(coefficient)
+                    master.grad = grad.to(device=master.device, dtype=torch.float32).mul_(coefficient)
                 else:
                     master.grad = grad.mul_(coefficient)
 
@@ -48,3 +57,9 @@ class MasterWeights:
 
     def tensors(self) -> list[torch.Tensor]:
         return [m for group in self.masters for m in group] if self.keeps_copy else []
+
+
+def _unallocated(numel: int, device: torch.device) -> torch.Tensor:
+    tensor = torch.empty(numel, dtype=torch.float32, device=device)
+    tensor.untyped_storage().resize_(0)   # shape kept, no memory
+    return tensor

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -19,8 +19,10 @@ from hf_zero.comm import Collectives
 from hf_zero.optim.fused_step import FusedAdamW, norm_inputs
 from hf_zero.optim.grad_norm import clip_coefficient, global_grad_norm
 from hf_zero.optim.loss_scaler import LossScaler
-from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.stages.base import ZeroStage
+
+if TYPE_CHECKING:
+    from hf_zero.offload.protocol import OptimizerOffload
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     step_was_skipped: bool
     """True when the last step() skipped the update (fp16 overflow on any rank)."""
 
-    def __init__(self, inner: torch.optim.Optimizer, stage: ZeroStage, masters: MasterWeights,
+    def __init__(self, inner: torch.optim.Optimizer, stage: ZeroStage, offload: "OptimizerOffload",
                  scaler: LossScaler, comm: Collectives, gradient_clipping: float,
                  fused: Optional[FusedAdamW] = None):
         super().__init__([{"params": []}], dict(inner.defaults))
@@ -38,7 +40,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.state = inner.state
         self.inner = inner
         self.stage = stage
-        self.masters = masters
+        self.offload = offload          # where masters/states live and how the update walks them
+        self.masters = offload.masters
         self.scaler = scaler
         self.comm = comm
         self.gradient_clipping = gradient_clipping
@@ -87,9 +90,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.fused is not None:
             self.fused.step(grads, coefficient.to(torch.float32), overflow_flag if self.scaler.dynamic else None)
         else:
-            self.masters.load_grads(grads, coefficient)
-            self.inner.step()
-            self.masters.finish_step()
+            self.offload.step(grads, coefficient)
         self.stage.after_step()
         self.stage.zero_grad()
         return None

@@ -1,0 +1,133 @@
+"""The largest Llama-shaped model that completes a full training step on this machine.
+
+    python benchmarks/largest_model.py --swap-dir /local_nvme [--sizes 0.5,1,2,3,4] [--ram-budget-gib 22]
+
+Each trial builds a Llama (bf16 compute, fp32 masters and Adam states) from its config on
+every rank, shards it under ZeRO stage 3 on 2 gloo processes with the optimizer state
+offloaded to NVMe (``offload_optimizer.device = "nvme"``), and runs one full step
+(forward, backward, optimizer, with activation checkpointing) on a short sequence. Trials
+go up the ``--sizes`` list (billions of parameters; the shape is scaled like Llama:
+hidden h, 2.7h MLP, h/128 heads, layers from the size) and stop at the first failure. A
+watchdog kills a trial whose processes together exceed ``--ram-budget-gib`` of resident
+memory (so the machine's OOM killer never has to choose), which counts as a failure.
+
+Parameter offload (``offload_param``) is not implemented yet, so the parameter shards,
+gradient shards and the model as built (each rank builds it whole before sharding: no
+zero_init yet) stay in RAM; those, not the optimizer state, bound the size here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llama_shape(billions: float) -> dict:
+    """A Llama-proportioned config with about ``billions`` x 1e9 parameters."""
+    hidden = 2048 if billions < 1.5 else 2560 if billions < 3 else 3072 if billions < 5 else 4096
+    inter = int(2.6875 * hidden) // 256 * 256
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter
+    vocab = 32000
+    layers = max(1, round((billions * 1e9 - 2 * vocab * hidden) / per_layer))
+    return {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 128, "num_key_value_heads": hidden // 128, "vocab_size": vocab,
+            "max_position_embeddings": 256}
+
+
+def trial(rank: int, world: int, shape: dict, swap: str, seq: int) -> dict:
+    import resource
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_zero
+
+    torch.set_default_dtype(torch.bfloat16)   # build in bf16: half the memory of an fp32 build
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    torch.set_default_dtype(torch.float32)
+    num_params = sum(p.numel() for p in model.parameters())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = hf_zero.initialize(model, {
+        "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
+        "zero_optimization": {"stage": 3, "sub_group_size": 10_000_000, "reduce_bucket_size": 50_000_000,
+                              "allgather_bucket_size": 50_000_000,
+                              "offload_optimizer": {"device": "nvme", "nvme_path": swap, "buffer_count": 2}}})
+    ids = torch.randint(0, shape["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(rank))
+    start = time.perf_counter()
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    step_s = time.perf_counter() - start
+    mem = engine.memory_breakdown()
+    engine.destroy()
+    return {"num_params": num_params, "loss": loss.item(), "step_s": step_s,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "offload_nvme_gib": mem["offload_nvme"] / 2 ** 30}
+
+
+def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s: float) -> dict:
+    """One trial in a child process (2 ranks), killed if the ranks' RSS exceeds the budget."""
+    import psutil
+
+    code = ("import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r); import largest_model as lm; "
+            "from hf_zero.testing import run_on_ranks; "
+            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, timeout_s=%r)))"
+            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, timeout_s)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    parent, peak = psutil.Process(child.pid), 0.0
+    while child.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2 ** 30
+        except psutil.Error:
+            rss = 0.0
+        peak = max(peak, rss)
+        if rss > budget_gib:
+            for p in parent.children(recursive=True):
+                p.kill()
+            child.kill()
+            child.wait()
+            return {"ok": False, "why": f"over the RAM budget ({rss:.1f} > {budget_gib} GiB)", "peak_gib": peak}
+        time.sleep(0.5)
+    out, err = child.communicate()
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if child.returncode != 0 or not lines:
+        return {"ok": False, "why": (err.strip().splitlines() or ["?"])[-1][:200], "peak_gib": peak}
+    return {"ok": True, "ranks": json.loads(lines[0][7:]), "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--swap-dir", default=tempfile.gettempdir())
+    parser.add_argument("--sizes", default="0.5,1,2,3,4", help="billions of parameters, ascending")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--ram-budget-gib", type=float, default=22.0)
+    parser.add_argument("--timeout-s", type=float, default=3600)
+    args = parser.parse_args()
+    print("| target B | params B | result | step s | peak RSS (both ranks) GiB | NVMe per rank GiB |\n"
+          "|---|---|---|---|---|---|")
+    best = None
+    for billions in (float(s) for s in args.sizes.split(",")):
+        r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s)
+        if not r["ok"]:
+            print(f"| {billions} | - | failed: {r['why']} | - | {r['peak_gib']:.1f} | - |", flush=True)
+            break
+        r0 = r["ranks"][0]
+        print(f"| {billions} | {r0['num_params'] / 1e9:.2f} | ok (loss {r0['loss']:.3f}) | {r0['step_s']:.1f} | "
+              f"{r['peak_gib']:.1f} | {r0['offload_nvme_gib']:.1f} |", flush=True)
+        best = r0["num_params"]
+    print(f"\nlargest model that completed a step: {best / 1e9:.2f} B parameters" if best else "\nno size completed")
+
+
+if __name__ == "__main__":
+    main()

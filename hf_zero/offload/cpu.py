@@ -1,0 +1,49 @@
+"""``offload_optimizer.device = "cpu"``: fp32 masters and Adam states resident in host memory.
+
+The update walks them in sub-groups ([Note: sub-group schedule] in step_loop.py); with the
+parameters on an accelerator the masters and states are pinned so that the copy-back of a
+sub-group is an asynchronous DMA overlapping the next sub-group's update. With fp32
+parameters already on the host (a CPU-only run) the parameter chunk is its own master, as
+in the 'none' backend, and nothing is copied back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_zero.offload.step_loop import SubGroupOffload, SubGroupViews
+from hf_zero.offload.subgroups import SubGroup
+
+
+def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    # CUDA-only branch: page-locked host memory makes the copy-back an async DMA.
+    return tensor.pin_memory() if pin else tensor
+
+
+class CpuOffload(SubGroupOffload):
+    location = "cpu"
+
+    def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, pin_memory: bool,
+                 force_copy: bool = False):
+        super().__init__(owned_params, sub_group_size, force_copy)
+        self.pin = pin_memory and torch.cuda.is_available()
+        if self.pin and self.masters.keeps_copy:
+            self.masters.masters = [[_pinned(m, True) for m in g] for g in self.masters.masters]
+
+    def _new_state(self, master: torch.Tensor) -> torch.Tensor:
+        return _pinned(torch.zeros_like(master), self.pin)
+
+    def _acquire(self, sub_group: SubGroup) -> SubGroupViews:
+        masters = self.masters.masters
+        views = SubGroupViews([masters[s.group][s.chunk].narrow(0, s.start, s.length) for s in sub_group.slices],
+                              {})
+        for key in self.state_keys:
+            views.states[key] = [self.inner.state[masters[s.group][s.chunk]][key].narrow(0, s.start, s.length)
+                                 for s in sub_group.slices]
+        return views
+
+    def memory_by_location(self) -> dict[str, int]:
+        states = sum(s[key].untyped_storage().nbytes() for s in self.inner.state.values()
+                     for key in self.state_keys if key in s)
+        return {"offload_host": states + sum(t.untyped_storage().nbytes() for t in self.masters.tensors()),
+                "offload_nvme": 0}

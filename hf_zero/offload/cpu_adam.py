@@ -1,0 +1,65 @@
+"""The CPU Adam/AdamW update of one sub-group, through torch's own kernels.
+
+[Note: which CPU AdamW]
+torch ships three CPU implementations: the per-tensor loop (default on CPU), ``foreach``
+and ``fused`` (one vectorised, OpenMP-parallel pass per tensor). On this project's 2-core
+machine they run at about 0.15x, 0.25x and 1.1x of the in-place streaming bandwidth limit
+(28 bytes per parameter; benchmarks/offload.py): the fused kernel already streams each
+element once, so there is nothing left for a hand-written kernel to win and hf_zero calls
+it on sub-group slices instead. A group that explicitly asks for ``fused=False`` keeps its
+choice (``foreach`` or the loop), so an offloaded run is bit-identical to the same run
+without offload whatever the user picked; ``fused=None`` (torch's default) gets the fused
+kernel. Slices of one chunk are independent elementwise updates, so splitting a chunk into
+sub-groups changes no bit of the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import adam as _adam_functional
+
+from hf_zero.config.parse import ConfigError
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def check_offloadable(inner: torch.optim.Optimizer) -> None:
+    """Offloaded updates run Adam/AdamW through torch's functional kernels: refuse others."""
+    if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        raise ConfigError([("zero_optimization.offload_optimizer.device",
+                            f"offload runs Adam/AdamW on the CPU; got {type(inner).__name__}")])
+    for group in inner.param_groups:
+        if group.get("capturable") or group.get("differentiable"):
+            raise ConfigError([("zero_optimization.offload_optimizer.device",
+                                "offload does not support capturable/differentiable Adam")])
+
+
+def state_keys(inner: torch.optim.Optimizer) -> tuple[str, ...]:
+    """Elementwise state tensors per master, in torch's names (the on-disk order too)."""
+    amsgrad = any(g.get("amsgrad") for g in inner.param_groups)
+    return STATE_KEYS + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+def new_step_counter(master: torch.Tensor) -> torch.Tensor:
+    # torch keeps the fused kernel's counter as a float32 scalar on the parameter's device.
+    return torch.zeros((), dtype=torch.float32, device=master.device)
+
+
+def adam_update(inner: torch.optim.Optimizer, group: dict, params: list[torch.Tensor],
+                grads: list[torch.Tensor], states: dict[str, list[torch.Tensor]], step: float) -> None:
+    """One Adam(W) update of ``params`` (1D fp32 slices) with ``states`` slices, as the inner
+    optimizer's ``group`` would do it at optimizer step ``step`` (1-based after this call)."""
+    fused = group.get("fused")
+    fused = True if fused is None else fused
+    foreach = None if fused else group.get("foreach")
+    decoupled = type(inner) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
+    beta1, beta2 = group["betas"]
+    # The kernels increment the counters they are given; each slice gets its own copy of the
+    # master's count so slices of one chunk see the same step.
+    steps = [torch.full((), step - 1, dtype=torch.float32) for _ in params]
+    amsgrad = bool(group.get("amsgrad"))
+    _adam_functional(
+        params, grads, states["exp_avg"], states["exp_avg_sq"],
+        states["max_exp_avg_sq"] if amsgrad else [], steps, foreach=foreach, fused=fused,
+        decoupled_weight_decay=decoupled, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=group["lr"],
+        weight_decay=group["weight_decay"], eps=group["eps"], maximize=bool(group.get("maximize")))

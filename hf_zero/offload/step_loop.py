@@ -1,0 +1,137 @@
+"""The sub-group update loop shared by the cpu and nvme backends.
+
+[Note: sub-group schedule]
+For sub-group i (subgroups.py) the loop (1) asks the storage to start fetching i+1
+(nvme: an asynchronous read into a free swap buffer; cpu: nothing), (2) waits for i's
+views, (3) brings i's gradient slices to the host in fp32 and multiplies them by the
+unscale x clip coefficient (the same single pass the 'none' backend makes), (4) runs the
+CPU Adam(W) (cpu_adam.py) per parameter group present in i, (5) starts copying i's
+updated masters into the parameters' chunks on the copy executor (write_back.py) and (6)
+hands i back to the storage (nvme: an asynchronous write once that copy is done). So the
+copy-back of i and the swap-out of i run while i+1 is updated. The step counters advance
+once, after every sub-group, as torch's per-parameter counters would.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from hf_zero.offload.cpu_adam import adam_update, check_offloadable, new_step_counter, state_keys
+from hf_zero.offload.protocol import OptimizerOffload
+from hf_zero.offload.subgroups import SubGroup, plan_sub_groups
+from hf_zero.offload.write_back import WriteBack
+from hf_zero.optim.master_weights import MasterWeights
+
+
+@dataclass
+class SubGroupViews:
+    masters: list[torch.Tensor]              # per slice: 1D fp32 master values (host)
+    states: dict[str, list[torch.Tensor]]    # state key -> per slice 1D fp32 (host)
+
+
+class SubGroupOffload(OptimizerOffload):
+    """Runs the [Note: sub-group schedule]; subclasses say where a sub-group's tensors live."""
+
+    updates_on_device = False
+    host = torch.device("cpu")
+
+    allocates_masters = True   # nvme: masters are born swapped out and filled from the parameters
+
+    def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, force_copy: bool = False):
+        self.masters = MasterWeights(owned_params, force_copy=force_copy, device=self.host,
+                                     allocate=self.allocates_masters)
+        self.plan: list[SubGroup] = plan_sub_groups([[m.numel() for m in g] for g in self.masters.masters],
+                                                    sub_group_size)
+        on_accelerator = any(p.device.type != "cpu" for g in owned_params for p in g)
+        self.write_back = WriteBack(on_accelerator)
+        self.failed: BaseException | None = None
+
+    def attach(self, inner: torch.optim.Optimizer) -> None:
+        check_offloadable(inner)
+        super().attach(inner)
+        self.state_keys = state_keys(inner)
+        for group in inner.param_groups:
+            for master in group["params"]:
+                state = inner.state[master]
+                if not state:   # eager, torch's layout: step counter + zeroed moments
+                    state["step"] = new_step_counter(master)
+                    for key in self.state_keys:
+                        state[key] = self._new_state(master)
+        self._group_of = {}
+        for gi, group in enumerate(inner.param_groups):
+            for master in group["params"]:
+                self._group_of[id(master)] = gi
+
+    def _new_state(self, master: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(master)
+
+    # ---- storage (subclasses) ------------------------------------------------------------
+    def _prefetch(self, sub_group: SubGroup) -> None:
+        """Start making ``sub_group``'s tensors available (no-op when resident)."""
+
+    @abc.abstractmethod
+    def _acquire(self, sub_group: SubGroup) -> SubGroupViews:
+        """Wait until ``sub_group``'s masters and states are readable and writable on the host."""
+
+    def _release(self, sub_group: SubGroup, copied) -> None:
+        """``sub_group`` is updated; ``copied`` completes once its copy-back is done."""
+
+    def _finish(self) -> None:
+        """Every release of this step has reached its storage."""
+
+    # ---- the loop ---------------------------------------------------------------------
+    def _check_healthy(self) -> None:
+        if self.failed is not None:
+            raise RuntimeError(f"hf_zero: offloaded optimizer state is unusable after an earlier error "
+                               f"({self.failed}); restart from the last checkpoint") from self.failed
+
+    @torch.no_grad()
+    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+        self._check_healthy()
+        try:
+            self._step(grads, coefficient)
+        except BaseException as err:
+            self.failed = err
+            raise
+
+    def _step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+        masters = self.masters
+        coefficient = coefficient.to(self.host)    # one device->host read per step (CUDA)
+        groups = self.inner.param_groups
+        step = {gi: float(self.inner.state[g["params"][0]]["step"]) + 1 for gi, g in enumerate(groups)
+                if g["params"]}
+        if self.plan:
+            self._prefetch(self.plan[0])
+        for i, sub_group in enumerate(self.plan):
+            if i + 1 < len(self.plan):
+                self._prefetch(self.plan[i + 1])
+            views = self._acquire(sub_group)
+            by_group: dict[int, list[int]] = {}
+            for k, s in enumerate(sub_group.slices):
+                by_group.setdefault(self._group_of[id(masters.masters[s.group][s.chunk])], []).append(k)
+            grad_slices = []
+            for s in sub_group.slices:
+                g = grads[s.group][s.chunk].narrow(0, s.start, s.length)
+                # fp32 host gradients are used in place (as the 'none' backend does); others
+                # are upcast / brought to the host into a fresh fp32 tensor.
+                grad_slices.append(g.to(device=self.host, dtype=torch.float32).mul_(coefficient))
+            for gi, ks in by_group.items():
+                adam_update(self.inner, groups[gi], [views.masters[k] for k in ks], [grad_slices[k] for k in ks],
+                            {key: [views.states[key][k] for k in ks] for key in self.state_keys}, step[gi])
+            copies = []
+            if masters.keeps_copy:
+                for k, s in enumerate(sub_group.slices):
+                    dst = masters.owned_params[s.group][s.chunk].narrow(0, s.start, s.length)
+                    copies.append((dst, views.masters[k]))
+            self._release(sub_group, self.write_back.submit(copies))
+        self._finish()
+        self.write_back.wait_all()
+        for gi, g in enumerate(groups):
+            for master in g["params"]:
+                self.inner.state[master]["step"] += 1
+
+    def close(self) -> None:
+        self.write_back.close()
