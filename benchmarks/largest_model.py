@@ -2,18 +2,21 @@
 
     python benchmarks/largest_model.py --swap-dir /local_nvme [--sizes 0.5,1,2,3,4] [--ram-budget-gib 22]
 
-Each trial builds a Llama (bf16 compute, fp32 masters and Adam states) from its config on
-every rank, shards it under ZeRO stage 3 on 2 gloo processes with the optimizer state
-offloaded to NVMe (``offload_optimizer.device = "nvme"``), and runs one full step
+Each trial builds a Llama (bf16 compute, fp32 masters and Adam states) from its config
+under ``hf_zero.zero_init`` (meta device: no rank ever holds the whole model; each rank
+materialises one block at a time and keeps its shard), shards it under ZeRO stage 3 on 2
+gloo processes with the optimizer state offloaded as ``--offload`` says (nvme by
+default; cpu; none), and runs one full step
 (forward, backward, optimizer, with activation checkpointing) on a short sequence. Trials
 go up the ``--sizes`` list (billions of parameters; the shape is scaled like Llama:
 hidden h, 2.7h MLP, h/128 heads, layers from the size) and stop at the first failure. A
 watchdog kills a trial whose processes together exceed ``--ram-budget-gib`` of resident
 memory (so the machine's OOM killer never has to choose), which counts as a failure.
 
-Parameter offload (``offload_param``) is not implemented yet, so the parameter shards,
-gradient shards and the model as built (each rank builds it whole before sharding: no
-zero_init yet) stay in RAM; those, not the optimizer state, bound the size here.
+Parameter offload (``offload_param``) is not implemented yet, so the bf16 parameter and
+gradient shards (4 bytes per parameter over the 2 ranks) stay in RAM next to the swap
+buffers; with NVMe offload those, and the free disk space for 12 bytes per parameter of
+optimizer state, bound the size here.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def llama_shape(billions: float) -> dict:
             "max_position_embeddings": 256}
 
 
-def trial(rank: int, world: int, shape: dict, swap: str, seq: int) -> dict:
+def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str = "nvme") -> dict:
     import resource
 
     import torch
@@ -50,18 +53,19 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int) -> dict:
 
     import hf_zero
 
-    torch.set_default_dtype(torch.bfloat16)   # build in bf16: half the memory of an fp32 build
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
-    torch.set_default_dtype(torch.float32)
+    with hf_zero.zero_init(seed=0):
+        model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
     num_params = sum(p.numel() for p in model.parameters())
+    offload_block = {"device": offload}
+    if offload == "nvme":
+        offload_block.update(nvme_path=swap, buffer_count=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = hf_zero.initialize(model, {
         "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
         "zero_optimization": {"stage": 3, "sub_group_size": 10_000_000, "reduce_bucket_size": 50_000_000,
                               "allgather_bucket_size": 50_000_000,
-                              "offload_optimizer": {"device": "nvme", "nvme_path": swap, "buffer_count": 2}}})
+                              "offload_optimizer": offload_block}})
     ids = torch.randint(0, shape["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(rank))
     start = time.perf_counter()
     loss = engine(input_ids=ids, labels=ids).loss
@@ -72,17 +76,17 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int) -> dict:
     engine.destroy()
     return {"num_params": num_params, "loss": loss.item(), "step_s": step_s,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "offload_nvme_gib": mem["offload_nvme"] / 2 ** 30}
+            "offload_nvme_gib": mem.get("offload_nvme", 0) / 2 ** 30}
 
 
-def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s: float) -> dict:
+def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s: float, offload: str) -> dict:
     """One trial in a child process (2 ranks), killed if the ranks' RSS exceeds the budget."""
     import psutil
 
     code = ("import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r); import largest_model as lm; "
             "from hf_zero.testing import run_on_ranks; "
-            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, timeout_s=%r)))"
-            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, timeout_s)
+            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, %r, timeout_s=%r)))"
+            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, offload, timeout_s)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     parent, peak = psutil.Process(child.pid), 0.0
@@ -113,12 +117,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--ram-budget-gib", type=float, default=22.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--offload", choices=("nvme", "cpu", "none"), default="nvme")
     args = parser.parse_args()
+    print(f"offload_optimizer: {args.offload}; stage 3, 2 processes, bf16, seq {args.seq}, zero_init")
     print("| target B | params B | result | step s | peak RSS (both ranks) GiB | NVMe per rank GiB |\n"
           "|---|---|---|---|---|---|")
     best = None
     for billions in (float(s) for s in args.sizes.split(",")):
-        r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s)
+        r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s, args.offload)
         if not r["ok"]:
             print(f"| {billions} | - | failed: {r['why']} | - | {r['peak_gib']:.1f} | - |", flush=True)
             break
