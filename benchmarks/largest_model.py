@@ -45,6 +45,12 @@ def llama_shape(billions: float) -> dict:
             "max_position_embeddings": 256}
 
 
+def _rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or its peak so far (VmHWM), GiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
+
+
 def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str = "nvme") -> dict:
     import resource
 
@@ -67,14 +73,19 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str 
                               "allgather_bucket_size": 50_000_000,
                               "offload_optimizer": offload_block}})
     ids = torch.randint(0, shape["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(rank))
+    phases = {"init peak": _rss_gib("VmHWM"), "init": _rss_gib()}
     start = time.perf_counter()
     loss = engine(input_ids=ids, labels=ids).loss
+    phases["forward"] = _rss_gib()
     engine.backward(loss)
+    phases["backward"] = _rss_gib()
     engine.step()
+    phases["step"] = _rss_gib()
+    phases["step peak"] = _rss_gib("VmHWM")
     step_s = time.perf_counter() - start
     mem = engine.memory_breakdown()
-    engine.destroy()
-    return {"num_params": num_params, "loss": loss.item(), "step_s": step_s,
+    engine.destroy(unshard=False)   # whole parameters on every rank would not fit
+    return {"num_params": num_params, "loss": loss.item(), "step_s": step_s, "phases": phases,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "offload_nvme_gib": mem.get("offload_nvme", 0) / 2 ** 30}
 
@@ -90,24 +101,29 @@ def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     parent, peak = psutil.Process(child.pid), 0.0
+    per_process: dict[str, float] = {}
     while child.poll() is None:
         try:
-            rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2 ** 30
+            procs = [parent, *parent.children(recursive=True)]
+            sizes = {f"{p.pid} {' '.join(p.cmdline())[-60:]}": p.memory_info().rss / 2 ** 30 for p in procs}
         except psutil.Error:
-            rss = 0.0
-        peak = max(peak, rss)
+            sizes = {}
+        rss = sum(sizes.values())
+        if rss > peak:
+            peak, per_process = rss, sizes
         if rss > budget_gib:
             for p in parent.children(recursive=True):
                 p.kill()
             child.kill()
             child.wait()
-            return {"ok": False, "why": f"over the RAM budget ({rss:.1f} > {budget_gib} GiB)", "peak_gib": peak}
+            return {"ok": False, "why": f"over the RAM budget ({rss:.1f} > {budget_gib} GiB)", "peak_gib": peak,
+                    "per_process": per_process}
         time.sleep(0.5)
     out, err = child.communicate()
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if child.returncode != 0 or not lines:
         return {"ok": False, "why": (err.strip().splitlines() or ["?"])[-1][:200], "peak_gib": peak}
-    return {"ok": True, "ranks": json.loads(lines[0][7:]), "peak_gib": peak}
+    return {"ok": True, "ranks": json.loads(lines[0][7:]), "peak_gib": peak, "per_process": per_process}
 
 
 def main() -> None:
@@ -120,18 +136,21 @@ def main() -> None:
     parser.add_argument("--offload", choices=("nvme", "cpu", "none"), default="nvme")
     args = parser.parse_args()
     print(f"offload_optimizer: {args.offload}; stage 3, 2 processes, bf16, seq {args.seq}, zero_init")
-    print("| target B | params B | result | step s | peak RSS (both ranks) GiB | NVMe per rank GiB |\n"
-          "|---|---|---|---|---|---|")
+    print("| target B | params B | result | step s | peak RSS (both ranks) GiB | rank-0 RSS after init, forward, "
+          "backward, step GiB | NVMe per rank GiB |\n|---|---|---|---|---|---|---|")
     best = None
     for billions in (float(s) for s in args.sizes.split(",")):
         r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s, args.offload)
         if not r["ok"]:
-            print(f"| {billions} | - | failed: {r['why']} | - | {r['peak_gib']:.1f} | - |", flush=True)
+            print(f"| {billions} | - | failed: {r['why']} | - | {r['peak_gib']:.1f} | - | - |", flush=True)
             break
         r0 = r["ranks"][0]
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r0["phases"].items())
         print(f"| {billions} | {r0['num_params'] / 1e9:.2f} | ok (loss {r0['loss']:.3f}) | {r0['step_s']:.1f} | "
-              f"{r['peak_gib']:.1f} | {r0['offload_nvme_gib']:.1f} |", flush=True)
+              f"{r['peak_gib']:.1f} | {phases} | {r0['offload_nvme_gib']:.1f} |", flush=True)
         best = r0["num_params"]
+        if os.environ.get("HF_ZERO_BENCH_VERBOSE"):
+            print("  RSS at the peak, per process (GiB):", {k: round(v, 2) for k, v in r["per_process"].items()})
     print(f"\nlargest model that completed a step: {best / 1e9:.2f} B parameters" if best else "\nno size completed")
 
 

@@ -287,11 +287,15 @@ class ZeroEngine:
     def reset_comm_stats(self) -> None:
         self.comm.stats.reset()
 
-    def destroy(self) -> None:
-        """Remove hooks and the routed methods; drop optimizer state and buffers."""
+    def destroy(self, unshard: bool = True) -> None:
+        """Remove hooks and the routed methods; drop optimizer state and buffers.
+
+        Stage 3: with ``unshard`` every rank gets whole parameters back (a usable plain
+        model; a collective). ``unshard=False`` leaves them empty, for a model that does not
+        fit one rank (save it first with ``save_16bit_model`` or ``save_checkpoint``)."""
         self.stage.wait_for_reductions()
         self.stage.remove_hooks()
-        if hasattr(self.stage, "unshard"):   # stage 3: leave the model usable, weights whole again
+        if unshard and hasattr(self.stage, "unshard"):
             self.stage.unshard()
         for name in ("no_sync", "zero_grad"):
             self.module.__dict__.pop(name, None)

@@ -119,3 +119,14 @@ def test_destroy_frees_engine_memory_and_hooks(stage, bf16):
     x = batch(0, 1, 0)
     model(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_stage3_destroy_without_unshard_leaves_parameters_empty():
+    model = tiny_gpt2()
+    engine = hf_zero.initialize(model, {**CONFIG, "zero_optimization": {"stage": 3, "reduce_bucket_size": 4000,
+                                                                     "stage3_param_persistence_threshold": 0}})
+    one_step(engine, model)
+    engine.destroy(unshard=False)
+    assert all(p.numel() == 0 for p in model.parameters())   # no rank ever held the whole model
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    assert "zero_grad" not in model.__dict__ and "no_sync" not in model.__dict__
