@@ -77,7 +77,9 @@ class Unit:
             g.release()
 
     def reset_backward(self) -> None:
+        """End of a pass (also after a forward that raised): clear every per-pass counter."""
         self.ready, self.pending_inputs, self.hooked_backward, self.pinned = 0, 0, False, False
+        self.in_forward = 0
 
 
 def find_unit_modules(model: nn.Module) -> list[nn.Module]:
