@@ -236,7 +236,7 @@ class ZeroEngine:
         return self.stage.no_sync()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.stage.zero_grad()
+        self.optimizer.zero_grad()
 
     def train(self, mode: bool = True) -> "ZeroEngine":
         self.module.train(mode)

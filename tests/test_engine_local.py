@@ -130,3 +130,28 @@ def test_stage3_destroy_without_unshard_leaves_parameters_empty():
     assert all(p.numel() == 0 for p in model.parameters())   # no rank ever held the whole model
     assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
     assert "zero_grad" not in model.__dict__ and "no_sync" not in model.__dict__
+
+
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_grad_norm_is_computed_once_per_gradient_version(stage, monkeypatch):
+    # clip_grad_norm_ (Trainer / accelerate) then optimizer.step(): one pass over the gradients
+    import hf_zero.optim.zero_optimizer as zero_optimizer
+
+    calls = []
+    real = zero_optimizer.global_grad_norm
+    monkeypatch.setattr(zero_optimizer, "global_grad_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_gpt2()
+    engine = hf_zero.initialize(model, {**CONFIG, "zero_optimization": {"stage": stage, "reduce_bucket_size": 4000,
+                                                                     "stage3_param_persistence_threshold": 0}})
+    x = batch(0, 0, 0)
+    model(input_ids=x, labels=x).loss.backward()
+    first = engine.optimizer.grad_norm().item()
+    model(input_ids=x, labels=x).loss.backward()      # more gradient: the cached norm is stale
+    second = engine.optimizer.grad_norm().item()
+    assert len(calls) == 2 and second == pytest.approx(2 * first, rel=1e-5)
+    engine.optimizer.step()
+    assert len(calls) == 2, "step() must reuse the norm computed for the same gradients"
+    assert engine.get_global_grad_norm() == pytest.approx(second, rel=1e-6)
+    model(input_ids=x, labels=x).loss.backward()
+    model.zero_grad()
+    assert engine.optimizer.grad_norm().item() == 0.0 and len(calls) == 3

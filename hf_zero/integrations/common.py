@@ -81,17 +81,10 @@ def time_forward_and_backward(accelerator: Any, engine: "ZeroEngine") -> None:
 
 
 def current_grad_norm(engine: "ZeroEngine") -> float:
-    """The global norm of the gradient accumulated so far (unscaled), as the optimizer step
-    will compute it: what ``clip_grad_norm_`` returns under the Trainer / accelerate. The
-    clipping itself happens inside the step (``gradient_clipping``), on the partitioned
-    gradients. One scalar all-reduce when gradients are partitioned."""
-    from hf_zero.optim.grad_norm import global_grad_norm
-
-    stage = engine.stage
-    stage.wait_for_reductions()
-    grads = [g for group in stage.owned_grads() for g in group]
-    norm = global_grad_norm(grads, engine.comm, stage.partitions_optimizer)
-    return float(norm.item()) / (stage.grad_divisor * engine.scaler.scale)
+    """The global norm of the gradient accumulated so far (unscaled): what ``clip_grad_norm_``
+    returns under the Trainer / accelerate. The clipping itself happens inside the step
+    (``gradient_clipping``), which reuses this norm (ZeroOptimizer.grad_norm)."""
+    return float(engine.optimizer.grad_norm().item())
 
 
 def mark_prepared(engine: "ZeroEngine") -> None:

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from hf_zero.optim.master_weights import unallocated_fp32
 from hf_zero.offload.step_loop import SubGroupOffload, SubGroupViews
 from hf_zero.offload.subgroups import SubGroup, max_sub_group_numel
 from hf_zero.offload.swap_dir import SwapDir, check_swap_dir
@@ -99,9 +100,7 @@ class NvmeOffload(SubGroupOffload):
 
     def _new_state(self, master: torch.Tensor) -> torch.Tensor:
         # Born swapped out: full-size zeros would cost the very memory offload saves.
-        state = torch.empty(master.numel(), dtype=torch.float32)
-        _swap_out(state)
-        return state
+        return unallocated_fp32(master.numel(), master.device)
 
 
     # ---- moving whole sub-groups (setup, resident) ---------------------------------------

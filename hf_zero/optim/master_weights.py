@@ -24,7 +24,7 @@ class MasterWeights:
         elsewhere = device is not None and any(p.device != device for group in owned_params for p in group)
         self.keeps_copy = force_copy or elsewhere or (dtypes != {torch.float32} and bool(dtypes))
         if self.keeps_copy and not allocate:
-            self.masters = [[_unallocated(p.numel(), device or p.device) for p in group] for group in owned_params]
+            self.masters = [[unallocated_fp32(p.numel(), device or p.device) for p in group] for group in owned_params]
         elif self.keeps_copy:
             self.masters = [[p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
                              for p in group] for group in owned_params]
@@ -59,7 +59,8 @@ class MasterWeights:
         return [m for group in self.masters for m in group] if self.keeps_copy else []
 
 
-def _unallocated(numel: int, device: torch.device) -> torch.Tensor:
+def unallocated_fp32(numel: int, device: torch.device) -> torch.Tensor:
+    """A 1D fp32 tensor of ``numel`` elements with 0-byte storage (materialised later by resizing it)."""
     tensor = torch.empty(numel, dtype=torch.float32, device=device)
     tensor.untyped_storage().resize_(0)   # shape kept, no memory
     return tensor

@@ -49,6 +49,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.step_was_skipped = False
         self.num_skipped_steps = 0
         self._last_norm: Optional[torch.Tensor] = None   # device scalar; read lazily (no host sync)
+        self._norm_cache: Optional[tuple] = None   # (stage.grads_version, (norm, overflow flag))
 
     @property
     def last_grad_norm(self) -> Optional[float]:
@@ -59,21 +60,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("hf_zero's optimizer does not take a closure")
-        self.stage.wait_for_reductions()
+        norm, overflow_flag = self._norm_and_overflow()
+        self._norm_cache = None
         grads = self.stage.owned_grads()
-        flat_grads = [g for group in grads for g in group]
-        # Owned gradients hold (rank-averaged gradient) x grad_divisor x loss_scale
-        # (stages/base.py): dividing by ``scale`` gives the true gradient.
         scale = self.stage.grad_divisor * self.scaler.scale
-        if self.fused is not None:
-            stats = norm_inputs(flat_grads, self.fused.backend)       # [sumsq, non-finite count]
-            if self.stage.partitions_optimizer:
-                self.comm.all_reduce_sum(stats)
-            norm = stats[0:1].sqrt() / scale
-            overflow_flag = stats[1:2]
-        else:
-            norm = global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer) / scale  # fp32
-            overflow_flag = None
         self._last_norm = norm
         if self.scaler.dynamic:
             # The one host read of the step: the scale for the next backward depends on it.
@@ -95,7 +85,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage.zero_grad()
         return None
 
+    def grad_norm(self) -> torch.Tensor:
+        """The global norm of the current gradient (unscaled, before clipping): what
+        ``clip_grad_norm_`` returns under the Trainer / accelerate. The next ``step()`` reuses
+        it while no backward or ``zero_grad`` intervened, so asking costs no second pass."""
+        return self._norm_and_overflow()[0]
+
+    def _norm_and_overflow(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(fp32 norm, non-finite count or None), computed once per gradient version."""
+        self.stage.wait_for_reductions()
+        version = self.stage.grads_version
+        if self._norm_cache is not None and self._norm_cache[0] == version:
+            return self._norm_cache[1]
+        flat_grads = [g for group in self.stage.owned_grads() for g in group]
+        # Owned gradients hold (rank-averaged gradient) x grad_divisor x loss_scale
+        # (stages/base.py): dividing by ``scale`` gives the true gradient.
+        scale = self.stage.grad_divisor * self.scaler.scale
+        if self.fused is not None:
+            stats = norm_inputs(flat_grads, self.fused.backend)       # [sumsq, non-finite count]
+            if self.stage.partitions_optimizer:
+                self.comm.all_reduce_sum(stats)
+            result = (stats[0:1].sqrt() / scale, stats[1:2])
+        else:
+            result = (global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer) / scale, None)
+        self._norm_cache = (version, result)
+        return result
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._norm_cache = None
         self.stage.zero_grad()
 
     def state_tensors(self) -> list[torch.Tensor]:

@@ -138,7 +138,10 @@ class ZeroStage(abc.ABC):
         pending.work.wait()
         pending.on_done()
 
+    grads_version = 0   # bumped whenever a backward has changed the gradients (norm caching)
+
     def _finish_backward(self) -> None:
+        self.grads_version += 1
         if self._reduces_now():
             for bucket in self.buckets[self._next_launch:]:
                 self._prepare_unused(bucket)
