@@ -41,9 +41,8 @@ def _check_supported(config: HfZeroConfig) -> None:
     zero = config.zero_optimization
     if zero.stage == 3 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_weights", "not implemented for stage 3 yet"))
-    if zero.offload_param.device != "none":
-        problems.append(("zero_optimization.offload_param.device", "parameter offload is not implemented yet; "
-                         "use 'none' (offload_optimizer works)"))
+    if zero.offload_param.device != "none" and zero.stage != 3:
+        problems.append(("zero_optimization.offload_param.device", "parameter offload needs stage 3"))
     if zero.offload_optimizer.device != "none" and zero.stage == 0:
         problems.append(("zero_optimization.offload_optimizer.device", "optimizer offload needs stage 1, 2 or 3"))
     if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
@@ -95,6 +94,7 @@ class ZeroEngine:
         if self.dtype != torch.float32:
             model.to(self.dtype)
         zero = self.config.zero_optimization
+        self.param_store = self._param_store(model) if zero.stage == 3 else None
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
@@ -103,7 +103,7 @@ class ZeroEngine:
                                 max_live_numel=zero.stage3_max_live_parameters,
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
                                 persist_frozen=zero.stage3_persist_frozen_params,
-                                source=source))
+                                source=source, store=self.param_store))
         self.stage.watch_outputs(model)
         self._broadcast_model()
         if zero.zero_quantized_gradients or zero.zero_quantized_weights:
@@ -132,6 +132,10 @@ class ZeroEngine:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
         self.offload.attach(inner)
+        if self.param_store is not None and self.param_store.offloads:
+            # Shards on NVMe: pages the optimizer's copy-back wrote are dropped per sub-group.
+            self.offload.on_params_written = self.param_store.evict_written
+            self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
                                        float(self.config.gradient_clipping), self._fused_update(inner))
@@ -278,6 +282,9 @@ class ZeroEngine:
         # Where the optimizer masters/states are: 'offload_host' bytes resident on the host
         # (cpu backend: masters + states; nvme: swap buffers), 'offload_nvme' bytes in swap files.
         result.update(self.offload.memory_by_location())
+        # Stage-3 parameter shards kept in host memory / swap files by offload_param.
+        result.update(self.param_store.memory_by_location() if self.param_store is not None
+                      else {"param_host": 0, "param_nvme": 0})
         return result
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
@@ -304,6 +311,8 @@ class ZeroEngine:
                 p.grad = None
         self.optimizer.inner.state.clear()
         self.offload.close()   # swap files removed, threads joined
+        if self.param_store is not None:
+            self.param_store.close()   # parameter swap files (mapped shards stay readable)
         for group in self.optimizer.inner.param_groups:   # a user-held optimizer must not pin the masters
             group["params"] = []
 
@@ -312,15 +321,19 @@ class ZeroEngine:
         """Sharded, atomic checkpoint on every rank (see hf_zero/checkpoint/save.py); returns its path."""
         from hf_zero.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, save_dir, tag, client_state)
+        path = save_checkpoint(self, save_dir, tag, client_state)
+        self._evict_offloaded_params()
+        return path
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
         """Exact resume from any world size / stage; returns (path, client_state)."""
         from hf_zero.checkpoint import load_checkpoint
 
-        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
-                               load_module_only)
+        result = load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
+                                 load_module_only)
+        self._evict_offloaded_params()
+        return result
 
     def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None) -> None:
         """Write the model in Hugging Face layout (safetensors) from rank 0; all ranks call it.
@@ -331,7 +344,26 @@ class ZeroEngine:
         if self.comm.active:
             dist.barrier(group=self.comm.group)
 
+    def _evict_offloaded_params(self) -> None:
+        """Drop the pages of NVMe-offloaded shards a whole-model pass (checkpoint) touched."""
+        if self.param_store is not None:
+            self.param_store.evict_all()
+
     # ---- setup helpers ------------------------------------------------------------------
+    def _param_store(self, model: nn.Module):
+        """Where stage-3 shards live (offload_param; offload/param_store.py). The NVMe path is
+        checked for this rank's shard bytes before any shard is built."""
+        from hf_zero.offload.param_store import ParamStore
+
+        cfg = self.config.zero_optimization.offload_param
+        element = torch.empty((), dtype=self.dtype).element_size()
+        numel = sum(p.numel() for p in model.parameters())
+        # Per-bucket padding is at most world - 1 elements per bucket; 1% + 1 MiB covers it.
+        expected = int(numel * element / self.comm.world_size * 1.01) + 2**20
+        return ParamStore(cfg.device, nvme_path=cfg.nvme_path, pin_memory=cfg.pin_memory,
+                          buffer_count=cfg.buffer_count, buffer_size=cfg.buffer_size,
+                          max_in_cpu=cfg.max_in_cpu, rank=self.comm.rank, expected_bytes=expected)
+
     def _parameter_groups(self) -> list:
         """Every group that owns parameter storage: trainable, plus stage 3's frozen groups."""
         return list(self.flat_groups) + list(getattr(self.stage, "frozen_groups", []))

@@ -8,6 +8,10 @@ shape (the attribute names peft and other DeepSpeed-aware code read).
 A gather is split in two so that stage 3 can prefetch: ``start_gather()`` allocates the
 full buffer and launches the bucket all-gathers asynchronously, ``wait()`` completes them
 and points every ``param.data`` at its view. No collective is issued anywhere else.
+
+Where the shard itself lives (accelerator, host memory or a mapped NVMe file) is the
+``ParamStore``'s choice (offload/param_store.py's [Note: parameter offload]); the gather
+copies it into the full buffer and then lets the store drop its pages.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from hf_zero.comm import Collectives
 from hf_zero.flat_buffer import shard_chunks, views_by_param
 from hf_zero.partition import BucketPlan, plan_buckets, shard_numel, total_numel
 from hf_zero.meta_init import set_parameter_tensor
+from hf_zero.offload.param_store import ParamStore
 
 
 class GatherState(enum.Enum):
@@ -39,16 +44,20 @@ class ShardedParamGroup:
     state: GatherState
 
     def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives,
-                 source=None):
+                 source=None, store: Optional[ParamStore] = None, keep_in_memory: bool = False):
         """``source``: a zero_init.ParameterSource for meta-built parameters (values are read
-        slice by slice from it instead of from ``param.data``)."""
+        slice by slice from it instead of from ``param.data``). ``store``: where the shard
+        lives (default: with the parameters); ``keep_in_memory``: never in a file (the
+        persistent set)."""
         world, rank = comm.world_size, comm.rank
         self.params, self.names, self.rank, self.comm = params, names, rank, comm
         self.on_shard_modified: list = []   # callbacks (the engine refreshes fp32 masters)
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
         dtype = params[0].dtype
         device = source.device if source is not None else params[0].device
-        self.shard = torch.empty(shard_numel(self.plans), dtype=dtype, device=device)
+        self._device = device   # where gathered parameters, gradients and buckets live
+        self.storage = (store or ParamStore()).allocate(shard_numel(self.plans), dtype, device, keep_in_memory)
+        self.shard = self.storage.tensor
         self._shard_chunks = shard_chunks(self.plans, self.shard)
         self._shapes = [p.shape for p in params]
         self.full_numel = total_numel(self.plans)
@@ -70,6 +79,7 @@ class ShardedParamGroup:
         for p in params:
             p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()
             p._hf_zero_group = self   # lets GatheredParameters find what to gather
+        self.storage.evict()
         self.full = None
         self._works: list = []
         self._empty = torch.empty(0, dtype=dtype, device=device)
@@ -82,14 +92,16 @@ class ShardedParamGroup:
 
     @property
     def device(self) -> torch.device:
-        return self.shard.device
+        return self._device
 
     @property
     def full_bytes(self) -> int:
         return self.full_numel * self.shard.element_size()
 
     def storage_tensors(self) -> list[torch.Tensor]:
-        return [self.shard] + ([self.full] if self.full is not None else [])
+        """Resident storage (a shard mapped from a swap file is reported by the store instead)."""
+        shard = [] if self.storage.offloaded else [self.shard]
+        return shard + ([self.full] if self.full is not None else [])
 
     def broadcast_tensors(self) -> list[torch.Tensor]:
         return []   # built from parameters already broadcast before sharding
@@ -108,6 +120,7 @@ class ShardedParamGroup:
             return
         self.full = torch.empty(self.full_numel, dtype=self.dtype, device=self.device)
         self._works = self._all_gather_into(self.full)
+        self.storage.evict()   # the shard was copied into ``full``
         self.state = GatherState.GATHERING
 
     def wait(self) -> None:
@@ -133,6 +146,7 @@ class ShardedParamGroup:
         self.wait()
         for work in self._all_gather_into(self.full):
             work.wait()
+        self.storage.evict()
 
     def _all_gather_into(self, full: torch.Tensor) -> list:
         works = []
@@ -149,6 +163,7 @@ class ShardedParamGroup:
         for plan, chunk in zip(self.plans, self._shard_chunks):
             start, length = plan.shard(self.rank)
             chunk.copy_(self.full.narrow(0, start, length))
+        self.storage.evict()
         for callback in self.on_shard_modified:
             callback()
 

@@ -106,14 +106,19 @@ class OffloadOptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OffloadParamConfig:
-    device: str = _f("none", "Where stage-3 parameters live (not implemented yet: only 'none' runs; "
-                     "initialize refuses the others).",
-                     choices=("none", "cpu", "nvme"))
-    nvme_path: Optional[str] = _f(None, "Directory for NVMe swap files.")
-    pin_memory: bool = _f(True, "Pin host buffers when an accelerator exists.")
-    buffer_count: int = _f(5, "Parameter swap buffers.", min=1)
-    buffer_size: int = _f(100_000_000, "Elements per parameter swap buffer.", min=1)
-    max_in_cpu: int = _f(1_000_000_000, "Parameter elements kept in CPU memory when swapping to NVMe.", min=0)
+    device: str = _f("none", "Where each rank's stage-3 parameter shards live at rest: 'none' (with the "
+                     "parameters), 'cpu' (host memory; gathered blocks on the accelerator), 'nvme' (a mapped "
+                     "file per shard under nvme_path, read ahead along the prefetch order). Stage 3 only. "
+                     "See docs/offload.md.", choices=("none", "cpu", "nvme"))
+    nvme_path: Optional[str] = _f(None, "Directory for the parameter swap files (required for 'nvme'; checked "
+                                  "for existence, write access and free space at initialize).")
+    pin_memory: bool = _f(True, "'cpu': pin the host shards when a CUDA device exists (mapped NVMe shards "
+                          "are never pinned).")
+    buffer_count: int = _f(5, "'nvme' read-ahead: shards of the next units in the prefetch order are read "
+                           "ahead up to buffer_count x buffer_size elements.", min=1)
+    buffer_size: int = _f(100_000_000, "'nvme' read-ahead: elements per buffer (see buffer_count).", min=1)
+    max_in_cpu: int = _f(1_000_000_000, "'nvme': shard elements kept in host memory instead of files (the "
+                         "first shards built: the last blocks); the persistent set always stays.", min=0)
 
 
 @dataclass(frozen=True, kw_only=True)

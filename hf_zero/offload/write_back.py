@@ -35,10 +35,12 @@ class _ThreadCopies:
         self.future.result()
 
 
-def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]], after) -> None:
     with torch.no_grad():
         for dst, src in copies:
             dst.copy_(src)
+    if after is not None:
+        after([dst for dst, _ in copies])
 
 
 class WriteBack:
@@ -47,8 +49,9 @@ class WriteBack:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list = []
 
-    def submit(self, copies: list[tuple[torch.Tensor, torch.Tensor]]):
-        """Start ``dst.copy_(src)`` for every pair; returns a handle with ``wait()``."""
+    def submit(self, copies: list[tuple[torch.Tensor, torch.Tensor]], after=None):
+        """Start ``dst.copy_(src)`` for every pair; returns a handle with ``wait()``.
+        ``after(dsts)`` runs once the copies are done (host copies only: on the thread)."""
         if not copies:
             return _Done()
         if self._stream is not None:
@@ -62,7 +65,7 @@ class WriteBack:
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf_zero-writeback")
-            handle = _ThreadCopies(self._pool.submit(_copy_all, copies))
+            handle = _ThreadCopies(self._pool.submit(_copy_all, copies, after))
         self._pending.append(handle)
         return handle
 

@@ -67,6 +67,17 @@ class PrefetchPlanner:
         trace = self._traces[self._kind]
         return len(self._current) < len(trace) and trace[len(self._current)] == unit
 
+    @property
+    def position(self) -> int:
+        """How many requests this pass has made (the trace index of the next one)."""
+        return len(self._current)
+
+    def upcoming(self) -> Sequence[int]:
+        """The rest of the recorded trace, in order (empty when not following one)."""
+        if not self._following:
+            return []
+        return self._traces[self._kind][len(self._current):]
+
     def to_prefetch(self, numel_of: Callable[[int], int], live_numel: int,
                     is_gathered: Callable[[int], bool]) -> Sequence[int]:
         """Units to start gathering now (in trace order), given what is gathered already."""

@@ -21,6 +21,9 @@ the weights gathered and (reentrant: the original forward built no graph) places
 markers itself. The end-of-backward callback is queued from the model's outputs
 (``watch_outputs`` in stages/base.py), so the nested backward of reentrant checkpointing
 does not end the step early.
+With parameter offload to NVMe (offload/param_store.py's [Note: parameter offload]) each
+request also asks the store to start reading the shards of the units that follow in the
+recorded order, beyond the gathers already started, within its read-ahead budget.
 Gradients follow stage 2's path (staging bucket -> reduce-scatter into this rank's shard).
 Traffic per step: all-gather in forward and in backward plus the reduce-scatter, 3x the
 model bytes (less the root's second gather, plus persistent parameters' refresh).
@@ -29,11 +32,12 @@ model bytes (less the root's second gather, plus persistent parameters' refresh)
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from hf_zero.offload.param_store import ParamStore
 from hf_zero.sharded_params import GatherState, ShardedParamGroup
 from hf_zero.stages.base import output_tensors
 from hf_zero.stages.prefetch import PrefetchPlanner
@@ -52,8 +56,11 @@ class PartitionedParameterStage(PartitionedGradientStage):
     stage = 3
 
     def __init__(self, groups: list[ShardedParamGroup], units: list[Unit], root: Unit, persistent: Unit,
-                 model: nn.Module, *args, prefetch_numel: int = 0, max_live_numel: int = 10**18, **kwargs):
+                 model: nn.Module, *args, prefetch_numel: int = 0, max_live_numel: int = 10**18,
+                 store: Optional[ParamStore] = None, **kwargs):
         self.units, self.root, self.persistent, self.model = units, root, persistent, model
+        self.store = store or ParamStore()
+        self._read_ahead_started: set[int] = set()   # trace positions whose shards were asked for
         self._all_units = units + [root]
         super().__init__(groups, *args, **kwargs)
         self.frozen_groups = [g for u in self._all_units + [persistent] for g in u.frozen]
@@ -90,7 +97,26 @@ class PartitionedParameterStage(PartitionedGradientStage):
         for index in ahead:
             self._all_units[index].start_gather()
         self.peak_live_numel = max(self.peak_live_numel, self._live_numel())
+        if self.store.offloads:
+            self._read_ahead()
         unit.wait()
+
+    def _read_ahead(self) -> None:
+        """Ask the store for the shards of the units next in the recorded order (not yet
+        gathered), up to its read-ahead budget in shard elements."""
+        budget = self.store.read_ahead_numel
+        first = self.planner.position
+        for position, index in enumerate(self.planner.upcoming(), start=first):
+            unit = self._all_units[index]
+            if unit.state is not GatherState.RELEASED:
+                continue
+            budget -= sum(g.shard.numel() for g in unit.all_groups)
+            if budget < 0:
+                break
+            if position not in self._read_ahead_started:   # by trace position: forward and backward each read
+                self._read_ahead_started.add(position)
+                for group in unit.all_groups:
+                    self.store.read_ahead(group.storage)
 
     def _release_all(self) -> None:
         for unit in self._all_units:
@@ -100,6 +126,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
     # ---- forward / backward hooks ---------------------------------------------------
     def _root_pre_forward(self, module, args) -> None:
         self.planner.start_pass("train" if torch.is_grad_enabled() else "no_grad")
+        self._read_ahead_started.clear()
         self._request(self.root)
 
     def _root_post_forward(self, module, args, output) -> None:
@@ -205,6 +232,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
         """Refresh the kept-gathered persistent parameters; the next forward gathers the rest."""
         for group in self.persistent.groups:
             group.refresh()
+        self.store.evict_all()   # shards the optimizer wrote (NVMe offload)
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         tensors = super().memory_tensors()
@@ -238,7 +266,8 @@ def _needs_grad(value: Any) -> bool:
 
 def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, overlap_comm: bool,
                  allgather_bucket_numel: int, prefetch_numel: int = 0, max_live_numel: int = 10**18,
-                 persistence_threshold: int = 0, source=None, persist_frozen: bool = False):
+                 persistence_threshold: int = 0, source=None, persist_frozen: bool = False,
+                 store: Optional[ParamStore] = None):
     """Shard every parameter into its unit; returns (stage, trainable groups, spec index per group).
 
     ``source`` (meta_init.py): values of a meta-built model, identical on every rank by
@@ -248,10 +277,10 @@ def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, over
             for p in model.parameters():
                 comm.broadcast(p.data)
     units, root, persistent, groups, group_spec = build_units(model, specs, comm, bucket_numel,
-                                                              persistence_threshold, source, persist_frozen)
+                                                              persistence_threshold, source, persist_frozen, store)
     if source is not None:
         source.close()
     stage = PartitionedParameterStage(groups, units, root, persistent, model, comm, overlap_comm=overlap_comm,
                                       allgather_bucket_numel=allgather_bucket_numel,
-                                      prefetch_numel=prefetch_numel, max_live_numel=max_live_numel)
+                                      prefetch_numel=prefetch_numel, max_live_numel=max_live_numel, store=store)
     return stage, groups, group_spec

@@ -124,10 +124,10 @@ def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_th
 
 
 def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: int,
-                persistence_threshold: int, source=None, persist_frozen: bool = False
+                persistence_threshold: int, source=None, persist_frozen: bool = False, store=None
                 ) -> tuple[list[Unit], Unit, Unit, list[ShardedParamGroup], list[int]]:
     """Shard every parameter into its unit, in place (``source``: values of a meta-built
-    model, see meta_init.py).
+    model, see meta_init.py; ``store``: where shards live, offload/param_store.py).
 
     Returns (block units, root, persistent set, trainable groups in gradient-ready order,
     optimizer spec index of each trainable group).
@@ -144,18 +144,19 @@ def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: 
     order = [*reversed(range(len(unit_modules))), ROOT, PERSISTENT]
     by_index: dict[int, Unit] = {}
     for unit_index in order:
+        options = dict(source=source, store=store, keep_in_memory=unit_index == PERSISTENT)
         trainable: list[ShardedParamGroup] = []
         for spec_index, spec in enumerate(specs):
             chosen = [(p, n) for p, n in zip(spec.params, spec.names) if assignment[id(p)] == unit_index]
             if chosen:
                 trainable.append(ShardedParamGroup([p for p, _ in chosen], [n for _, n in chosen],
-                                                   bucket_numel, comm, source))
+                                                   bucket_numel, comm, **options))
                 groups.append(trainable[-1])
                 group_spec.append(spec_index)
         frozen_params = [p for p in model.parameters() if id(p) not in trainable_ids
                          and assignment[id(p)] == unit_index]
         frozen = [ShardedParamGroup(frozen_params, [name_of[id(p)] for p in frozen_params], bucket_numel, comm,
-                                    source)] if frozen_params else []
+                                    **options)] if frozen_params else []
         module = unit_modules[unit_index] if unit_index >= 0 else None
         by_index[unit_index] = Unit(len(by_index), module, trainable, frozen)
     units = [by_index[i] for i in range(len(unit_modules))]

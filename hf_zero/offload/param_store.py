@@ -1,0 +1,181 @@
+"""Stage-3 parameter offload: where each rank's parameter shards live at rest.
+
+[Note: parameter offload]
+At stage 3 a rank holds, per sharded group, one 1D shard in the model dtype
+(sharded_params.py). ``offload_param.device`` picks its storage, and nothing else changes:
+every reader and writer (the all-gather, the optimizer's write-back, checkpoints,
+``GatheredParameters``) sees an ordinary tensor.
+
+- ``none``: the shard lives with the parameters (the accelerator, or the host on a
+  CPU-only machine).
+- ``cpu``: the shard lives in host memory (pinned when an accelerator exists); only the
+  gathered block is on the accelerator, copied there as the all-gather starts. On a
+  CPU-only machine this is the same placement as ``none``.
+- ``nvme``: the shard is a shared memory mapping of its own swap file under
+  ``nvme_path``. Pages are read when touched and written back by the kernel. After a
+  gather has copied the shard, its pages are dropped from the process
+  (``MADV_DONTNEED``: resident memory falls back, dirty pages stay safe in the page
+  cache until written). Stage 3 asks for the shards of the units next in the recorded
+  prefetch order ahead of use (``MADV_WILLNEED``: the kernel reads them asynchronously),
+  up to ``buffer_count`` x ``buffer_size`` elements. The optimizer's write-back dirties
+  the trainable shards; the pages a sub-group wrote are dropped as soon as its copy is
+  done. ``max_in_cpu`` elements of shards (the persistent set first, then groups in
+  build order: the last block first) stay in host memory instead.
+
+Why a mapping rather than explicit reads into pinned buffers (the optimizer-state swapper,
+swapper.py): a parameter shard is read by many paths (gathers, checkpoints, the
+optimizer's copy-back, ``GatheredParameters``, export), and a mapped tensor serves them all
+with no residency protocol to get wrong; the kernel's page cache also keeps recently used
+shards as long as memory is free, which makes the backward re-gather of a block a minor
+fault. The cost: no ``O_DIRECT`` and no pinned staging (a CUDA copy from mapped pages is
+a pageable copy). Files are allocated up front (``posix_fallocate``), so a full disk cannot
+surface later as a ``SIGBUS`` on a page write.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from typing import Optional
+
+import torch
+
+from hf_zero.offload.swap_dir import SwapDir, check_swap_dir
+
+KEY = "zero_optimization.offload_param"
+
+
+
+class ShardStorage:
+    """One group's shard, resident in memory (``none`` / ``cpu``)."""
+
+    location = "memory"
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    @property
+    def offloaded(self) -> bool:
+        return False
+
+    def prefetch(self) -> None:
+        """Start reading the shard (no-op when resident)."""
+
+    def evict(self) -> None:
+        """Drop the shard's pages from this process (no-op when resident)."""
+
+
+class MappedShard(ShardStorage):
+    """One group's shard as a shared mapping of its swap file (``nvme``)."""
+
+    location = "nvme"
+
+    def __init__(self, path: os.PathLike, numel: int, dtype: torch.dtype):
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)   # the mapping keeps the file alive
+        self.path, self.nbytes = path, nbytes
+        super().__init__(torch.frombuffer(self._map, dtype=dtype, count=numel))
+        self.start = self.tensor.data_ptr()
+
+    @property
+    def offloaded(self) -> bool:
+        return True
+
+    def prefetch(self) -> None:
+        self._map.madvise(mmap.MADV_WILLNEED)
+
+    def evict(self) -> None:
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+    def evict_bytes(self, start: int, length: int) -> None:
+        """Drop the whole pages inside bytes ``[start, start + length)`` of the mapping."""
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+class ParamStore:
+    """Allocates the shard storage of every stage-3 group for one ``offload_param`` device."""
+
+    def __init__(self, device: str = "none", *, nvme_path: Optional[str] = None, pin_memory: bool = True,
+                 buffer_count: int = 5, buffer_size: int = 100_000_000, max_in_cpu: int = 0, rank: int = 0,
+                 expected_bytes: int = 0):
+        """``expected_bytes``: this rank's shard bytes (checked against the free space of
+        ``nvme_path`` before any shard is built)."""
+        self.device = device
+        self.pin = pin_memory and torch.cuda.is_available()
+        self.read_ahead_numel = buffer_count * buffer_size
+        self.cpu_budget = max_in_cpu
+        self.storages: list[ShardStorage] = []
+        self.num_read_ahead = 0                # shards asked for ahead of use (diagnostics, tests)
+        self._mapped: list[MappedShard] = []   # sorted by address (evict_written's lookup)
+        self.swap_dir: Optional[SwapDir] = None
+        if device == "nvme":
+            root = check_swap_dir(nvme_path, expected_bytes, KEY)
+            self.swap_dir = SwapDir(root, rank)
+
+    def allocate(self, numel: int, dtype: torch.dtype, compute_device: torch.device,
+                 keep_in_memory: bool = False) -> ShardStorage:
+        """Storage for a new group's shard of ``numel`` elements (contents undefined).
+        ``keep_in_memory``: the persistent set, refreshed every step, never goes to a file."""
+        if self.device == "none":
+            storage = ShardStorage(torch.empty(numel, dtype=dtype, device=compute_device))
+        elif self.device == "cpu" or not self._goes_to_file(numel, keep_in_memory):
+            # CUDA-only branch: page-locked host memory for the host->device gather copy.
+            host = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+            storage = ShardStorage(host)
+        else:
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            path = self.swap_dir.allocate(f"shard_{len(self.storages):05d}.bin", nbytes)
+            storage = MappedShard(path, numel, dtype)
+            bisect.insort(self._mapped, storage, key=lambda s: s.start)
+        self.storages.append(storage)
+        return storage
+
+    def _goes_to_file(self, numel: int, keep_in_memory: bool) -> bool:
+        if keep_in_memory:
+            return False
+        if numel <= self.cpu_budget:   # max_in_cpu: the first shards that fit stay in memory
+            self.cpu_budget -= numel
+            return False
+        return True
+
+    def read_ahead(self, storage: ShardStorage) -> None:
+        if storage.offloaded:
+            storage.prefetch()
+            self.num_read_ahead += 1
+
+    def evict_written(self, tensors: list[torch.Tensor]) -> None:
+        """The optimizer finished writing ``tensors`` (views of shards): drop their pages."""
+        for t in tensors:
+            address = t.data_ptr()
+            i = bisect.bisect_right(self._mapped, address, key=lambda s: s.start) - 1
+            if i >= 0 and address < self._mapped[i].start + self._mapped[i].nbytes:
+                self._mapped[i].evict_bytes(address - self._mapped[i].start, t.numel() * t.element_size())
+
+    def evict_all(self) -> None:
+        for storage in self._mapped:
+            storage.evict()
+
+    @property
+    def offloads(self) -> bool:
+        """Whether ``evict_written`` can do anything (some shard is in a file)."""
+        return bool(self._mapped)
+
+    def memory_by_location(self) -> dict[str, int]:
+        """Shard bytes held in host memory by the cpu/nvme backends and in swap files."""
+        host = sum(s.tensor.numel() * s.tensor.element_size() for s in self.storages
+                   if not s.offloaded) if self.device != "none" else 0
+        return {"param_host": host, "param_nvme": sum(s.nbytes for s in self._mapped)}
+
+    def close(self) -> None:
+        """Remove the swap files; mapped shards stay readable until their tensors are freed."""
+        if self.swap_dir is not None:
+            self.swap_dir.remove()
+            self.swap_dir = None
