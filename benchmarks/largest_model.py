@@ -1,22 +1,23 @@
 """The largest Llama-shaped model that completes a full training step on this machine.
 
     python benchmarks/largest_model.py --swap-dir /local_nvme [--sizes 0.5,1,2,3,4] [--ram-budget-gib 22]
+        [--offload nvme|cpu|none] [--offload-param nvme|cpu|none]
 
 Each trial builds a Llama (bf16 compute, fp32 masters and Adam states) from its config
 under ``hf_zero.zero_init`` (meta device: no rank ever holds the whole model; each rank
 materialises one block at a time and keeps its shard), shards it under ZeRO stage 3 on 2
-gloo processes with the optimizer state offloaded as ``--offload`` says (nvme by
-default; cpu; none), and runs one full step
+gloo processes with the optimizer state offloaded as ``--offload`` says and the parameter
+shards as ``--offload-param`` says (nvme for both by default; cpu; none), and runs one full step
 (forward, backward, optimizer, with activation checkpointing) on a short sequence. Trials
 go up the ``--sizes`` list (billions of parameters; the shape is scaled like Llama:
 hidden h, 2.7h MLP, h/128 heads, layers from the size) and stop at the first failure. A
 watchdog kills a trial whose processes together exceed ``--ram-budget-gib`` of resident
 memory (so the machine's OOM killer never has to choose), which counts as a failure.
 
-Parameter offload (``offload_param``) is not implemented yet, so the bf16 parameter and
-gradient shards (4 bytes per parameter over the 2 ranks) stay in RAM next to the swap
-buffers; with NVMe offload those, and the free disk space for 12 bytes per parameter of
-optimizer state, bound the size here.
+With both on NVMe, what stays in RAM is the bf16 gradient shards (2 bytes per parameter
+over the 2 ranks), the gathered blocks, activations and the swap buffers; those and the
+free disk space (12 bytes per parameter of optimizer state plus 2 of parameters) bound the
+size here.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _rss_gib(field: str = "VmRSS") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
 
 
-def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str = "nvme") -> dict:
+def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str = "nvme",
+          offload_param: str = "none") -> dict:
     import resource
 
     import torch
@@ -65,13 +67,16 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str 
     offload_block = {"device": offload}
     if offload == "nvme":
         offload_block.update(nvme_path=swap, buffer_count=2)
+    param_block = {"device": offload_param, "max_in_cpu": 0}
+    if offload_param == "nvme":
+        param_block.update(nvme_path=swap)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = hf_zero.initialize(model, {
         "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
         "zero_optimization": {"stage": 3, "sub_group_size": 10_000_000, "reduce_bucket_size": 50_000_000,
                               "allgather_bucket_size": 50_000_000,
-                              "offload_optimizer": offload_block}})
+                              "offload_optimizer": offload_block, "offload_param": param_block}})
     ids = torch.randint(0, shape["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(rank))
     phases = {"init peak": _rss_gib("VmHWM"), "init": _rss_gib()}
     start = time.perf_counter()
@@ -87,17 +92,18 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str 
     engine.destroy(unshard=False)   # whole parameters on every rank would not fit
     return {"num_params": num_params, "loss": loss.item(), "step_s": step_s, "phases": phases,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "offload_nvme_gib": mem.get("offload_nvme", 0) / 2 ** 30}
+            "offload_nvme_gib": (mem.get("offload_nvme", 0) + mem.get("param_nvme", 0)) / 2 ** 30}
 
 
-def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s: float, offload: str) -> dict:
+def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s: float, offload: str,
+              offload_param: str) -> dict:
     """One trial in a child process (2 ranks), killed if the ranks' RSS exceeds the budget."""
     import psutil
 
     code = ("import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r); import largest_model as lm; "
             "from hf_zero.testing import run_on_ranks; "
-            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, %r, timeout_s=%r)))"
-            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, offload, timeout_s)
+            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, %r, %r, timeout_s=%r)))"
+            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, offload, offload_param, timeout_s)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     parent, peak = psutil.Process(child.pid), 0.0
@@ -134,13 +140,16 @@ def main() -> None:
     parser.add_argument("--ram-budget-gib", type=float, default=22.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--offload", choices=("nvme", "cpu", "none"), default="nvme")
+    parser.add_argument("--offload-param", choices=("nvme", "cpu", "none"), default="nvme")
     args = parser.parse_args()
-    print(f"offload_optimizer: {args.offload}; stage 3, 2 processes, bf16, seq {args.seq}, zero_init")
+    print(f"offload_optimizer: {args.offload}; offload_param: {args.offload_param}; stage 3, 2 processes, bf16, "
+          f"seq {args.seq}, zero_init")
     print("| target B | params B | result | step s | peak RSS (both ranks) GiB | rank-0 RSS after init, forward, "
           "backward, step GiB | NVMe per rank GiB |\n|---|---|---|---|---|---|---|")
     best = None
     for billions in (float(s) for s in args.sizes.split(",")):
-        r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s, args.offload)
+        r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s, args.offload,
+                      args.offload_param)
         if not r["ok"]:
             print(f"| {billions} | - | failed: {r['why']} | - | {r['peak_gib']:.1f} | - | - |", flush=True)
             break

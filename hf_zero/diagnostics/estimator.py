@@ -16,8 +16,9 @@ with host swap buffers (nvme): fp32 masters and Adam moments, 12 bytes per owned
 fp32 parameters already in host memory are their own masters: 8 bytes). Gradient partitions
 stay with the parameters (the update brings them to the host one sub-group at a time);
 :func:`optimizer_offload_bytes` is the exact per-rank figure that ``engine.memory_breakdown()``
-reports as ``offload_host`` / ``offload_nvme``. Parameter offload (stage 3, not implemented
-yet) would move the parameter shards too; its rows are formulas. Activations use the
+reports as ``offload_host`` / ``offload_nvme``. At stage 3 an offload row also moves the
+parameter shards (``offload_param`` on the same device, as ZeRO-Infinity configs do;
+``memory_breakdown()`` reports them as ``param_host`` / ``param_nvme``). Activations use the
 per-layer estimate for transformer blocks of Korthikanti et al. 2022
 (s*b*h*(34 + 5*a*s/h) bytes in 16-bit), which is not validated here.
 """
@@ -116,7 +117,7 @@ def estimate(shape: ModelShape, world: int, stage: int, offload: str = "none", m
         host += moved["offload_host"] if offload == "cpu" else 0.0
         swap_buffers = moved["offload_host"] if offload == "nvme" else 0.0
         nvme += moved["offload_nvme"]
-        if stage == 3:   # parameter offload: formula only (not implemented yet)
+        if stage == 3:   # parameter shards offloaded too (offload_param on the same device)
             device -= params
             host += params if offload == "cpu" else 0.0
             nvme += params if offload == "nvme" else 0.0
