@@ -1,10 +1,12 @@
 """Offload pieces in one process: sub-group planning, the swapper, setup and mid-run faults,
-swap-file cleanup, refusals, and the peak-RSS saving of NVMe offload on a 100M model."""
+swap-file cleanup (stale directories of dead processes included), refusals, and the
+peak-RSS saving of NVMe offload on a 100M model."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +231,41 @@ def test_forked_child_exit_leaves_the_parents_swap_files(tmp_path):
     _step(engine)   # the parent's state is intact
     engine.destroy()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_setup_removes_only_swap_dirs_whose_owner_is_gone(tmp_path, caplog):
+    import hf_zero.offload.swap_dir as swap_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()   # reaped: os.kill(dead.pid, 0) raises ProcessLookupError
+    me = os.getpid()
+
+    def make(name: str, owner) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "sub_group_00000.bin").write_bytes(b"\1" * 3 * ALIGN)
+        if owner is not None:
+            (path / swap_dir.OWNER_FILE).write_text(json.dumps(owner))
+        return path
+
+    stale = make(f"hf_zero_swap_rank0_{dead.pid}_0badf00d", swap_dir.owner_record(dead.pid))
+    # this pid is alive but started at another time: the owner died and its pid was reused
+    reused = make(f"hf_zero_swap_rank1_{me}_0badf00e", {**swap_dir.owner_record(me), "start_time": 1})
+    kept = [make(f"hf_zero_swap_rank0_{me}_0123abcd", swap_dir.owner_record(me)),   # alive: this process
+            make(f"hf_zero_swap_rank2_{dead.pid}_00000001",                        # another host's
+                 {**swap_dir.owner_record(dead.pid), "host": "other-host"}),
+            make(f"hf_zero_swap_rank3_{dead.pid}_00000002",                        # another container's
+                 {**swap_dir.owner_record(dead.pid), "pid_namespace": "pid:[1]"}),
+            make(f"hf_zero_swap_rank4_{dead.pid}_00000003", None),                 # no owner record
+            make(f"not_hf_zero_swap_{dead.pid}", swap_dir.owner_record(dead.pid))]
+    with caplog.at_level("WARNING", logger="hf_zero.offload.swap_dir"):
+        engine = hf_zero.initialize(tiny_gpt2(), _config(path=tmp_path))
+    ours = [p for p in tmp_path.iterdir() if p not in kept]
+    assert len(ours) == 1 and (ours[0] / swap_dir.OWNER_FILE).is_file()   # the new engine's, with its owner
+    assert not stale.exists() and not reused.exists() and all(p.exists() for p in kept)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("removed stale swap directory" in w for w in warnings)
+    named = [w for w in warnings if str(stale) in w]   # its size on disk: the file, the owner record
+    assert len(named) == 1 and int(re.search(r"GiB, (\d+) bytes\)", named[0]).group(1)) >= 3 * ALIGN, named
+    engine.destroy()
+    assert sorted(tmp_path.iterdir()) == sorted(kept)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from hf_zero.checkpoint.files import CheckpointError
-from hf_zero.checkpoint.layout import owned_pieces, true_shape
+from hf_zero.checkpoint.layout import Piece, owned_pieces, true_shape
 from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
 from hf_zero.checkpoint.rng import restore_rng
 from hf_zero.checkpoint.save import _persistent_buffers
@@ -50,13 +50,27 @@ def _check_model_matches(reader: CheckpointReader, module: torch.nn.Module, path
                               f"unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}")
 
 
-def _load_masters(engine: "ZeroEngine", reader: CheckpointReader) -> None:
-    for piece in owned_pieces(engine.flat_groups, engine.stage.partition_rank):
-        target = engine.masters.masters[piece.group][piece.chunk].narrow(0, piece.chunk_start, piece.length)
-        # A parameter trainable now but frozen when saved starts from its saved weights.
-        kind = "master" if reader.has("master", piece.name) else "frozen"
-        reader.fill(target, kind, piece.name, piece.param_start)
-    engine.masters.finish_step()   # masters -> model-dtype chunks
+def _write_piece(engine: "ZeroEngine", reader: CheckpointReader, piece: Piece, key: str,
+                 kind: Optional[str]) -> None:
+    """Stream the saved ``kind`` of ``piece`` (zeros when None) into the backend's ``key``
+    ([Note: streamed optimizer state] in hf_zero/offload/protocol.py)."""
+    def fill(offset: int, part: torch.Tensor) -> None:
+        if kind is None:
+            part.zero_()
+        else:
+            reader.fill(part, kind, piece.name, piece.param_start + offset)
+
+    engine.offload.write_state(key, piece.group, piece.chunk, piece.chunk_start, piece.length, fill)
+
+
+def _master_kind(reader: CheckpointReader, piece: Piece) -> str:
+    # A parameter trainable now but frozen when saved starts from its saved weights.
+    return "master" if reader.has("master", piece.name) else "frozen"
+
+
+def _load_masters(engine: "ZeroEngine", reader: CheckpointReader, pieces: list[Piece]) -> None:
+    for piece in pieces:   # writing a master also writes its model-dtype parameter chunk
+        _write_piece(engine, reader, piece, "master", _master_kind(reader, piece))
     engine.stage.after_step()      # all-gather, so every rank holds full parameters again
 
 
@@ -75,19 +89,45 @@ def _load_frozen_shards(engine: "ZeroEngine", reader: CheckpointReader) -> None:
         group.refresh()   # persistent frozen groups are kept gathered
 
 
-def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
-    meta = reader.manifest["optimizer"]
-    inner = engine.optimizer.inner
+def _saved_state_keys(reader: CheckpointReader) -> tuple[str, ...]:
+    return tuple(sorted({p["kind"].removeprefix("state.") for p in reader.manifest["pieces"].values()
+                         if p["kind"].startswith("state.")}))
+
+
+def _state_kind(reader: CheckpointReader, piece: Piece, key: str, saved_keys: tuple[str, ...]) -> Optional[str]:
+    """The saved kind holding state ``key`` of ``piece``; None (start from zeros) when the
+    checkpoint has no such state (saved before a step) or the parameter was frozen then."""
+    return f"state.{key}" if key in saved_keys and reader.has("master", piece.name) else None
+
+
+def _check_sources(reader: CheckpointReader, pieces: list[Piece], with_optimizer: bool) -> None:
+    """Every file and range this rank will read is checked before the first write, so that a
+    corrupted or incomplete checkpoint leaves the engine's state as it was."""
+    saved_keys = _saved_state_keys(reader) if with_optimizer else ()
+    for piece in pieces:
+        kinds = [_master_kind(reader, piece)] + [_state_kind(reader, piece, key, saved_keys) for key in saved_keys]
+        for kind in filter(None, kinds):
+            reader.check(kind, piece.name, piece.param_start, piece.length)
+
+
+def _check_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
+    meta, inner = reader.manifest["optimizer"], engine.optimizer.inner
     if meta["class"] != type(inner).__name__ or len(meta["param_groups"]) != len(inner.param_groups):
         raise CheckpointError(f"{reader.path}: optimizer {meta['class']} with {len(meta['param_groups'])} groups "
                               f"cannot load into {type(inner).__name__} with {len(inner.param_groups)} groups")
-    kinds = sorted({p["kind"] for p in reader.manifest["pieces"].values() if p["kind"].startswith("state.")})
-    pieces = owned_pieces(engine.flat_groups, engine.stage.partition_rank)
+
+
+def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader, pieces: list[Piece]) -> None:
+    meta = reader.manifest["optimizer"]
+    inner = engine.optimizer.inner
+    # The backend says which elementwise states it keeps (cpu / nvme: fixed at attach, kept in
+    # place; none: the checkpoint's); those the checkpoint lacks (saved before a step) are zeros.
+    saved_keys = _saved_state_keys(reader)
+    keys = engine.offload.prepare_states(saved_keys)
     for group, saved, scalars in zip(inner.param_groups, meta["param_groups"], meta["scalar_state"]):
         group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         for master in group["params"]:
             state = inner.state[master]
-            state.clear()
             for key, s in scalars.items():
                 if s["dtype"] is None:
                     state[key] = s["value"]
@@ -95,13 +135,9 @@ def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
                     device = master.device if s["on_param_device"] else torch.device("cpu")
                     state[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"].split(".")[-1]),
                                               device=device)
-            for kind in kinds:
-                state[kind.removeprefix("state.")] = torch.zeros_like(master)
     for piece in pieces:
-        master = engine.masters.masters[piece.group][piece.chunk]
-        for kind in kinds:
-            target = inner.state[master][kind.removeprefix("state.")].narrow(0, piece.chunk_start, piece.length)
-            reader.fill(target, kind, piece.name, piece.param_start)
+        for key in keys:
+            _write_piece(engine, reader, piece, key, _state_kind(reader, piece, key, saved_keys))
     engine.scaler.load_state_dict(reader.manifest["loss_scaler"])
     engine.optimizer.num_skipped_steps = reader.manifest["skipped_steps"]
 
@@ -116,11 +152,15 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
     _check_model_matches(reader, engine.module, path)
     engine.stage.wait_for_reductions()
     engine.stage.zero_grad()
-    # Offloaded masters / states are materialised, filled, and written back to their backend.
-    with torch.no_grad(), engine.offload.resident(write_back=True):
-        _load_masters(engine, reader)
-        if load_optimizer_states and not load_module_only:
-            _load_optimizer(engine, reader)
+    pieces = owned_pieces(engine.flat_groups, engine.stage.partition_rank)
+    with_optimizer = load_optimizer_states and not load_module_only
+    if with_optimizer:
+        _check_optimizer(engine, reader)
+    _check_sources(reader, pieces, with_optimizer)
+    with torch.no_grad():   # masters and states stream into the offload backend piece by piece
+        _load_masters(engine, reader, pieces)
+        if with_optimizer:
+            _load_optimizer(engine, reader, pieces)
     with torch.no_grad():
         _load_frozen_shards(engine, reader)
         grouped = {id(p) for g in [*engine.flat_groups, *_frozen_groups(engine)] for p in g.params}

@@ -65,29 +65,40 @@ class CheckpointReader:
                 raise CheckpointError(f"unreadable checkpoint file: {err}") from None
         return self._handles[file]
 
-    def fill(self, target: torch.Tensor, kind: str, name: str, start: int) -> None:
-        """Copy elements [start, start + target.numel()) of the flattened ``kind`` tensor of
-        parameter ``name`` into the 1D ``target`` (casting), from whichever pieces hold them."""
+    def _segments(self, kind: str, name: str, start: int, end: int) -> list[tuple[int, int, int, str, str]]:
+        """[(lo, hi, piece_start, file, key)] covering elements [start, end) of ``kind`` of ``name``."""
         entries = self._pieces.get((kind, name))
         if not entries:
             raise CheckpointError(f"{self.path}: no '{kind}' data for parameter '{name}'")
-        end = start + target.numel()
-        covered = 0
+        segments = []
         first = max(0, bisect.bisect_right(entries, (start, float("inf"))) - 1)
         for piece_start, length, file, key in entries[first:]:
             if piece_start >= end:
                 break
             lo, hi = max(start, piece_start), min(end, piece_start + length)
-            if hi <= lo:
-                continue
+            if hi > lo:
+                segments.append((lo, hi, piece_start, file, key))
+        covered = sum(hi - lo for lo, hi, *_ in segments)
+        if covered != end - start:
+            raise CheckpointError(f"{self.path}: '{kind}' of '{name}' covers {covered} of elements "
+                                  f"[{start}, {end}); the checkpoint is incomplete")
+        return segments
+
+    def check(self, kind: str, name: str, start: int, length: int) -> None:
+        """Raise now what ``fill`` of that range would raise for a missing, incomplete or
+        corrupted checkpoint (every file involved is opened and checksummed); reads no data."""
+        for *_, file, key in self._segments(kind, name, start, start + length):
+            if key not in self._handle(file).header:
+                raise CheckpointError(f"{self.path / file}: cannot read '{key}': not in the file")
+
+    def fill(self, target: torch.Tensor, kind: str, name: str, start: int) -> None:
+        """Copy elements [start, start + target.numel()) of the flattened ``kind`` tensor of
+        parameter ``name`` into the 1D ``target`` (casting), from whichever pieces hold them."""
+        for lo, hi, piece_start, file, key in self._segments(kind, name, start, start + target.numel()):
             try:
                 self._handle(file).read_into(key, lo - piece_start, target[lo - start:hi - start])
             except (KeyError, ValueError) as err:
                 raise CheckpointError(f"{self.path / file}: cannot read '{key}': {err}") from None
-            covered += hi - lo
-        if covered != end - start:
-            raise CheckpointError(f"{self.path}: '{kind}' of '{name}' covers {covered} of elements "
-                                  f"[{start}, {end}); the checkpoint is incomplete")
 
     def full(self, kind: str, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The whole tensor, shaped like the parameter/buffer it belongs to."""

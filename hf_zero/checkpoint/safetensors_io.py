@@ -6,16 +6,20 @@ doubles peak memory when consolidating a large model. The format is simple (8-by
 endian header length, a JSON header of dtype/shape/byte offsets, then raw little-endian
 data), so hf_zero writes tensors straight from their storage, hashing as it goes, and reads
 any element range straight into a destination tensor. Files stay standard safetensors.
+A ``Streamed`` entry is written part by part, so a tensor that is not in memory (NVMe
+offloaded optimizer state) never needs to be materialised whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -30,13 +34,39 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> dict:
+@dataclass(frozen=True)
+class Streamed:
+    """A 1D tensor of ``numel`` elements of ``dtype`` whose data ``parts()`` yields as consecutive
+    1D tensors; each part is written before the next is requested."""
+    dtype: torch.dtype
+    numel: int
+    parts: Callable[[], Iterable[torch.Tensor]]
+
+
+def _write_parts(f, digest, name: str, entry: Union[torch.Tensor, Streamed]) -> None:
+    streamed = isinstance(entry, Streamed)
+    parts, numel = (entry.parts(), entry.numel) if streamed else ((entry,), entry.numel())
+    written = 0
+    for part in parts:
+        if part.dtype != entry.dtype:
+            raise TypeError(f"'{name}': a part of dtype {part.dtype}, the header says {entry.dtype}")
+        raw = _raw(part)
+        f.write(raw)
+        digest.update(raw)
+        written += part.numel()
+    if written != numel:
+        raise RuntimeError(f"'{name}': {written} elements written, the header says {numel}")
+
+
+def write_safetensors(path: Path, tensors: dict[str, Union[torch.Tensor, Streamed]],
+                      metadata: Optional[dict] = None) -> dict:
     """Write ``tensors`` to ``path`` (fsync'ed); returns {"bytes", "sha256"} of the file."""
     header: dict = {}
     offset = 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        shape = [t.numel] if isinstance(t, Streamed) else list(t.shape)
+        nbytes = math.prod(shape) * t.dtype.itemsize
+        header[name] = {"dtype": _CODES[t.dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = metadata
@@ -47,10 +77,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Op
         for part in (struct.pack("<Q", len(encoded)), encoded):
             f.write(part)
             digest.update(part)
-        for t in tensors.values():
-            raw = _raw(t)
-            f.write(raw)
-            digest.update(raw)
+        for name, t in tensors.items():
+            _write_parts(f, digest, name, t)
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": 8 + len(encoded) + offset, "sha256": digest.hexdigest()}

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from hf_zero.checkpoint.files import fsync_dir, validate_tag, write_json_atomic, write_text_atomic
-from hf_zero.checkpoint.layout import owned_pieces, piece_key, true_shape
+from hf_zero.checkpoint.layout import Piece, owned_pieces, piece_key, true_shape
 from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
-from hf_zero.checkpoint.safetensors_io import write_safetensors
+from hf_zero.checkpoint.safetensors_io import Streamed, write_safetensors
 from hf_zero.config import config_to_dict
 
 if TYPE_CHECKING:
@@ -62,26 +62,34 @@ def _gather_objects(value: Any, comm) -> list:
     return out
 
 
-def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def _streamed(engine: "ZeroEngine", kind: str, piece: Piece, dtype: torch.dtype) -> Streamed:
+    """One piece of a master or an optimizer state, read through the offload backend a bounded
+    part at a time ([Note: streamed optimizer state] in hf_zero/offload/protocol.py)."""
+    return Streamed(dtype, piece.length, lambda: engine.offload.read_state(
+        kind, piece.group, piece.chunk, piece.chunk_start, piece.length))
+
+
+def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Streamed], dict[str, dict]]:
     """This rank's pieces (masters, elementwise optimizer states, stage-3 frozen shards),
     plus, on rank 0, unsharded frozen parameters and persistent buffers whole."""
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | Streamed] = {}
     index: dict[str, dict] = {}
 
-    def add(kind: str, name: str, start: int, tensor: torch.Tensor) -> None:
+    def add(kind: str, name: str, start: int, tensor: torch.Tensor | Streamed) -> None:
         key = piece_key(kind, name, start)
         tensors[key] = tensor
-        index[key] = {"kind": kind, "name": name, "start": start, "length": tensor.numel()}
+        length = tensor.numel if isinstance(tensor, Streamed) else tensor.numel()
+        index[key] = {"kind": kind, "name": name, "start": start, "length": length}
 
     if engine.stage.partitions_optimizer or engine.comm.rank == 0:
         state = engine.optimizer.inner.state
         for piece in owned_pieces(engine.flat_groups, engine.stage.partition_rank):
             master = engine.masters.masters[piece.group][piece.chunk]
-            add("master", piece.name, piece.param_start, master.narrow(0, piece.chunk_start, piece.length))
+            add("master", piece.name, piece.param_start, _streamed(engine, "master", piece, master.dtype))
+            # The backend keeps torch's state layout (shapes, even where storage is swapped out).
             for key, value in state.get(master, {}).items():
                 if isinstance(value, torch.Tensor) and value.numel() == master.numel() and value.numel() > 1:
-                    add(f"state.{key}", piece.name, piece.param_start,
-                        value.narrow(0, piece.chunk_start, piece.length))
+                    add(f"state.{key}", piece.name, piece.param_start, _streamed(engine, key, piece, value.dtype))
     # Stage 3 shards frozen parameters too: each rank writes the pieces its shard holds.
     frozen_groups = getattr(engine.stage, "frozen_groups", [])
     for piece in owned_pieces(frozen_groups, engine.stage.partition_rank):
@@ -157,10 +165,9 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
     tmp = save_dir / _broadcast_object(tmp_name, comm)
 
     file_name = f"rank_{comm.rank:05d}.safetensors"
-    with engine.offload.resident():   # offloaded masters / states materialised for the write
-        tensors, index = _rank_tensors(engine)
-        entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
-        del tensors
+    tensors, index = _rank_tensors(engine)
+    entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
+    del tensors
     _after_file_written(tmp / file_name)
     for piece in index.values():
         piece["file"] = file_name

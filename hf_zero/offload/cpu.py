@@ -42,6 +42,9 @@ class CpuOffload(SubGroupOffload):
                                  for s in sub_group.slices]
         return views
 
+    def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return self.state_keys   # created (pinned) at attach, fixed by the optimizer: filled in place
+
     def memory_by_location(self) -> dict[str, int]:
         states = sum(s[key].untyped_storage().nbytes() for s in self.inner.state.values()
                      for key in self.state_keys if key in s)

@@ -5,9 +5,9 @@ one while i is updated in another, and i's write runs behind i+1's update ([Note
 schedule] in step_loop.py, [Note: swap I/O] in swapper.py). A sub-group's file holds one
 region per kind (the fp32 master when the parameters are not fp32 host tensors, then
 ``exp_avg``, ``exp_avg_sq``[, ``max_exp_avg_sq``]), each padded to the I/O alignment; a
-buffer holds the same layout. Between steps the master and state tensors in
-``masters`` / ``inner.state`` keep their shapes but have 0-byte storage; ``resident()``
-materialises them (checkpoints) and writes them back.
+buffer holds the same layout. The master and state tensors in ``masters`` / ``inner.state``
+keep their shapes but have 0-byte storage, always: checkpoints stream their values through
+the swap buffers ([Note: streamed optimizer state] in protocol.py).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from hf_zero.optim.master_weights import unallocated_fp32
 from hf_zero.offload.step_loop import SubGroupOffload, SubGroupViews
-from hf_zero.offload.subgroups import SubGroup, max_sub_group_numel
+from hf_zero.offload.subgroups import Slice, SubGroup, max_sub_group_numel
 from hf_zero.offload.swap_dir import SwapDir, check_swap_dir
-from hf_zero.offload.swapper import AsyncFileIO, SwapIOError, aligned_buffer, align_up
+from hf_zero.offload.swapper import ALIGN, AsyncFileIO, SwapIOError, aligned_buffer, align_up
 
 FP32 = 4
 KEY = "zero_optimization.offload_optimizer"
@@ -37,12 +37,18 @@ class _Slot:
     pending: list = field(default_factory=list)   # copy-back and write handles reading the buffer
 
 
-def _swap_out(tensor: torch.Tensor) -> None:
-    tensor.untyped_storage().resize_(0)
+@dataclass(frozen=True)
+class _Extent:
+    """The part of one kind's element range that one sub-group's file holds."""
+    file: Path
+    first: int      # byte offset of the part in the file (a multiple of 4, not of ALIGN)
+    nbytes: int
+    element: int    # offset of the part's first element within the requested range
 
-
-def _swap_in(tensor: torch.Tensor) -> None:
-    tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
+    @property
+    def aligned(self) -> tuple[int, int]:
+        """The enclosing ALIGN-aligned byte range, what an O_DIRECT transfer moves."""
+        return self.first // ALIGN * ALIGN, align_up(self.first + self.nbytes)
 
 
 class NvmeOffload(SubGroupOffload):
@@ -74,13 +80,6 @@ class NvmeOffload(SubGroupOffload):
         stride = self._stride(sub_group.numel)
         return buffer.narrow(0, kind_index * stride, sub_group.numel * FP32).view(torch.float32)
 
-    def _tensor(self, kind: str, group: int, chunk: int) -> torch.Tensor:
-        master = self.masters.masters[group][chunk]
-        return master if kind == "master" else self.inner.state[master][kind]
-
-    def _swapped_tensors(self) -> list[torch.Tensor]:
-        return [self._tensor(kind, gi, ci) for gi, g in enumerate(self.masters.masters) for ci in range(len(g))
-                for kind in self._kinds()]
 
     # ---- setup --------------------------------------------------------------------------
     def attach(self, inner: torch.optim.Optimizer) -> None:
@@ -93,83 +92,118 @@ class NvmeOffload(SubGroupOffload):
                       for sg in self.plan]
         slot_bytes = len(self._kinds()) * self._stride(max_sub_group_numel(self.plan))
         self.slots = [_Slot(aligned_buffer(slot_bytes, self.pin)) for _ in range(self.num_slots)]
+        self._slices_of: dict[tuple[int, int], list[tuple[SubGroup, Slice]]] = {}
+        for sg in self.plan:   # in plan order: a chunk's slices by increasing start
+            for s in sg.slices:
+                self._slices_of.setdefault((s.group, s.chunk), []).append((sg, s))
         # Masters and states were created swapped out: the masters' initial values come from
         # the parameter chunks, sub-group by sub-group; the states start as zeros.
-        self._write_all(from_tensors=["master"], masters_from_params=True)
-        self._swap_out_all()
+        self._write_initial()
 
     def _new_state(self, master: torch.Tensor) -> torch.Tensor:
         # Born swapped out: full-size zeros would cost the very memory offload saves.
         return unallocated_fp32(master.numel(), master.device)
 
-
-    # ---- moving whole sub-groups (setup, resident) ---------------------------------------
-    def _gather(self, sub_group: SubGroup, buffer: torch.Tensor, kinds: Optional[list[str]] = None,
-                masters_from_params: bool = False) -> None:
-        """Copy ``kinds`` (default: all) of ``sub_group`` into ``buffer``; other regions become zeros."""
-        for k, kind in enumerate(self._kinds()):
-            region = self._region(buffer, sub_group, k)
-            if kinds is not None and kind not in kinds:
-                region.zero_()
-                continue
-            for s in sub_group.slices:
-                if kind == "master" and masters_from_params:
-                    source = self.masters.owned_params[s.group][s.chunk]   # model dtype, cast by copy_
-                else:
-                    source = self._tensor(kind, s.group, s.chunk)
-                region.narrow(0, s.offset, s.length).copy_(source.narrow(0, s.start, s.length))
-
-    def _scatter(self, sub_group: SubGroup, buffer: torch.Tensor) -> None:
-        for k, kind in enumerate(self._kinds()):
-            region = self._region(buffer, sub_group, k)
-            for s in sub_group.slices:
-                self._tensor(kind, s.group, s.chunk).narrow(0, s.start, s.length).copy_(
-                    region.narrow(0, s.offset, s.length))
-
-    def _write_all(self, from_tensors: Optional[list[str]] = None, masters_from_params: bool = False) -> None:
-        self._drain()
+    # ---- setup: every sub-group written once -------------------------------------------
+    def _write_initial(self) -> None:
         buffer = self.slots[0].buffer
         for sg in self.plan:
-            self._gather(sg, buffer, from_tensors, masters_from_params)
+            for k, kind in enumerate(self._kinds()):
+                region = self._region(buffer, sg, k)
+                if kind != "master":
+                    region.zero_()
+                    continue
+                for s in sg.slices:   # model dtype, cast by copy_
+                    region.narrow(0, s.offset, s.length).copy_(
+                        self.masters.owned_params[s.group][s.chunk].narrow(0, s.start, s.length))
             self.io.write(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
 
-    def _read_all(self) -> None:
-        self._drain()
-        buffer = self.slots[0].buffer
-        for sg in self.plan:
-            self.io.read(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
-            self._scatter(sg, buffer)
+    def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return self.state_keys   # created at attach, fixed by the optimizer; they stay swapped out
 
-    @contextlib.contextmanager
-    def resident(self, write_back: bool = False) -> Iterator[None]:
+    # ---- streamed access ([Note: streamed optimizer state] in protocol.py) ----------------
+    def _extents(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[_Extent]:
+        """Where elements [start, start + length) of ``kind`` of chunk (group, chunk) are, in order:
+        one extent per sub-group. Its aligned range lies inside one region of the file, so it fits
+        a swap buffer (which holds every region of the largest sub-group)."""
+        k = self._kinds().index(kind)
+        end = start + length
+        for sg, s in self._slices_of.get((group, chunk), []):
+            lo, hi = max(start, s.start), min(end, s.start + s.length)
+            if lo < hi:
+                first = k * self._stride(sg.numel) + (s.offset + lo - s.start) * FP32
+                yield _Extent(self.files[sg.index], first, (hi - lo) * FP32, lo - start)
+
+    def _part(self, slot: _Slot, extent: _Extent) -> torch.Tensor:
+        offset = extent.first - extent.aligned[0]
+        return slot.buffer.narrow(0, offset, extent.nbytes).view(torch.float32)
+
+    def read_state(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
+        if kind not in self._kinds():   # fp32 host parameters are their own, resident, masters
+            yield from super().read_state(kind, group, chunk, start, length)
+            return
         self._check_healthy()
-        for t in self._swapped_tensors():
-            _swap_in(t)
         try:
-            self._read_all()
-            yield
-            if write_back:
-                self._write_all()
+            self._drain()
+            extents = list(self._extents(kind, group, chunk, start, length))
+            # Two swap buffers alternate: part i+1 is read while the caller consumes part i.
+            if extents:
+                self._read_extent(self.slots[0], extents[0])
+            for i, extent in enumerate(extents):
+                slot = self.slots[i % 2]
+                slot.read.wait()
+                if i + 1 < len(extents):
+                    self._read_extent(self.slots[(i + 1) % 2], extents[i + 1])
+                yield self._part(slot, extent)
         except SwapIOError as err:
             self.failed = err
             raise
-        finally:
-            self._swap_out_all()
+        finally:   # a caller that stopped early leaves no read running into a buffer
+            for slot in self.slots[:2]:
+                if slot.read is not None:
+                    with contextlib.suppress(SwapIOError):
+                        slot.read.wait()
 
-    def _swap_out_all(self) -> None:
-        for gi, g in enumerate(self.masters.masters):
-            for ci, master in enumerate(g):
-                # A storage that was ever exposed to numpy (the checkpoint reader fills through
-                # memoryviews) can no longer be resized: give such tensors fresh storage, keeping
-                # the tensor objects (they key inner.state and fill param_groups).
-                if self.masters.keeps_copy:
-                    if master.untyped_storage().resizable():
-                        _swap_out(master)
-                    else:
-                        master.data = self._new_state(master)
-                state = self.inner.state[master]
-                for key in self.state_keys:   # load_checkpoint may have put new tensors here
-                    state[key] = self._new_state(master)
+    def _read_extent(self, slot: _Slot, extent: _Extent) -> None:
+        lo, hi = extent.aligned
+        slot.sub_group, slot.read = None, self.io.read(extent.file, slot.buffer, hi - lo, lo)
+
+    def write_state(self, kind: str, group: int, chunk: int, start: int, length: int,
+                    fill: Callable[[int, torch.Tensor], None]) -> None:
+        if kind not in self._kinds():
+            return super().write_state(kind, group, chunk, start, length, fill)
+        self._check_healthy()
+        try:
+            self._drain()
+            for i, extent in enumerate(self._extents(kind, group, chunk, start, length)):
+                # Two swap buffers alternate: part i+1 is filled while part i is written.
+                slot = self.slots[i % 2]
+                self._wait_pending(slot)
+                self._read_partial_blocks(slot, extent)
+                part = self._part(slot, extent)
+                fill(extent.element, part)
+                if kind == "master":
+                    self._master_to_param(group, chunk, start + extent.element, part)
+                lo, hi = extent.aligned
+                slot.pending = [self.io.write(extent.file, slot.buffer, hi - lo, lo)]
+            # Before returning: the next call may read-modify-write a block this one wrote.
+            self._finish()
+        except SwapIOError as err:
+            self.failed = err
+            raise
+
+    def _read_partial_blocks(self, slot: _Slot, extent: _Extent) -> None:
+        """O_DIRECT writes whole blocks: a block the extent covers only in part is read first,
+        so that its other bytes (a neighbouring piece's elements, padding) are written back
+        unchanged. The extents of one call lie in different files, and each call waits for its
+        writes, so no block is read here while a write of it is in flight."""
+        lo, hi = extent.aligned
+        head = extent.first != lo
+        tail = extent.first + extent.nbytes != hi
+        if head:
+            self.io.read(extent.file, slot.buffer, ALIGN, lo).wait()
+        if tail and not (head and hi - lo == ALIGN):
+            self.io.read(extent.file, slot.buffer.narrow(0, hi - ALIGN - lo, ALIGN), ALIGN, hi - ALIGN).wait()
 
     # ---- the step's storage hooks -------------------------------------------------------
     def _slot(self, sub_group: SubGroup) -> _Slot:

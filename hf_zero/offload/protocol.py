@@ -14,17 +14,28 @@ one optimizer update walks over them. Three implementations sit behind this one 
   threads while sub-group i is updated, so resident optimizer memory is the swap buffers.
 
 The tensors keep torch's layout in every backend (``inner.state[master]["exp_avg"]``...),
-so checkpoints, ``optimizer.state_dict()`` and schedulers see the same objects; a backend
-whose tensors are not resident (nvme: storage resized to 0 bytes) materialises them inside
-``resident()``. ``build_optimizer_offload`` (``hf_zero/offload/__init__.py``) is the only
-place that picks a backend from the config.
+so ``optimizer.state_dict()`` and schedulers see the same objects; a backend whose tensors
+are not resident (nvme: 0-byte storage) never materialises them whole. Checkpoints reach
+the values through ``read_state`` / ``write_state`` ([Note: streamed optimizer state]).
+``build_optimizer_offload`` (``hf_zero/offload/__init__.py``) is the only place that picks a
+backend from the config.
+
+[Note: streamed optimizer state]
+Checkpoint save and load address the optimizer's tensors by (kind, group, chunk, element
+range), kind being ``"master"`` or a state key (``"exp_avg"``). ``read_state`` yields the
+range as consecutive 1D parts and ``write_state`` asks the caller to fill consecutive parts.
+Resident backends (none, cpu) hand out one view of the tensor itself; nvme moves the part
+held by each sub-group file through a swap buffer (two alternate, so the next part's I/O
+overlaps the caller's work on this one), so saving or loading adds no memory proportional
+to the model, whatever its size. Writing a master also writes the parameter chunk it
+shadows (cast to the model dtype), as a step does. A checkpoint never needs a whole
+optimizer state in memory; nothing in hf_zero materialises NVMe-held state.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -47,16 +58,53 @@ class OptimizerOffload(abc.ABC):
         """Update masters from ``grads * coefficient`` and write the new weights into the
         parameters; ``grads`` is laid out like ``masters.masters``."""
 
-    @contextlib.contextmanager
-    def resident(self, write_back: bool = False) -> Iterator[None]:
-        """Inside, every master and optimizer-state tensor is materialised in ``masters`` /
-        ``inner.state``; with ``write_back`` what was changed there is kept on exit."""
-        yield
+    # ---- streamed access ([Note: streamed optimizer state]) ------------------------------
+    def _resident_tensor(self, kind: str, group: int, chunk: int) -> torch.Tensor:
+        master = self.masters.masters[group][chunk]
+        return master if kind == "master" else self.inner.state[master][kind]
+
+    def read_state(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
+        """Elements [start, start + length) of ``kind`` ("master" or a state key) of master chunk
+        ``masters.masters[group][chunk]``, in order, as 1D parts of the tensor's dtype (fp32 with
+        offload); a part is valid only until the next one is requested. One stream at a time."""
+        yield self._resident_tensor(kind, group, chunk).narrow(0, start, length)
+
+    def write_state(self, kind: str, group: int, chunk: int, start: int, length: int,
+                    fill: Callable[[int, torch.Tensor], None]) -> None:
+        """Store new values of elements [start, start + length) of ``kind`` of chunk (group, chunk):
+        ``fill(offset, part)`` writes elements [start + offset, start + offset + part.numel())
+        into the 1D ``part`` (the tensor's dtype). A written master is also cast into its
+        parameter chunk."""
+        part = self._resident_tensor(kind, group, chunk).narrow(0, start, length)
+        fill(0, part)
+        if kind == "master":
+            self._master_to_param(group, chunk, start, part)
+
+    def _master_to_param(self, group: int, chunk: int, start: int, part: torch.Tensor) -> None:
+        if self.masters.keeps_copy:   # else the parameter chunk is the master itself
+            self.masters.owned_params[group][chunk].narrow(0, start, part.numel()).copy_(part)
+
+    def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """Before loading a checkpoint holding the elementwise states ``keys``: give every master
+        the states this backend will store and return their keys, each to be filled with
+        ``write_state`` (the caller zeroes those the checkpoint lacks and sets scalar states).
+        Default (torch's lazy states): exactly ``keys``, as zeros, everything else dropped."""
+        for group in self.masters.masters:
+            for master in group:
+                state = self.inner.state[master]
+                state.clear()
+                for key in keys:
+                    state[key] = torch.zeros_like(master)
+        return keys
 
     def reload_from_params(self) -> None:
         """The parameters were edited outside the optimizer: make the masters match them."""
-        with self.resident(write_back=True):
-            self.masters.reload_from_params()
+        if not self.masters.keeps_copy:
+            return
+        for gi, params in enumerate(self.masters.owned_params):
+            for ci, param in enumerate(params):
+                self.write_state("master", gi, ci, 0, param.numel(),
+                                 lambda offset, part, param=param: part.copy_(param.narrow(0, offset, part.numel())))
 
     def memory_by_location(self) -> dict[str, int]:
         """Bytes of optimizer masters/states this backend holds, by location

@@ -94,20 +94,22 @@ class AsyncFileIO:
         except OSError as err:
             raise SwapIOError(f"hf_zero: NVMe swap {op} of {path} failed: {err}") from err
 
-    def _submit(self, op: str, path: Path, fd: int, buffer: torch.Tensor, nbytes: int) -> _Transfer:
+    def _submit(self, op: str, path: Path, fd: int, buffer: torch.Tensor, nbytes: int, offset: int) -> _Transfer:
         view = _memoryview(buffer)
         fn = _read_range if op == "read" else _write_range
-        futures = [self._pool.submit(fn, fd, view[start:min(start + REQUEST_BYTES, nbytes)], start)
+        futures = [self._pool.submit(fn, fd, view[start:min(start + REQUEST_BYTES, nbytes)], offset + start)
                    for start in range(0, nbytes, REQUEST_BYTES)]
         return _Transfer(op, path, fd, nbytes, futures)
 
-    def read(self, path: Path, buffer: torch.Tensor, nbytes: int) -> _Transfer:
-        """Start reading the first ``nbytes`` (aligned) of ``path`` into ``buffer``."""
-        return self._submit("read", path, self._open(path, os.O_RDONLY, "read"), buffer, nbytes)
+    def read(self, path: Path, buffer: torch.Tensor, nbytes: int, offset: int = 0) -> _Transfer:
+        """Start reading ``nbytes`` of ``path`` from byte ``offset`` into the start of ``buffer``
+        (all three aligned)."""
+        return self._submit("read", path, self._open(path, os.O_RDONLY, "read"), buffer, nbytes, offset)
 
-    def write(self, path: Path, buffer: torch.Tensor, nbytes: int) -> _Transfer:
-        """Start writing the first ``nbytes`` (aligned) of ``buffer`` over ``path`` (which exists)."""
-        return self._submit("write", path, self._open(path, os.O_WRONLY, "write"), buffer, nbytes)
+    def write(self, path: Path, buffer: torch.Tensor, nbytes: int, offset: int = 0) -> _Transfer:
+        """Start writing the first ``nbytes`` of ``buffer`` over ``path`` (which exists) from byte
+        ``offset`` (all three aligned)."""
+        return self._submit("write", path, self._open(path, os.O_WRONLY, "write"), buffer, nbytes, offset)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
