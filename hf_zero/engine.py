@@ -131,10 +131,12 @@ class ZeroEngine:
         else:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
-        self.offload.attach(inner)
         if self.param_store is not None and self.param_store.offloads:
-            # Shards on NVMe: pages the optimizer's copy-back wrote are dropped per sub-group.
-            self.offload.on_params_written = self.param_store.evict_written
+            # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
+            # dropped per sub-group, so no pass over the model holds all shards resident.
+            self.offload.on_params_done = self.param_store.evict_written
+        self.offload.attach(inner)
+        if self.param_store is not None:
             self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,

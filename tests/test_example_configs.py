@@ -77,9 +77,9 @@ def test_example_config(path, tmp_path):
     model = build_model(path)
     engine = hf_zero.initialize(model, config)
     # this rank's fp32 master chunks: what the optimizer updates, at every stage
-    def masters():   # NVMe-offloaded masters are readable only while made resident
-        with engine.offload.resident():
-            return [m.detach().clone() for group in engine.masters.masters for m in group]
+    def masters():   # through the offload protocol: NVMe-held masters are not resident
+        return [torch.cat([part.clone() for part in engine.offload.read_state("master", gi, ci, 0, m.numel())])
+                for gi, group in enumerate(engine.masters.masters) for ci, m in enumerate(group)]
 
     before = masters()
     for step in range(2 * engine.gradient_accumulation_steps):

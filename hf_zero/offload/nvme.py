@@ -113,9 +113,12 @@ class NvmeOffload(SubGroupOffload):
                 if kind != "master":
                     region.zero_()
                     continue
-                for s in sg.slices:   # model dtype, cast by copy_
-                    region.narrow(0, s.offset, s.length).copy_(
-                        self.masters.owned_params[s.group][s.chunk].narrow(0, s.start, s.length))
+                sources = [self.masters.owned_params[s.group][s.chunk].narrow(0, s.start, s.length)
+                           for s in sg.slices]
+                for s, source in zip(sg.slices, sources):   # model dtype, cast by copy_
+                    region.narrow(0, s.offset, s.length).copy_(source)
+                if self.on_params_done is not None:   # NVMe-mapped parameter shards: drop what was read
+                    self.on_params_done(sources)
             self.io.write(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
 
     def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:

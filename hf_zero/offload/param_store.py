@@ -19,7 +19,7 @@ every reader and writer (the all-gather, the optimizer's write-back, checkpoints
   prefetch order ahead of use (``MADV_WILLNEED``: the kernel reads them asynchronously),
   up to ``buffer_count`` x ``buffer_size`` elements. The optimizer's write-back dirties
   the trainable shards; the pages a sub-group wrote are dropped as soon as its copy is
-  done. ``max_in_cpu`` elements of shards (the persistent set first, then groups in
+  done (and at setup, those an NVMe optimizer read to fill its masters). ``max_in_cpu`` elements of shards (the persistent set first, then groups in
   build order: the last block first) stay in host memory instead.
 
 Why a mapping rather than explicit reads into pinned buffers (the optimizer-state swapper,
@@ -152,7 +152,7 @@ class ParamStore:
             self.num_read_ahead += 1
 
     def evict_written(self, tensors: list[torch.Tensor]) -> None:
-        """The optimizer finished writing ``tensors`` (views of shards): drop their pages."""
+        """The optimizer finished reading or writing ``tensors`` (views of shards): drop their pages."""
         for t in tensors:
             address = t.data_ptr()
             i = bisect.bisect_right(self._mapped, address, key=lambda s: s.start) - 1

@@ -47,9 +47,9 @@ class SubGroupOffload(OptimizerOffload):
                                                     sub_group_size)
         on_accelerator = any(p.device.type != "cpu" for g in owned_params for p in g)
         self.write_back = WriteBack(on_accelerator)
-        # Called with the parameter slices a sub-group's copy-back wrote, once written (the
-        # engine sets it when stage-3 shards are mapped NVMe files: their pages are dropped).
-        self.on_params_written = None
+        # Called with parameter slices this backend is done reading or writing (the engine
+        # sets it when stage-3 shards are mapped NVMe files: their pages are dropped).
+        self.on_params_done = None
         self.failed: BaseException | None = None
 
     def attach(self, inner: torch.optim.Optimizer) -> None:
@@ -129,7 +129,7 @@ class SubGroupOffload(OptimizerOffload):
                 for k, s in enumerate(sub_group.slices):
                     dst = masters.owned_params[s.group][s.chunk].narrow(0, s.start, s.length)
                     copies.append((dst, views.masters[k]))
-            self._release(sub_group, self.write_back.submit(copies, self.on_params_written))
+            self._release(sub_group, self.write_back.submit(copies, self.on_params_done))
         self._finish()
         self.write_back.wait_all()
         for gi, g in enumerate(groups):
