@@ -9,8 +9,9 @@ element once, so there is nothing left for a hand-written kernel to win and hf_z
 it on sub-group slices instead. A group that explicitly asks for ``fused=False`` keeps its
 choice (``foreach`` or the loop), so an offloaded run is bit-identical to the same run
 without offload whatever the user picked; ``fused=None`` (torch's default) gets the fused
-kernel. Slices of one chunk are independent elementwise updates, so splitting a chunk into
-sub-groups changes no bit of the result.
+kernel. Slices of one chunk are independent elementwise updates; splitting a chunk into
+sub-groups changes no bit of the result as long as the split points are aligned to the
+kernel's vector width ([Note: split points] in subgroups.py).
 """
 
 from __future__ import annotations
