@@ -48,19 +48,19 @@ def test_torch_divides_exactly_by_the_reciprocal_of_powers_of_two_only(c):
 
 
 def _run(dtype: torch.dtype, c: float, fused, opt_cls=torch.optim.AdamW, amsgrad: bool = False,
-         steps: int = 3, fold: bool = True):
+         steps: int = 3, fold: bool = True, maximize: bool = False):
     """(offloaded fp32 masters, states, model-dtype chunks; torch reference params, states)."""
     torch.manual_seed(0)
     owned = [[torch.randn(n).to(dtype) for n in sizes] for sizes in CHUNKS]
     offload = CpuOffload(owned, SUB_GROUP, pin_memory=False)
     offload.fold_coefficient = fold
-    extra = {"amsgrad": amsgrad, "fused": fused}
+    extra = {"amsgrad": amsgrad, "fused": fused, "maximize": maximize}
     inner = opt_cls([{"params": m, **o} for m, o in zip(offload.masters.masters, GROUP_OPTIONS)], **HYPER, **extra)
     offload.attach(inner)
     # Reference: torch's optimizer on independent fp32 copies, gradients multiplied by c here.
     # fused=None means torch's fused kernel when offloaded ([Note: which CPU AdamW]).
     ref = [[torch.nn.Parameter(p.detach().to(torch.float32).clone()) for p in g] for g in owned]
-    ref_extra = {"amsgrad": amsgrad, "fused": True if fused is None else fused}
+    ref_extra = {**extra, "fused": True if fused is None else fused}
     ref_opt = opt_cls([{"params": r, **o} for r, o in zip(ref, GROUP_OPTIONS)], **HYPER, **ref_extra)
     coefficient = torch.tensor([c], dtype=torch.float32)
     for step in range(steps):
@@ -93,6 +93,11 @@ def test_offloaded_adamw_is_bit_identical_to_torch_on_prescaled_grads(dtype, c, 
 @pytest.mark.parametrize("c", (1.0, 0.25, 0.37))
 def test_offloaded_adam_amsgrad_is_bit_identical_to_torch_on_prescaled_grads(c):
     _assert_bit_identical(*_run(torch.float32, c, None, opt_cls=torch.optim.Adam, amsgrad=True))
+
+
+@pytest.mark.parametrize("c", (1.0, 0.25, 0.37))
+def test_offloaded_adamw_maximize_is_bit_identical_to_torch_on_prescaled_grads(c):
+    _assert_bit_identical(*_run(torch.float32, c, None, maximize=True))
 
 
 class _CountOps(TorchDispatchMode):
