@@ -4,14 +4,19 @@
                                  [--deepspeed-path /tmp/ds_pkgs]
 
 (a) CPU AdamW in parameters/s over ``--numel`` fp32 parameters (median of ``--iters`` steps
-after a warm-up): hf_zero's sub-group update (offload/cpu_adam.py over sub-groups, and the
-whole ``CpuOffload.step``, which adds the unscale x clip pass over the gradient that every
-backend makes), torch.optim.AdamW default / foreach / fused, and DeepSpeedCPUAdam when
-DeepSpeed is importable from ``--deepspeed-path`` (a ``pip install --target`` directory;
-its cpu_adam op is JIT-compiled on first use). "x limit" is the rate over the bandwidth
-limit: an fp32 AdamW update must move 28 bytes per parameter (read param, grad, m, v;
-write param, m, v), divided into the in-place streaming bandwidth measured here
-(``buf.mul_(c)`` of a 200 MB fp32 buffer, counting read + write).
+after a warm-up, every contender once per round in a rotating order): hf_zero's sub-group
+update (offload/cpu_adam.py over sub-groups), the whole ``CpuOffload.step`` (gradient
+pass + update) for unscale x clip coefficients c = 1, 0.5 (a power of two: 2 ranks,
+clipping not triggered) and 0.37 (clipping triggered), each with the coefficient folded
+([Note: folding the coefficient]) and with the old separate multiply pass
+(``fold_coefficient = False``), torch.optim.AdamW default / foreach / fused, and
+DeepSpeedCPUAdam when DeepSpeed is importable from ``--deepspeed-path`` (a ``pip install
+--target`` directory; its cpu_adam op is JIT-compiled on first use). "x limit" is the rate
+over the bandwidth limit: an fp32 AdamW update must move 28 bytes per parameter (read
+param, grad, m, v; write param, m, v), divided into the in-place streaming bandwidth
+(``buf.mul_(c)`` of an fp32 buffer of 3.5 x ``--numel`` elements, as many bytes as one
+AdamW step, counting read + write), itself measured as one of the interleaved
+contenders. "bytes" is what each contender moves per parameter.
 
 (b) NVMe swap: hf_zero's swapper (swapper.py: O_DIRECT, 8 MiB requests on 4 threads, one file
 per sub-group, write i overlapped with the fill of i+1 as in the step) against the
@@ -20,9 +25,12 @@ file), ``--swap-gib`` GiB each way.
 
 (c) Step time of the 100.7M-parameter fp32 model of tests/offload_memory_case.py (stage 1,
 one rank, 64 rows per batch) with offload none / cpu / nvme, each in its own process,
-interleaved ``--reps`` times; median over steps 2.. of each process, with peak RSS and the
-share of the step spent in the optimizer step (the exposed update: the global-norm clip
-needs every gradient before any update, so the update cannot start during backward).
+plus cpu with the old multiply pass, interleaved ``--reps`` times; median over steps 2.. of
+each process, with peak RSS, the optimizer step (norm, update, all-gather) and, inside it,
+the offload backend's update (gradient pass, Adam, write-back). That update runs after
+backward and overlaps nothing, so all of it is exposed: "exposed update share" is the
+median over steps of update / step (min-max in brackets). See docs/offload.md for why it
+cannot start during backward.
 """
 
 from __future__ import annotations
@@ -50,30 +58,25 @@ ADAM_BYTES = 28
 HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
 
-def median_s(fn, iters: int) -> float:
-    fn()   # warm-up (allocates lazily created state)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def stream_contender(numel: int) -> tuple:
+    """(fn, bytes moved): an in-place scale of an fp32 buffer moving as many bytes (read +
+    write) as one AdamW step over ``numel`` parameters, so it spans as long a stretch and as
+    few parallel regions as the contenders do (a shorter op loses relatively more to other
+    processes' load at its closing barrier)."""
+    buf = torch.rand(numel * ADAM_BYTES // 8)
+    return (lambda: buf.mul_(1.0000001)), 2 * buf.numel() * 4
 
 
-def stream_bandwidth(iters: int) -> float:
-    """Bytes/s of an in-place scale of a 200 MB fp32 buffer, read + write counted."""
-    buf = torch.rand(50_000_000)
-    return 2 * buf.numel() * 4 / median_s(lambda: buf.mul_(1.0000001), iters)
-
-
-def adam_contenders(numel: int, sub_group_sizes: tuple[int, ...]) -> dict:
-    """name -> a function running one optimizer step over ``numel`` fp32 parameters."""
+def adam_contenders(numel: int, sub_group_sizes: tuple[int, ...], coefficients: tuple[float, ...]) -> dict:
+    """name -> (setup or None, one optimizer step over ``numel`` fp32 parameters, bytes/param)."""
     from hf_zero.offload.cpu_adam import adam_update
+    from hf_zero.offload.grad_pass import exact_reciprocal
 
     out = {}
     for size in sub_group_sizes:
         param = torch.randn(numel)
         grad = torch.randn(numel) * 1e-3
+        fresh = grad.clone()
         offload = CpuOffload([[param]], size, pin_memory=False)
         inner = torch.optim.AdamW([offload.masters.masters[0][0]], **HYPER)
         offload.attach(inner)
@@ -86,32 +89,46 @@ def adam_contenders(numel: int, sub_group_sizes: tuple[int, ...]) -> dict:
                             [grad.narrow(0, a, n) for a, n in sl],
                             {k: [state[k].narrow(0, a, n) for a, n in sl] for k in offload.state_keys}, 1.0)
 
-        one = torch.ones(1)
-        out[f"hf_zero sub-group update (sub_group_size {size:.0e})"] = update_only
-        out[f"hf_zero CpuOffload.step incl. unscale/clip pass ({size:.0e})"] = (
-            lambda offload=offload, grad=grad, one=one: offload.step([[grad]], one))
+        out[f"hf_zero sub-group update ({size:.0e})"] = (None, update_only, ADAM_BYTES)
+        for c in coefficients:
+            for fold in (True, False):
+                # The step scales the gradient in place (as the 'none' backend does): each
+                # timed step starts from the same gradient, restored untimed.
+                def whole_step(offload=offload, grad=grad, c=torch.tensor([c]), fold=fold) -> None:
+                    offload.fold_coefficient = fold
+                    offload.step([[grad]], c)
+
+                moved = ADAM_BYTES + (0 if fold and c == 1 else 4 if fold and exact_reciprocal(c) else 8)
+                label = "folded" if fold else "old: separate multiply pass"
+                out[f"hf_zero CpuOffload.step, c={c:g}, {label} ({size:.0e})"] = (
+                    lambda grad=grad, fresh=fresh: grad.copy_(fresh), whole_step, moved)
     for name, impl in (("torch AdamW default", {}), ("torch AdamW foreach", {"foreach": True}),
                        ("torch AdamW fused", {"fused": True})):
         p = torch.nn.Parameter(torch.randn(numel))
         p.grad = torch.randn(numel) * 1e-3
-        out[name] = torch.optim.AdamW([p], **HYPER, **impl).step
+        out[name] = (None, torch.optim.AdamW([p], **HYPER, **impl).step, ADAM_BYTES)
     return out
 
 
-def interleaved_rates(contenders: dict, numel: int, iters: int) -> dict[str, list[float]]:
-    """Params/s per contender: every iteration runs each once, in a rotating order, so that
-    load from other processes falls on all of them alike."""
-    for fn in contenders.values():
-        fn()   # warm-up: lazily created state
+def interleaved_times(contenders: dict, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each contender ``(setup or None, fn)``: every round runs each
+    once, in a rotating order, so that load from other processes falls on all of them
+    alike; ``setup`` runs untimed just before ``fn``."""
+    for setup, fn in contenders.values():   # warm-up: lazily created state
+        if setup:
+            setup()
+        fn()
     names = list(contenders)
-    rates: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(iters):
         for name in names[i % len(names):] + names[:i % len(names)]:
+            setup, fn = contenders[name]
+            if setup:
+                setup()
             start = time.perf_counter()
-            fn = contenders[name]
             fn()
-            rates[name].append(numel / (time.perf_counter() - start))
-    return rates
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 DS_SNIPPET = """
@@ -194,14 +211,17 @@ def swapper_bandwidth(directory: Path, total: int, file_bytes: int = 256 * 1024 
     return results[0], results[1]
 
 
+STEP_KINDS = {"none": ("none", 1), "cpu": ("cpu", 1), "cpu (old multiply pass)": ("cpu", 0), "nvme": ("nvme", 1)}
+
+
 def step_times(swap: str, reps: int, steps: int, rows: int) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {"none": [], "cpu": [], "nvme": []}
+    runs: dict[str, list[dict]] = {kind: [] for kind in STEP_KINDS}
     script = ROOT / "tests" / "offload_memory_case.py"
     for _ in range(reps):
-        for device in runs:
-            out = subprocess.run([sys.executable, str(script), device, swap, str(steps), "5000000", str(rows)],
-                                 capture_output=True, text=True, check=True)
-            runs[device].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for kind, (device, fold) in STEP_KINDS.items():
+            out = subprocess.run([sys.executable, str(script), device, swap, str(steps), "5000000", str(rows),
+                                  str(fold)], capture_output=True, text=True, check=True)
+            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return runs
 
 
@@ -221,25 +241,40 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
 
     if "adam" not in skip:
-        bandwidth = stream_bandwidth(args.iters * 2)
+        stream, stream_bytes = stream_contender(args.numel)
+        contenders = adam_contenders(args.numel, (1_000_000_000, 10_000_000), (1.0, 0.5, 0.37))
+        measured = interleaved_times({"stream": (None, stream), **{n: c[:2] for n, c in contenders.items()}},
+                                     args.iters)
+        bandwidths = [stream_bytes / t for t in measured.pop("stream")]
+        bandwidth = statistics.median(bandwidths)
         limit = bandwidth / ADAM_BYTES
         print(f"(a) CPU AdamW, {args.numel / 1e6:.0f}M fp32 parameters; in-place streaming bandwidth "
-              f"{bandwidth / 1e9:.1f} GB/s -> limit {limit / 1e6:.0f} Mparam/s (28 B/param)\n")
-        measured = interleaved_rates(adam_contenders(args.numel, (1_000_000_000, 10_000_000)), args.numel,
-                                     args.iters)
+              f"{bandwidth / 1e9:.1f} GB/s ({min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}, interleaved) "
+              f"-> limit {limit / 1e6:.0f} Mparam/s (28 B/param)\n")
         ds, note = deepspeed_rate(args.numel, args.iters, args.deepspeed_path)
-        fused = statistics.median(measured["torch AdamW fused"])
+        rates = {name: [args.numel / t for t in ts] for name, ts in measured.items()}
+        fused = statistics.median(rates["torch AdamW fused"])
         print(f"median of {args.iters} interleaved steps each, min-max\n")
-        print("| implementation | Mparam/s | spread | x limit | x torch fused |\n|---|---|---|---|---|")
-        for name, rates in measured.items():
-            rate = statistics.median(rates)
-            print(f"| {name} | {rate / 1e6:.0f} | {min(rates) / 1e6:.0f}-{max(rates) / 1e6:.0f} | "
+        print("| implementation | bytes/param | Mparam/s | spread | x limit | x torch fused |\n"
+              "|---|---|---|---|---|---|")
+        for name, rs in rates.items():
+            rate = statistics.median(rs)
+            print(f"| {name} | {contenders[name][2]} | {rate / 1e6:.0f} | {min(rs) / 1e6:.0f}-{max(rs) / 1e6:.0f} | "
                   f"{rate / limit:.2f} | {rate / fused:.2f} |")
         if ds is None:
-            print(f"| DeepSpeedCPUAdam | - | - | - | - ({note}) |")
+            print(f"| DeepSpeedCPUAdam | 28 | - | - | - | - ({note}) |")
         else:
-            print(f"| DeepSpeedCPUAdam ({note}, one round) | {ds / 1e6:.0f} | - | {ds / limit:.2f} | "
+            print(f"| DeepSpeedCPUAdam ({note}, one round) | 28 | {ds / 1e6:.0f} | - | {ds / limit:.2f} | "
                   f"{ds / fused:.2f} |")
+        # Paired within each round (the two ran back to back), which cancels slow drifts of load.
+        print("\nfolded / old multiply pass, speed ratio per round: median (min-max)\n")
+        print("| whole step | ratio | spread |\n|---|---|---|")
+        for name in rates:
+            if ", folded" in name:
+                old = name.replace("folded", "old: separate multiply pass")
+                paired = [a / b for a, b in zip(rates[name], rates[old])]
+                print(f"| {name.replace(', folded', '')} | {statistics.median(paired):.2f} | "
+                      f"{min(paired):.2f}-{max(paired):.2f} |")
         print()
 
     if "swap" not in skip:
@@ -260,16 +295,21 @@ def main() -> None:
             return statistics.median(values)
 
         base = med([t for r in runs["none"] for t in r["step_s"][1:]])
+        norms = [n for rs in runs.values() for r in rs for n in r["grad_norms"]]
         print(f"(c) 100.7M-parameter fp32 model, stage 1, 1 rank, {args.rows} rows; {args.reps} interleaved "
-              f"processes x {args.steps - 1} timed steps each\n")
-        print("| offload | step s (median) | spread | x none | optimizer step s | exposed update share | "
-              "peak RSS GiB |\n|---|---|---|---|---|---|---|")
-        for device, rs in runs.items():
+              f"processes x {args.steps - 1} timed steps each; gradient norms {min(norms):.3g}-{max(norms):.3g} "
+              f"(clipping at 1.0 {'never' if max(norms) < 1 else 'sometimes'} triggered)\n")
+        print("| offload | step s (median) | spread | x none | optimizer step s | update s | "
+              "exposed update share | peak RSS GiB |\n|---|---|---|---|---|---|---|---|")
+        for kind, rs in runs.items():
             steps = [t for r in rs for t in r["step_s"][1:]]
             opt = [t for r in rs for t in r["optimizer_s"][1:]]
+            update = [t for r in rs for t in r["update_s"][1:]]
+            shares = [u / t for r in rs for u, t in zip(r["update_s"][1:], r["step_s"][1:])]
             rss = max(r["peak_rss_bytes"] for r in rs) / 1024 ** 3
-            print(f"| {device} | {med(steps):.2f} | {min(steps):.2f}-{max(steps):.2f} | {med(steps) / base:.2f} | "
-                  f"{med(opt):.2f} | {med(opt) / med(steps):.0%} | {rss:.2f} |")
+            share = f"{med(shares):.0%} ({min(shares):.0%}-{max(shares):.0%})" if shares else "-"
+            print(f"| {kind} | {med(steps):.2f} | {min(steps):.2f}-{max(steps):.2f} | {med(steps) / base:.2f} | "
+                  f"{med(opt):.2f} | {med(update) if update else float('nan'):.2f} | {share} | {rss:.2f} |")
 
 
 if __name__ == "__main__":

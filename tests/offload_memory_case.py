@@ -3,7 +3,9 @@
 Run by test_offload_local.py as ``python offload_memory_case.py DEVICE SWAP_DIR`` (one
 process per device, since peak RSS only grows within a process) and by benchmarks/offload.py.
 fp32, stage 1, one rank, two steps, tiny activations: the model states dominate memory.
-Optional further arguments: steps, sub_group_size, rows per batch.
+Optional further arguments: steps, sub_group_size, rows per batch, fold (0: the CPU update
+always makes the separate unscale/clip multiply pass, [Note: folding the coefficient]).
+Besides step times it reports the time spent in the offload backend's update per step.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def model() -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000, rows: int = 4) -> dict:
+def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000, rows: int = 4,
+        fold: int = 1) -> dict:
     net = model()
     num_params = sum(p.numel() for p in net.parameters())
     engine = hf_zero.initialize(net, {
@@ -46,9 +49,20 @@ def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
         "zero_optimization": {"stage": 1, "sub_group_size": sub_group_size,
                               "offload_optimizer": {"device": device, "nvme_path": swap, "buffer_count": 2}}})
+    offload = engine.optimizer.offload
+    offload.fold_coefficient = bool(fold)
+    update_times: list[float] = []
+    backend_step = offload.step
+
+    def timed_update(grads, coefficient):
+        start = time.perf_counter()
+        backend_step(grads, coefficient)
+        update_times.append(time.perf_counter() - start)
+
+    offload.step = timed_update   # the whole update: gradient pass, Adam, write-back
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, WIDTH, generator=g)
-    losses, times, opt_times = [], [], []
+    losses, times, opt_times, norms = [], [], [], []
     for _ in range(steps):
         start = time.perf_counter()
         loss = engine(x).pow(2).mean()
@@ -58,9 +72,11 @@ def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000,
         opt_times.append(time.perf_counter() - before_step)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+        norms.append(engine.optimizer.last_grad_norm)
     mem = engine.memory_breakdown()
     engine.destroy()
     return {"device": device, "num_params": num_params, "losses": losses, "step_s": times, "optimizer_s": opt_times,
+            "update_s": update_times, "grad_norms": norms,
             "peak_rss_bytes": peak_rss_bytes(),
             "optimizer_state_bytes": 8 * num_params, "memory": mem}
 

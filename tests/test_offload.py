@@ -2,6 +2,7 @@
 checkpoint resume across backends. One spawned 2-rank gloo group per grid (offload_cases.py)."""
 
 import pytest
+import torch
 
 import offload_cases as oc
 import parity_cases as pc
@@ -36,6 +37,19 @@ def test_offload_matches_no_offload(swap, device, case):
         for name, ref in ref_params.items():
             assert (params[name] - ref).abs().max().item() <= 1e-6, f"rank {rank} {name}"
     assert ref_losses[-1] != ref_losses[0]   # the runs train
+
+
+@pytest.mark.parametrize("device", ("cpu", "nvme"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"stage{c[0]}-{'bf16' if c[1] else 'fp32'}-ga{c[2]}-clip{c[3]}")
+def test_offload_is_bit_identical_to_no_offload(swap, device, case):
+    """Same kernel, same gradient bits: c = 1/2 without clipping goes through the kernel's
+    exact division, clipped runs through the multiply ([Note: folding the coefficient]), and
+    sub-groups split chunks at aligned points only ([Note: split points])."""
+    for rank, results in enumerate(_once("parity", oc.parity_grid, swap)):
+        (ref_losses, ref_params), (losses, params, _, _, _) = results[(*case, device)]
+        assert losses == ref_losses, f"rank {rank}"
+        for name, ref in ref_params.items():
+            assert torch.equal(params[name], ref), f"rank {rank} {name}"
 
 
 def test_adam_amsgrad_user_optimizer_on_nvme(swap):

@@ -9,8 +9,9 @@ element once, so there is nothing left for a hand-written kernel to win and hf_z
 it on sub-group slices instead. A group that explicitly asks for ``fused=False`` keeps its
 choice (``foreach`` or the loop), so an offloaded run is bit-identical to the same run
 without offload whatever the user picked; ``fused=None`` (torch's default) gets the fused
-kernel. Slices of one chunk are independent elementwise updates, so splitting a chunk into
-sub-groups changes no bit of the result.
+kernel. Slices of one chunk are independent elementwise updates; splitting a chunk into
+sub-groups changes no bit of the result as long as the split points are aligned to the
+kernel's vector width ([Note: split points] in subgroups.py).
 """
 
 from __future__ import annotations
@@ -45,12 +46,22 @@ def new_step_counter(master: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=master.device)
 
 
-def adam_update(inner: torch.optim.Optimizer, group: dict, params: list[torch.Tensor],
-                grads: list[torch.Tensor], states: dict[str, list[torch.Tensor]], step: float) -> None:
-    """One Adam(W) update of ``params`` (1D fp32 slices) with ``states`` slices, as the inner
-    optimizer's ``group`` would do it at optimizer step ``step`` (1-based after this call)."""
+def runs_fused(group: dict) -> bool:
+    """Whether ``group`` is updated by torch's fused kernel (the only one taking ``grad_scale``)."""
     fused = group.get("fused")
-    fused = True if fused is None else fused
+    return True if fused is None else bool(fused)
+
+
+def adam_update(inner: torch.optim.Optimizer, group: dict, params: list[torch.Tensor],
+                grads: list[torch.Tensor], states: dict[str, list[torch.Tensor]], step: float,
+                grad_divisor: float | None = None) -> None:
+    """One Adam(W) update of ``params`` (1D fp32 slices) with ``states`` slices, as the inner
+    optimizer's ``group`` would do it at optimizer step ``step`` (1-based after this call).
+    ``grad_divisor``: the fused kernel first divides each gradient by it, in place
+    ([Note: folding the coefficient] in grad_pass.py); only where ``runs_fused(group)``."""
+    fused = runs_fused(group)
+    if grad_divisor is not None and not fused:
+        raise ValueError("internal: only torch's fused Adam kernel divides gradients")
     foreach = None if fused else group.get("foreach")
     decoupled = type(inner) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
     beta1, beta2 = group["betas"]
@@ -58,8 +69,9 @@ def adam_update(inner: torch.optim.Optimizer, group: dict, params: list[torch.Te
     # master's count so slices of one chunk see the same step.
     steps = [torch.full((), step - 1, dtype=torch.float32) for _ in params]
     amsgrad = bool(group.get("amsgrad"))
+    grad_scale = None if grad_divisor is None else torch.tensor(grad_divisor, dtype=torch.float32)
     _adam_functional(
         params, grads, states["exp_avg"], states["exp_avg_sq"],
-        states["max_exp_avg_sq"] if amsgrad else [], steps, foreach=foreach, fused=fused,
+        states["max_exp_avg_sq"] if amsgrad else [], steps, foreach=foreach, fused=fused, grad_scale=grad_scale,
         decoupled_weight_decay=decoupled, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=group["lr"],
         weight_decay=group["weight_decay"], eps=group["eps"], maximize=bool(group.get("maximize")))

@@ -3,9 +3,10 @@
 [Note: sub-group schedule]
 For sub-group i (subgroups.py) the loop (1) asks the storage to start fetching i+1
 (nvme: an asynchronous read into a free swap buffer; cpu: nothing), (2) waits for i's
-views, (3) brings i's gradient slices to the host in fp32 and multiplies them by the
-unscale x clip coefficient (the same single pass the 'none' backend makes), (4) runs the
-CPU Adam(W) (cpu_adam.py) per parameter group present in i, (5) starts copying i's
+views, (3) brings i's gradient slices to the host in fp32 with the unscale x clip
+coefficient applied, bit-identically to the 'none' backend's multiply but without a pass
+of its own where that stays exact ([Note: folding the coefficient] in grad_pass.py), (4)
+runs the CPU Adam(W) (cpu_adam.py) per parameter group present in i, (5) starts copying i's
 updated masters into the parameters' chunks on the copy executor (write_back.py) and (6)
 hands i back to the storage (nvme: an asynchronous write once that copy is done). So the
 copy-back of i and the swap-out of i run while i+1 is updated. The step counters advance
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_zero.offload.cpu_adam import adam_update, check_offloadable, new_step_counter, state_keys
+from hf_zero.offload.cpu_adam import adam_update, check_offloadable, new_step_counter, runs_fused, state_keys
+from hf_zero.offload.grad_pass import GradPass
 from hf_zero.offload.protocol import OptimizerOffload
 from hf_zero.offload.subgroups import SubGroup, plan_sub_groups
 from hf_zero.offload.write_back import WriteBack
@@ -39,6 +41,7 @@ class SubGroupOffload(OptimizerOffload):
     host = torch.device("cpu")
 
     allocates_masters = True   # nvme: masters are born swapped out and filled from the parameters
+    fold_coefficient = True    # False: always a separate multiply pass ([Note: folding the coefficient])
 
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, force_copy: bool = False):
         self.masters = MasterWeights(owned_params, force_copy=force_copy, device=self.host,
@@ -103,6 +106,7 @@ class SubGroupOffload(OptimizerOffload):
     def _step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
         masters = self.masters
         coefficient = coefficient.to(self.host)    # one device->host read per step (CUDA)
+        grad_pass = GradPass.for_step(coefficient, self.fold_coefficient)
         groups = self.inner.param_groups
         step = {gi: float(self.inner.state[g["params"][0]]["step"]) + 1 for gi, g in enumerate(groups)
                 if g["params"]}
@@ -115,15 +119,14 @@ class SubGroupOffload(OptimizerOffload):
             by_group: dict[int, list[int]] = {}
             for k, s in enumerate(sub_group.slices):
                 by_group.setdefault(self._group_of[id(masters.masters[s.group][s.chunk])], []).append(k)
-            grad_slices = []
-            for s in sub_group.slices:
-                g = grads[s.group][s.chunk].narrow(0, s.start, s.length)
-                # fp32 host gradients are used in place (as the 'none' backend does); others
-                # are upcast / brought to the host into a fresh fp32 tensor.
-                grad_slices.append(g.to(device=self.host, dtype=torch.float32).mul_(coefficient))
             for gi, ks in by_group.items():
-                adam_update(self.inner, groups[gi], [views.masters[k] for k in ks], [grad_slices[k] for k in ks],
-                            {key: [views.states[key][k] for k in ks] for key in self.state_keys}, step[gi])
+                divisor = grad_pass.divisor_for(runs_fused(groups[gi]))
+                grad_slices = [grad_pass.host_grad(grads[s.group][s.chunk].narrow(0, s.start, s.length), self.host,
+                                                   divisor is not None)
+                               for s in (sub_group.slices[k] for k in ks)]
+                adam_update(self.inner, groups[gi], [views.masters[k] for k in ks], grad_slices,
+                            {key: [views.states[key][k] for k in ks] for key in self.state_keys}, step[gi],
+                            grad_divisor=divisor)
             copies = []
             if masters.keeps_copy:
                 for k, s in enumerate(sub_group.slices):
