@@ -27,7 +27,7 @@ from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.optim.zero_optimizer import ZeroOptimizer
-from hf_zero.offload import build_optimizer_offload
+from hf_zero.offload import build_optimizer_offload, build_param_store
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
 from hf_zero.meta_init import has_meta_parameters
@@ -94,7 +94,9 @@ class ZeroEngine:
         if self.dtype != torch.float32:
             model.to(self.dtype)
         zero = self.config.zero_optimization
-        self.param_store = self._param_store(model) if zero.stage == 3 else None
+        # Where stage-3 shards live (offload_param); an NVMe path is checked before any work.
+        self.param_store = (build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
+                            if zero.stage == 3 else None)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
@@ -352,20 +354,6 @@ class ZeroEngine:
             self.param_store.evict_all()
 
     # ---- setup helpers ------------------------------------------------------------------
-    def _param_store(self, model: nn.Module):
-        """Where stage-3 shards live (offload_param; offload/param_store.py). The NVMe path is
-        checked for this rank's shard bytes before any shard is built."""
-        from hf_zero.offload.param_store import ParamStore
-
-        cfg = self.config.zero_optimization.offload_param
-        element = torch.empty((), dtype=self.dtype).element_size()
-        numel = sum(p.numel() for p in model.parameters())
-        # Per-bucket padding is at most world - 1 elements per bucket; 1% + 1 MiB covers it.
-        expected = int(numel * element / self.comm.world_size * 1.01) + 2**20
-        return ParamStore(cfg.device, nvme_path=cfg.nvme_path, pin_memory=cfg.pin_memory,
-                          buffer_count=cfg.buffer_count, buffer_size=cfg.buffer_size,
-                          max_in_cpu=cfg.max_in_cpu, rank=self.comm.rank, expected_bytes=expected)
-
     def _parameter_groups(self) -> list:
         """Every group that owns parameter storage: trainable, plus stage 3's frozen groups."""
         return list(self.flat_groups) + list(getattr(self.stage, "frozen_groups", []))

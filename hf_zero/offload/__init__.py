@@ -1,14 +1,18 @@
-"""Optimizer-state offload: one protocol (protocol.py), three backends (none, cpu, nvme).
+"""Offload: optimizer state (one protocol, protocol.py; backends none, cpu, nvme) and stage-3
+parameter shards (param_store.py).
 
-``build_optimizer_offload`` is the only place that picks a backend from the config; see
-[Note: offload backends] in protocol.py and docs/offload.md.
+``build_optimizer_offload`` and ``build_param_store`` are the only places that read the
+offload devices from the config; see [Note: offload backends] in protocol.py,
+[Note: parameter offload] in param_store.py, docs/offload.md and docs/param_offload.md.
 """
 
 from __future__ import annotations
 
 import torch
 
+from hf_zero.config.parse import ConfigError
 from hf_zero.config.schema import ZeroConfig
+from hf_zero.offload.param_store import ParamStore
 from hf_zero.offload.protocol import NoOffload, OptimizerOffload
 from hf_zero.offload.swap_dir import SwapSetupError
 from hf_zero.offload.swapper import SwapIOError
@@ -32,4 +36,23 @@ def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tens
     return NoOffload(owned_params, force_copy=force_copy)
 
 
-__all__ = ["OptimizerOffload", "SwapIOError", "SwapSetupError", "build_optimizer_offload"]
+def build_param_store(zero: ZeroConfig, model: torch.nn.Module, dtype: torch.dtype, world: int,
+                      rank: int) -> ParamStore:
+    """Where stage-3 shards live (``zero.offload_param``). The NVMe path is checked for this
+    rank's shard bytes here, before any shard is built."""
+    cfg = zero.offload_param
+    if cfg.device != "none" and zero.offload_optimizer.device == "none" and torch.cuda.is_available():
+        # CUDA-only refusal: the 'none' optimizer would step host shards with device gradients.
+        raise ConfigError([("zero_optimization.offload_param.device",
+                            "on an accelerator, parameter offload needs offload_optimizer.device cpu or nvme")])
+    element = torch.empty((), dtype=dtype).element_size()
+    numel = sum(p.numel() for p in model.parameters())
+    # Per-bucket padding is at most world - 1 elements per bucket; 1% + 1 MiB covers it.
+    expected = int(numel * element / world * 1.01) + 2 ** 20
+    return ParamStore(cfg.device, nvme_path=cfg.nvme_path, pin_memory=cfg.pin_memory,
+                      buffer_count=cfg.buffer_count, buffer_size=cfg.buffer_size, max_in_cpu=cfg.max_in_cpu,
+                      rank=rank, expected_bytes=expected)
+
+
+__all__ = ["OptimizerOffload", "ParamStore", "SwapIOError", "SwapSetupError", "build_optimizer_offload",
+           "build_param_store"]

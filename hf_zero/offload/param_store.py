@@ -19,8 +19,9 @@ every reader and writer (the all-gather, the optimizer's write-back, checkpoints
   prefetch order ahead of use (``MADV_WILLNEED``: the kernel reads them asynchronously),
   up to ``buffer_count`` x ``buffer_size`` elements. The optimizer's write-back dirties
   the trainable shards; the pages a sub-group wrote are dropped as soon as its copy is
-  done (and at setup, those an NVMe optimizer read to fill its masters). ``max_in_cpu`` elements of shards (the persistent set first, then groups in
-  build order: the last block first) stay in host memory instead.
+  done (and at setup, those an NVMe optimizer read to fill its masters). The persistent
+  set stays in host memory, and so do the first ``max_in_cpu`` elements of shards in
+  build order (the last block first).
 
 Why a mapping rather than explicit reads into pinned buffers (the optimizer-state swapper,
 swapper.py): a parameter shard is read by many paths (gathers, checkpoints, the
