@@ -88,3 +88,37 @@ def test_bad_offload_param_settings_fail_early_with_the_key(swap):
         assert "offload_param.nvme_path" in message
         kind, message = out["missing_path"]
         assert kind == "SwapSetupError" and "does-not-exist" in message and "offload_param" in message
+
+
+# ---- single-process checks of the store itself ------------------------------------------
+
+def test_max_in_cpu_keeps_the_first_shards_in_memory_and_files_the_rest(tmp_path):
+    import torch
+
+    from hf_zero.offload.param_store import ParamStore
+
+    store = ParamStore("nvme", nvme_path=str(tmp_path), max_in_cpu=150, expected_bytes=10_000)
+    first, second, persistent = (store.allocate(100, torch.float32, torch.device("cpu")),
+                                 store.allocate(100, torch.float32, torch.device("cpu")),
+                                 store.allocate(10, torch.float32, torch.device("cpu"), keep_in_memory=True))
+    assert (first.offloaded, second.offloaded, persistent.offloaded) == (False, True, False)
+    second.tensor.copy_(torch.arange(100.0))   # a mapped shard is an ordinary tensor
+    store.evict_written([second.tensor.narrow(0, 10, 50)])   # a partial range: whole pages only
+    store.evict_all()
+    assert second.tensor.equal(torch.arange(100.0))   # dropped pages come back from the file
+    assert store.memory_by_location() == {"param_host": 440, "param_nvme": 400}
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+    assert second.tensor.equal(torch.arange(100.0))   # readable until the tensor is freed
+
+
+def test_parameter_offload_with_the_none_optimizer_is_refused_on_an_accelerator(monkeypatch):
+    import torch
+
+    import hf_zero
+    from hf_zero.offload import build_param_store
+
+    zero = hf_zero.load_config({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(hf_zero.ConfigError, match="offload_param.device.*offload_optimizer"):
+        build_param_store(zero.zero_optimization, pc.tiny_gpt2(), torch.float32, 1, 0)
