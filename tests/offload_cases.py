@@ -40,7 +40,7 @@ def train(engine, rank: int, first: int, steps: int, accum: int = 1) -> list[flo
     return losses
 
 
-def _swap_dirs(swap: str, rank: int) -> list[str]:
+def swap_dirs(swap: str, rank: int) -> list[str]:
     return sorted(d for d in os.listdir(swap) if d.startswith(f"hf_zero_swap_rank{rank}_"))
 
 
@@ -52,10 +52,10 @@ def _run(rank, world, stage, device, swap, bf16=False, accum=1, clip=pc.CLIP, op
     mem = engine.memory_breakdown()
     mem["step_counter_bytes"] = 4 * len(engine.optimizer.inner.state)   # one fp32 scalar per master chunk
     params = pc.full_params(model) if stage < 3 else None
-    during = _swap_dirs(swap, rank) if device == "nvme" else None
+    during = swap_dirs(swap, rank) if device == "nvme" else None
     engine.destroy()
     params = params or pc.full_params(model)
-    return losses, params, mem, during, _swap_dirs(swap, rank) if device == "nvme" else None
+    return losses, params, mem, during, swap_dirs(swap, rank) if device == "nvme" else None
 
 
 def _adam_amsgrad(model):

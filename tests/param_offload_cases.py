@@ -8,12 +8,12 @@ offload moves where a shard lives, not what is computed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 import hf_zero
+import offload_cases as oc
 import parity_cases as pc
 import stage3_hard_cases as hc
 
@@ -43,10 +43,6 @@ def mapped_rss_bytes(directory: str) -> int:
     return total
 
 
-def _swap_dirs(swap: str, rank: int) -> list[str]:
-    return sorted(d for d in os.listdir(swap) if d.startswith(f"hf_zero_swap_rank{rank}_"))
-
-
 def _run(rank: int, world: int, cfg: dict, swap: str, steps: int = pc.NUM_STEPS, accum: int = 1,
          build=pc.tiny_gpt2) -> dict:
     model = build()
@@ -54,19 +50,14 @@ def _run(rank: int, world: int, cfg: dict, swap: str, steps: int = pc.NUM_STEPS,
     engine = hf_zero.initialize(model, cfg, optimizer=opt)
     losses, mapped_after_step = [], []
     for step in range(steps):
-        for micro in range(accum):
-            x = pc.batch(rank, step, micro)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
+        losses += oc.train(engine, rank, step, 1, accum)
         mapped_after_step.append(mapped_rss_bytes(swap))
     out = {"losses": losses, "mem": engine.memory_breakdown(), "mapped_after_step": mapped_after_step,
-           "read_ahead": engine.param_store.num_read_ahead, "dirs_during": _swap_dirs(swap, rank),
+           "read_ahead": engine.param_store.num_read_ahead, "dirs_during": oc.swap_dirs(swap, rank),
            "shard_bytes": sum(g.shard.numel() * g.shard.element_size() for g in engine.stage.parameter_groups())}
     engine.destroy()
     out["params"] = pc.full_params(model)
-    out["dirs_after"] = _swap_dirs(swap, rank)
+    out["dirs_after"] = oc.swap_dirs(swap, rank)
     return out
 
 
@@ -119,18 +110,8 @@ def resume(rank: int, world: int, swap: str, ckpt: str) -> dict:
         return hf_zero.initialize(model, cfg, optimizer=torch.optim.AdamW(pc.param_groups(model), lr=pc.LR,
                                                                           eps=pc.EPS))
 
-    def train(engine, first, steps):
-        losses = []
-        for step in range(first, first + steps):
-            x = pc.batch(rank, step, 0)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        return losses
-
     first = engine_for(cfg)
-    head = train(first, 0, 2)
+    head = oc.train(first, rank, 0, 2)
     first.save_checkpoint(ckpt, tag="s2")
     out["mapped_after_save"] = mapped_rss_bytes(swap)
     first.destroy()
@@ -138,7 +119,7 @@ def resume(rank: int, world: int, swap: str, ckpt: str) -> dict:
         engine = engine_for(config(world, target, target, swap, bf16=True))
         engine.load_checkpoint(ckpt, tag="s2")
         out[f"mapped_after_load_{target}"] = mapped_rss_bytes(swap)
-        out[target] = head + train(engine, 2, 2)
+        out[target] = head + oc.train(engine, rank, 2, 2)
         engine.destroy()
     return out
 
