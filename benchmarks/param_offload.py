@@ -58,6 +58,7 @@ def trial(rank: int, world: int, billions: float, variant: str, swap: str, steps
     shape = llama_shape(billions)
     with hf_zero.zero_init(seed=0):
         model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    num_params = sum(p.numel() for p in model.parameters())
     param = {"device": "none"}
     if variant != "none":
         param = {"device": "nvme", "nvme_path": swap, "max_in_cpu": 0, "buffer_count": 5, "buffer_size": 100_000_000}
@@ -84,7 +85,7 @@ def trial(rank: int, world: int, billions: float, variant: str, swap: str, steps
     engine.destroy(unshard=False)
     return {"times": times, "loss": loss.item(), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             / 2 ** 20, "param_nvme_gib": mem["param_nvme"] / 2 ** 30,
-            "num_params": sum(p.numel() for p in model.parameters())}
+            "num_params": num_params}
 
 
 def run_variant(billions: float, variant: str, swap: str, steps: int) -> dict:
