@@ -141,3 +141,36 @@ def setup_errors(rank: int, world: int, swap: str) -> dict:
         except Exception as err:   # noqa: BLE001 - the test inspects what was raised
             out[name] = (type(err).__name__, str(err))
     return out
+
+
+def construction_on_nvme(rank: int, world: int, swap: str, saved_dir: str) -> dict:
+    """zero_init and from_pretrained write each rank's slices straight into mapped shard files:
+    the values must equal the same construction without offload, and training from the
+    pretrained slices must match DDP on the original model."""
+    from transformers import AutoModelForCausalLM
+
+    zero = {"stage": 3, "reduce_bucket_size": 3000, "stage3_param_persistence_threshold": 0}
+    nvme = {**zero, "offload_param": {"device": "nvme", "nvme_path": swap, "max_in_cpu": 0}}
+    cfg = {"train_micro_batch_size_per_gpu": pc.MICRO, "gradient_clipping": 0.0}
+
+    def gathered(model):
+        with hf_zero.GatheredParameters(list(model.parameters())):
+            return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    out = {}
+    for name, block in (("none", zero), ("nvme", nvme)):
+        with hf_zero.zero_init(seed=7):
+            model = AutoModelForCausalLM.from_config(pc.tiny_gpt2().config)
+        engine = hf_zero.initialize(model, {**cfg, "zero_optimization": block})
+        out[f"init_{name}"] = gathered(model)
+        out[f"init_{name}_files"] = engine.memory_breakdown()["param_nvme"]
+        engine.destroy()
+    ref_losses, ref_params, _ = pc.run_ddp(rank, 1, 0.0)
+    model = hf_zero.from_pretrained(saved_dir)
+    engine = hf_zero.initialize(model, {**cfg, "zero_optimization": nvme},
+                                optimizer=torch.optim.AdamW(pc.param_groups(model), lr=pc.LR, eps=pc.EPS))
+    out["pretrained_losses"] = oc.train(engine, rank, 0, pc.NUM_STEPS)
+    out["ref_losses"] = ref_losses
+    engine.destroy()
+    out["pretrained_diff"] = max((p.detach() - ref_params[n]).abs().max().item() for n, p in model.named_parameters())
+    return out

@@ -122,3 +122,19 @@ def test_parameter_offload_with_the_none_optimizer_is_refused_on_an_accelerator(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(hf_zero.ConfigError, match="offload_param.device.*offload_optimizer"):
         build_param_store(zero.zero_optimization, pc.tiny_gpt2(), torch.float32, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pretrained")
+    pc.tiny_gpt2().save_pretrained(path)
+    return str(path)
+
+
+def test_zero_init_and_from_pretrained_fill_nvme_shards_exactly(swap, saved):
+    for rank, out in enumerate(_once("construction", poc.construction_on_nvme, swap, saved)):
+        assert out["init_nvme_files"] > 0 and out["init_none_files"] == 0
+        for name, ref in out["init_none"].items():
+            assert out["init_nvme"][name].equal(ref), f"rank {rank} {name}"
+        assert out["pretrained_losses"] == pytest.approx(out["ref_losses"], rel=1e-5), f"rank {rank}"
+        assert out["pretrained_diff"] <= 1e-6
