@@ -48,6 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = argv   # the script sees its own name and arguments, as if run directly
     sys.path[0] = os.path.dirname(os.path.abspath(script))   # as `python script.py` would set it
     runpy.run_path(script, run_name="__main__")
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the script's process group before the interpreter exits. Left to interpreter
+    shutdown, the backend's worker threads can be destroyed while still joinable, which
+    aborts the rank ("terminate called without an active exception", SIGABRT) after the
+    script itself succeeded; this launcher owns the process, so it cleans up (as torchrun
+    scripts are told to)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
