@@ -25,15 +25,18 @@ multiply. Non-fp32 or device gradients need a host fp32 copy anyway: ``.to(host,
 is that one op, and c is applied to the copy as above. A single mixed-dtype
 ``torch.mul(bf16_grad, c, out=fp32)`` is exact too but not vectorised by torch: 146 ms for
 50M elements here against 34 ms for a copy plus an in-place multiply, so it is not used.
-What the copy really costs is its fresh allocation (page faults: 115 ms against 19 ms for
-a copy into a reused buffer); a persistent staging buffer of one sub-group would remove
-that (docs/offload.md, not done).
+What the copy really costs is a fresh allocation (page faults: 115 ms against 19 ms for a
+copy into a reused buffer), so the step loop passes a staging buffer of one sub-group,
+allocated at the start of the step and reused by every sub-group (the kernel has consumed
+a sub-group's gradients before the next one is staged), then freed: no memory between
+steps, one sub-group of faults per step instead of one per sub-group.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -70,12 +73,17 @@ class GradPass:
         """The ``grad_scale`` to hand the Adam kernel of a group (None: none)."""
         return self.kernel_divisor if kernel_fused else None
 
-    def host_grad(self, grad: torch.Tensor, host: torch.device, divided_in_kernel: bool) -> torch.Tensor:
+    def host_grad(self, grad: torch.Tensor, host: torch.device, divided_in_kernel: bool,
+                  staging: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """``grad`` (1D slice, any dtype/device) as a host fp32 tensor holding ``grad * c``,
-        or ``grad`` alone when the kernel divides by 1/c."""
+        or ``grad`` alone when the kernel divides by 1/c. ``staging()``: a host fp32 tensor
+        of ``grad``'s size to copy a non-fp32 or device gradient into (default: a fresh one)."""
         # fp32 host gradients come back as themselves and are scaled in place, as the 'none'
-        # backend does; others become a fresh host fp32 copy.
-        out = grad.to(device=host, dtype=torch.float32)
+        # backend does; others are copied to host fp32 (the same bits either way).
+        if staging is not None and (grad.dtype != torch.float32 or grad.device != host):
+            out = staging().copy_(grad)
+        else:
+            out = grad.to(device=host, dtype=torch.float32)
         if self.multiply and not divided_in_kernel:
             out.mul_(self.coefficient)
         return out

@@ -23,7 +23,7 @@ import torch
 from hf_zero.offload.cpu_adam import adam_update, check_offloadable, new_step_counter, runs_fused, state_keys
 from hf_zero.offload.grad_pass import GradPass
 from hf_zero.offload.protocol import OptimizerOffload
-from hf_zero.offload.subgroups import SubGroup, plan_sub_groups
+from hf_zero.offload.subgroups import SubGroup, max_sub_group_numel, plan_sub_groups
 from hf_zero.offload.write_back import WriteBack
 from hf_zero.optim.master_weights import MasterWeights
 
@@ -112,6 +112,7 @@ class SubGroupOffload(OptimizerOffload):
                 if g["params"]}
         if self.plan:
             self._prefetch(self.plan[0])
+        staging = _StepStaging(max_sub_group_numel(self.plan), self.host)   # freed with the step
         for i, sub_group in enumerate(self.plan):
             if i + 1 < len(self.plan):
                 self._prefetch(self.plan[i + 1])
@@ -122,7 +123,7 @@ class SubGroupOffload(OptimizerOffload):
             for gi, ks in by_group.items():
                 divisor = grad_pass.divisor_for(runs_fused(groups[gi]))
                 grad_slices = [grad_pass.host_grad(grads[s.group][s.chunk].narrow(0, s.start, s.length), self.host,
-                                                   divisor is not None)
+                                                   divisor is not None, staging.slot(s.offset, s.length))
                                for s in (sub_group.slices[k] for k in ks)]
                 adam_update(self.inner, groups[gi], [views.masters[k] for k in ks], grad_slices,
                             {key: [views.states[key][k] for k in ks] for key in self.state_keys}, step[gi],
@@ -141,3 +142,20 @@ class SubGroupOffload(OptimizerOffload):
 
     def close(self) -> None:
         self.write_back.close()
+
+
+class _StepStaging:
+    """One sub-group of host fp32 gradient staging for one step, allocated on first use
+    ([Note: folding the coefficient]: reusing it saves the page faults of fresh copies)."""
+
+    def __init__(self, numel: int, host: torch.device):
+        self.numel, self.host = numel, host
+        self.buffer: torch.Tensor | None = None
+
+    def slot(self, offset: int, length: int):
+        """A callable giving the staging view of a slice at ``offset`` in its sub-group."""
+        def view() -> torch.Tensor:
+            if self.buffer is None:
+                self.buffer = torch.empty(self.numel, dtype=torch.float32, device=self.host)
+            return self.buffer.narrow(0, offset, length)
+        return view
