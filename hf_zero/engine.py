@@ -94,9 +94,9 @@ class ZeroEngine:
         if self.dtype != torch.float32:
             model.to(self.dtype)
         zero = self.config.zero_optimization
-        # Where stage-3 shards live (offload_param); an NVMe path is checked before any work.
-        self.param_store = (build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
-                            if zero.stage == 3 else None)
+        # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
+        # an NVMe path is checked here, before any work.
+        self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
@@ -133,13 +133,12 @@ class ZeroEngine:
         else:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
-        if self.param_store is not None and self.param_store.offloads:
+        if self.param_store.offloads:
             # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
             # dropped per sub-group, so no pass over the model holds all shards resident.
-            self.offload.on_params_done = self.param_store.evict_written
+            self.offload.on_params_done = self.param_store.drop_pages
         self.offload.attach(inner)
-        if self.param_store is not None:
-            self.param_store.evict_all()   # pages touched while building masters / states
+        self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
                                        float(self.config.gradient_clipping), self._fused_update(inner))
@@ -287,8 +286,7 @@ class ZeroEngine:
         # (cpu backend: masters + states; nvme: swap buffers), 'offload_nvme' bytes in swap files.
         result.update(self.offload.memory_by_location())
         # Stage-3 parameter shards kept in host memory / swap files by offload_param.
-        result.update(self.param_store.memory_by_location() if self.param_store is not None
-                      else {"param_host": 0, "param_nvme": 0})
+        result.update(self.param_store.memory_by_location())
         return result
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
@@ -315,8 +313,7 @@ class ZeroEngine:
                 p.grad = None
         self.optimizer.inner.state.clear()
         self.offload.close()   # swap files removed, threads joined
-        if self.param_store is not None:
-            self.param_store.close()   # parameter swap files (mapped shards stay readable)
+        self.param_store.close()   # parameter swap files (mapped shards stay readable)
         for group in self.optimizer.inner.param_groups:   # a user-held optimizer must not pin the masters
             group["params"] = []
 
@@ -326,7 +323,7 @@ class ZeroEngine:
         from hf_zero.checkpoint import save_checkpoint
 
         path = save_checkpoint(self, save_dir, tag, client_state)
-        self._evict_offloaded_params()
+        self.param_store.evict_all()   # NVMe-mapped shards the save read
         return path
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_optimizer_states: bool = True,
@@ -336,7 +333,7 @@ class ZeroEngine:
 
         result = load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
                                  load_module_only)
-        self._evict_offloaded_params()
+        self.param_store.evict_all()   # NVMe-mapped shards the load wrote
         return result
 
     def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None) -> None:
@@ -347,11 +344,6 @@ class ZeroEngine:
         save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0)
         if self.comm.active:
             dist.barrier(group=self.comm.group)
-
-    def _evict_offloaded_params(self) -> None:
-        """Drop the pages of NVMe-offloaded shards a whole-model pass (checkpoint) touched."""
-        if self.param_store is not None:
-            self.param_store.evict_all()
 
     # ---- setup helpers ------------------------------------------------------------------
     def _parameter_groups(self) -> list:

@@ -103,7 +103,7 @@ def test_max_in_cpu_keeps_the_first_shards_in_memory_and_files_the_rest(tmp_path
                                  store.allocate(10, torch.float32, torch.device("cpu"), keep_in_memory=True))
     assert (first.offloaded, second.offloaded, persistent.offloaded) == (False, True, False)
     second.tensor.copy_(torch.arange(100.0))   # a mapped shard is an ordinary tensor
-    store.evict_written([second.tensor.narrow(0, 10, 50)])   # a partial range: whole pages only
+    store.drop_pages([second.tensor.narrow(0, 10, 50)])   # a partial range: whole pages only
     store.evict_all()
     assert second.tensor.equal(torch.arange(100.0))   # dropped pages come back from the file
     assert store.memory_by_location() == {"param_host": 440, "param_nvme": 400}

@@ -45,10 +45,9 @@ def build_param_store(zero: ZeroConfig, model: torch.nn.Module, dtype: torch.dty
         # CUDA-only refusal: the 'none' optimizer would step host shards with device gradients.
         raise ConfigError([("zero_optimization.offload_param.device",
                             "on an accelerator, parameter offload needs offload_optimizer.device cpu or nvme")])
-    element = torch.empty((), dtype=dtype).element_size()
     numel = sum(p.numel() for p in model.parameters())
     # Per-bucket padding is at most world - 1 elements per bucket; 1% + 1 MiB covers it.
-    expected = int(numel * element / world * 1.01) + 2 ** 20
+    expected = int(numel * dtype.itemsize / world * 1.01) + 2 ** 20
     return ParamStore(cfg.device, nvme_path=cfg.nvme_path, pin_memory=cfg.pin_memory,
                       buffer_count=cfg.buffer_count, buffer_size=cfg.buffer_size, max_in_cpu=cfg.max_in_cpu,
                       rank=rank, expected_bytes=expected)

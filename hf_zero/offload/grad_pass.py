@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -74,14 +73,14 @@ class GradPass:
         return self.kernel_divisor if kernel_fused else None
 
     def host_grad(self, grad: torch.Tensor, host: torch.device, divided_in_kernel: bool,
-                  staging: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                  staging: torch.Tensor | None = None) -> torch.Tensor:
         """``grad`` (1D slice, any dtype/device) as a host fp32 tensor holding ``grad * c``,
-        or ``grad`` alone when the kernel divides by 1/c. ``staging()``: a host fp32 tensor
-        of ``grad``'s size to copy a non-fp32 or device gradient into (default: a fresh one)."""
+        or ``grad`` alone when the kernel divides by 1/c. ``staging``: a host fp32 tensor of
+        ``grad``'s size to copy a non-fp32 or device gradient into (default: a fresh one)."""
         # fp32 host gradients come back as themselves and are scaled in place, as the 'none'
         # backend does; others are copied to host fp32 (the same bits either way).
         if staging is not None and (grad.dtype != torch.float32 or grad.device != host):
-            out = staging().copy_(grad)
+            out = staging.copy_(grad)
         else:
             out = grad.to(device=host, dtype=torch.float32)
         if self.multiply and not divided_in_kernel:

@@ -47,18 +47,13 @@ from hf_zero.offload.swap_dir import SwapDir, check_swap_dir
 KEY = "zero_optimization.offload_param"
 
 
-
 class ShardStorage:
     """One group's shard, resident in memory (``none`` / ``cpu``)."""
 
-    location = "memory"
+    offloaded = False   # True: in a swap file, reported by the store rather than as resident
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
-
-    @property
-    def offloaded(self) -> bool:
-        return False
 
     def prefetch(self) -> None:
         """Start reading the shard (no-op when resident)."""
@@ -70,10 +65,10 @@ class ShardStorage:
 class MappedShard(ShardStorage):
     """One group's shard as a shared mapping of its swap file (``nvme``)."""
 
-    location = "nvme"
+    offloaded = True
 
     def __init__(self, path: os.PathLike, numel: int, dtype: torch.dtype):
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         fd = os.open(path, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -82,10 +77,6 @@ class MappedShard(ShardStorage):
         self.path, self.nbytes = path, nbytes
         super().__init__(torch.frombuffer(self._map, dtype=dtype, count=numel))
         self.start = self.tensor.data_ptr()
-
-    @property
-    def offloaded(self) -> bool:
-        return True
 
     def prefetch(self) -> None:
         self._map.madvise(mmap.MADV_WILLNEED)
@@ -115,7 +106,7 @@ class ParamStore:
         self.cpu_budget = max_in_cpu
         self.storages: list[ShardStorage] = []
         self.num_read_ahead = 0                # shards asked for ahead of use (diagnostics, tests)
-        self._mapped: list[MappedShard] = []   # sorted by address (evict_written's lookup)
+        self._mapped: list[MappedShard] = []   # sorted by address (drop_pages' lookup)
         self.swap_dir: Optional[SwapDir] = None
         if device == "nvme":
             root = check_swap_dir(nvme_path, expected_bytes, KEY)
@@ -132,8 +123,7 @@ class ParamStore:
             host = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
             storage = ShardStorage(host)
         else:
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            path = self.swap_dir.allocate(f"shard_{len(self.storages):05d}.bin", nbytes)
+            path = self.swap_dir.allocate(f"shard_{len(self.storages):05d}.bin", numel * dtype.itemsize)
             storage = MappedShard(path, numel, dtype)
             bisect.insort(self._mapped, storage, key=lambda s: s.start)
         self.storages.append(storage)
@@ -152,7 +142,7 @@ class ParamStore:
             storage.prefetch()
             self.num_read_ahead += 1
 
-    def evict_written(self, tensors: list[torch.Tensor]) -> None:
+    def drop_pages(self, tensors: list[torch.Tensor]) -> None:
         """The optimizer finished reading or writing ``tensors`` (views of shards): drop their pages."""
         for t in tensors:
             address = t.data_ptr()
@@ -166,13 +156,12 @@ class ParamStore:
 
     @property
     def offloads(self) -> bool:
-        """Whether ``evict_written`` can do anything (some shard is in a file)."""
+        """Whether ``drop_pages`` can do anything (some shard is in a file)."""
         return bool(self._mapped)
 
     def memory_by_location(self) -> dict[str, int]:
         """Shard bytes held in host memory by the cpu/nvme backends and in swap files."""
-        host = sum(s.tensor.numel() * s.tensor.element_size() for s in self.storages
-                   if not s.offloaded) if self.device != "none" else 0
+        host = sum(s.tensor.nbytes for s in self.storages if not s.offloaded) if self.device != "none" else 0
         return {"param_host": host, "param_nvme": sum(s.nbytes for s in self._mapped)}
 
     def close(self) -> None:

@@ -48,6 +48,11 @@ class OptimizerOffload(abc.ABC):
     location: str              # "device" (none), "cpu" or "nvme": where the optimizer states live
     updates_on_device: bool    # True when device kernels (hf_zero_kernels' fused AdamW) may run the update
     masters: MasterWeights     # the masters the inner optimizer steps (torch's param_groups point at them)
+    # Called with parameter slices the backend is done reading or writing, off the step's
+    # critical path (set by the engine when stage-3 shards are mapped NVMe files, so their
+    # pages are dropped as soon as a sub-group is done; backends without sub-groups leave it
+    # to the end-of-step eviction).
+    on_params_done = None
 
     def attach(self, inner: torch.optim.Optimizer) -> None:
         """Called once the inner optimizer over ``masters`` exists (creates / swaps out states)."""

@@ -50,9 +50,6 @@ class SubGroupOffload(OptimizerOffload):
                                                     sub_group_size)
         on_accelerator = any(p.device.type != "cpu" for g in owned_params for p in g)
         self.write_back = WriteBack(on_accelerator)
-        # Called with parameter slices this backend is done reading or writing (the engine
-        # sets it when stage-3 shards are mapped NVMe files: their pages are dropped).
-        self.on_params_done = None
         self.failed: BaseException | None = None
 
     def attach(self, inner: torch.optim.Optimizer) -> None:
@@ -112,7 +109,10 @@ class SubGroupOffload(OptimizerOffload):
                 if g["params"]}
         if self.plan:
             self._prefetch(self.plan[0])
-        staging = _StepStaging(max_sub_group_numel(self.plan), self.host)   # freed with the step
+        # One sub-group of host fp32 staging for gradients that need a copy (bf16, device),
+        # reused by every sub-group and freed with the step ([Note: folding the coefficient]).
+        copied = any(g.dtype != torch.float32 or g.device != self.host for gs in grads for g in gs)
+        staging = torch.empty(max_sub_group_numel(self.plan), dtype=torch.float32) if copied else None
         for i, sub_group in enumerate(self.plan):
             if i + 1 < len(self.plan):
                 self._prefetch(self.plan[i + 1])
@@ -123,7 +123,8 @@ class SubGroupOffload(OptimizerOffload):
             for gi, ks in by_group.items():
                 divisor = grad_pass.divisor_for(runs_fused(groups[gi]))
                 grad_slices = [grad_pass.host_grad(grads[s.group][s.chunk].narrow(0, s.start, s.length), self.host,
-                                                   divisor is not None, staging.slot(s.offset, s.length))
+                                                   divisor is not None,
+                                                   None if staging is None else staging.narrow(0, s.offset, s.length))
                                for s in (sub_group.slices[k] for k in ks)]
                 adam_update(self.inner, groups[gi], [views.masters[k] for k in ks], grad_slices,
                             {key: [views.states[key][k] for k in ks] for key in self.state_keys}, step[gi],
@@ -143,19 +144,3 @@ class SubGroupOffload(OptimizerOffload):
     def close(self) -> None:
         self.write_back.close()
 
-
-class _StepStaging:
-    """One sub-group of host fp32 gradient staging for one step, allocated on first use
-    ([Note: folding the coefficient]: reusing it saves the page faults of fresh copies)."""
-
-    def __init__(self, numel: int, host: torch.device):
-        self.numel, self.host = numel, host
-        self.buffer: torch.Tensor | None = None
-
-    def slot(self, offset: int, length: int):
-        """A callable giving the staging view of a slice at ``offset`` in its sub-group."""
-        def view() -> torch.Tensor:
-            if self.buffer is None:
-                self.buffer = torch.empty(self.numel, dtype=torch.float32, device=self.host)
-            return self.buffer.narrow(0, offset, length)
-        return view
