@@ -1,4 +1,5 @@
-"""The ``hf-zero`` command: ``check-config``, ``consolidate``, ``estimate``, ``env`` and ``launch``."""
+"""The ``hf-zero`` command: ``check-config``, ``consolidate``, ``estimate``, ``env``, ``launch`` and
+``import-deepspeed``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ def _consolidate(args: argparse.Namespace) -> int:
     max_shard: int | str = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
     out = consolidate(args.checkpoint_dir, args.out_dir, tag=args.tag, max_shard_size=max_shard,
                       dtype=args.dtype, adapter_only=args.adapter_only)
+    print(f"wrote {out}")
+    return 0
+
+
+def _import_deepspeed(args: argparse.Namespace) -> int:
+    from hf_zero.checkpoint import CheckpointError
+    from hf_zero.checkpoint.deepspeed_import import import_deepspeed
+
+    try:
+        out = import_deepspeed(args.ds_checkpoint_dir, args.out_dir, tag=args.tag, model_config=args.model_config)
+    except (CheckpointError, ValueError) as err:
+        print(f"hf-zero import-deepspeed: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
@@ -87,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     cons.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     cons.add_argument("--adapter-only", action="store_true", help="write only the peft adapter")
     cons.set_defaults(run=_consolidate)
+    imp = commands.add_parser("import-deepspeed", help="convert a DeepSpeed ZeRO 1/2/3 checkpoint into an hf_zero "
+                              "checkpoint (resumable at any world size and stage)")
+    imp.add_argument("ds_checkpoint_dir", help="the directory holding 'latest', or a global_stepN directory")
+    imp.add_argument("out_dir", help="hf_zero checkpoint directory to write (e.g. checkpoint-N/hf_zero)")
+    imp.add_argument("--tag", default=None, help="default: the one named in 'latest'")
+    imp.add_argument("--model-config", default=None, help="HF config.json to record (default: config.json beside "
+                     "the checkpoint, if any), used by 'hf-zero consolidate'")
+    imp.set_defaults(run=_import_deepspeed)
     est = commands.add_parser("estimate", help="per-rank memory for each stage and offload choice")
     est.add_argument("model", help="config.json path/directory, or a model type such as llama")
     est.add_argument("--set", default="", help='config overrides as JSON, e.g. \'{"hidden_size": 4096}\'')
