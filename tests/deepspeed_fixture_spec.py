@@ -72,7 +72,7 @@ def config(name: str) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": 0.1, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
-                                                     "warmup_num_steps": 4}},
+                                                     "warmup_num_steps": 10}},
         "bf16": {"enabled": dtype == "bf16"},
         "zero_optimization": {"stage": stage, **zero_extra},
         **top_extra,

@@ -44,15 +44,16 @@ def resume(rank: int, world_size: int, imported: dict, plan: list) -> dict:
         model = spec.build_model()
         engine = hf_zero.initialize(model, hf_zero_config(name, stage, world_size), optimizer=_optimizer(model))
         engine.load_checkpoint(imported[key])
-        losses = []
+        losses, lrs = [], []
         for step in range(spec.SAVE_AFTER_STEPS, spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS):
             ids = spec.rank_batch(step, rank, world_size)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()
             losses.append(_global_mean(loss, world_size))
+            lrs.append(engine.optimizer.param_groups[0]["lr"])
         results[(key, stage)] = {"losses": losses, "global_steps": engine.global_steps,
-                                  "lr": engine.optimizer.param_groups[0]["lr"], "scale": engine.scaler.scale,
+                                  "lrs": lrs, "scale": engine.scaler.scale,
                                   "skipped": engine.optimizer.num_skipped_steps}
         engine.destroy()
     return results
