@@ -31,20 +31,29 @@ FIXTURES = {
     # dynamic loss scaling; a small window so the scale changes before the checkpoint
     "stage2_fp16": (2, 2, "fp16", {}, {"fp16": {"enabled": True, "initial_scale_power": 8,
                                                  "loss_scale_window": 2, "hysteresis": 2}}),
+    # frozen parameters (FROZEN below): stored whole (stage 2) or partitioned (stage 3)
+    "stage2_fp32_frozen": (2, 2, "fp32", {}, {}),
+    "stage3_fp32_frozen": (2, 3, "fp32", {"stage3_param_persistence_threshold": 0}, {}),
 }
+FROZEN = ("transformer.wpe.weight", "transformer.ln_f.bias")   # frozen in the *_frozen fixtures
 
 
-def build_model() -> torch.nn.Module:
+def build_model(name: str) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(**MODEL))
+    model = GPT2LMHeadModel(GPT2Config(**MODEL))
+    if name.endswith("_frozen"):
+        for param_name, p in model.named_parameters():
+            p.requires_grad_(param_name not in FROZEN)
+    return model
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """Two groups as the HF Trainer makes them: biases and LayerNorms without weight decay."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 
 

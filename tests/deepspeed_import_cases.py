@@ -41,7 +41,7 @@ def resume(rank: int, world_size: int, imported: dict, plan: list) -> dict:
     torch.set_num_threads(1)
     results = {}
     for key, name, stage in plan:
-        model = spec.build_model()
+        model = spec.build_model(name)
         engine = hf_zero.initialize(model, hf_zero_config(name, stage, world_size), optimizer=_optimizer(model))
         engine.load_checkpoint(imported[key])
         losses, lrs = [], []

@@ -75,11 +75,16 @@ def _check_curve(name: str, got: list[float]) -> None:
     dtype = spec.FIXTURES[name][2]
     if dtype == "fp32":
         assert got == pytest.approx(want, rel=1e-5), name
+        return
+    # The first step after resuming depends only on the imported state and the data.
+    assert got[0] == pytest.approx(want[0], rel=1e-5), name
+    if dtype == "bf16":   # bit-identical at the saving world size; other sizes reduce in another order
+        assert got == pytest.approx(want, rel=1e-4), name
     else:
-        # The first step after resuming uses only imported state: it matches closely. Later
-        # steps drift as low-precision training does between implementations (bf16 rounding
-        # with another world size's reduction order; DeepSpeed's fp16 path).
-        assert got[0] == pytest.approx(want[0], rel=1e-5), name
+        # fp16: DeepSpeed's own fp16 curve leaves its fp32 and bf16 curves at the third recorded
+        # step (rel 1.4e-3) while hf_zero's continuation stays within 4e-4 of them: a difference
+        # of fp16 training between the two, not of the imported state (docs/checkpoints.md).
+        assert got[:2] == pytest.approx(want[:2], rel=1e-5), name
         assert got == pytest.approx(want, rel=1e-2), name
 
 
@@ -110,7 +115,10 @@ def test_masters_equal_deepspeeds_own_reconstruction(imported, name):
     reader = CheckpointReader(Path(imported[name]) / "global_step3")
     assert sorted(reader.manifest["params"]) == sorted(reference)
     for param, want in reference.items():
-        assert torch.equal(reader.full("master", param), want), (name, param)
+        kind = "master" if reader.manifest["params"][param]["trainable"] else "frozen"
+        assert torch.equal(reader.full(kind, param), want), (name, param)
+    assert sorted(p for p, info in reader.manifest["params"].items() if not info["trainable"]) == \
+        (sorted(spec.FROZEN) if name.endswith("_frozen") else [])
 
 
 def test_loss_scaler_and_scheduler_state(imported):

@@ -236,7 +236,8 @@ def _model_config(path: Path, model_config: Optional[Path]) -> dict:
     return {}
 
 
-def _manifest(tag: str, world: int, stage: int, model_states: dict, ds_config: dict, rank0: RankStates, files: dict, pieces: dict, where: Path, extra: dict) -> dict:
+def _manifest(tag: str, world: int, stage: int, model_states: dict, ds_config: dict, rank0: RankStates,
+              files: dict, pieces: dict, where: Path, extra: dict) -> dict:
     dtype = _model_dtype(ds_config)
     global_steps = int(model_states.get("global_steps") or 0)
     accumulation = int(ds_config.get("gradient_accumulation_steps") or 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -103,15 +103,15 @@ def read_stage3(optim: dict, param_shapes: list[dict], rank: int, world_size: in
     return states
 
 
-def read_stage3_frozen(model_states: dict, rank: int, world_size: int, where: Path) -> dict[str, torch.Tensor]:
-    """Stage 3 frozen parameters: this rank's partition of each, by name -> (start, tensor)."""
+def read_stage3_frozen(model_states: dict, rank: int, world_size: int, where: Path) -> dict[str, tuple]:
+    """Stage 3 frozen parameters: this rank's partition of each, name -> (param_start, tensor)."""
     shapes = model_states.get("frozen_param_shapes") or {}
     fragments = model_states.get("frozen_param_fragments") or {}
-    out: dict[str, Any] = {}
+    out: dict[str, tuple] = {}
     for name, shape in shapes.items():
         if name not in fragments:
             raise CheckpointError(f"{where}: frozen parameter '{name}' has a shape but no data")
-        (piece,) = stage3_pieces({name: shape}, rank, world_size, fragments[name].numel(), f"{where} '{name}'") or (None,)
-        if piece is not None:
+        pieces = stage3_pieces({name: shape}, rank, world_size, fragments[name].numel(), f"{where} '{name}'")
+        for piece in pieces:   # none where this rank's partition is all padding
             out[name] = (piece.param_start, fragments[name].reshape(-1).narrow(0, 0, piece.length))
     return out
