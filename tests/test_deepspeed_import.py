@@ -211,3 +211,49 @@ def test_cli_import(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["import-deepspeed", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
     assert "no DeepSpeed checkpoint directory" in capsys.readouterr().err
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Row i of the fixture's global batches, so that an unshuffled single-process Trainer sees
+    global_batch(step) at each step."""
+
+    def __len__(self):
+        return spec.GLOBAL_BATCH * (spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS)
+
+    def __getitem__(self, i):
+        ids = spec.global_batch(i // spec.GLOBAL_BATCH)[i % spec.GLOBAL_BATCH]
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_trainer_resume_from_checkpoint_continues_deepspeed_curve(tmp_path):
+    """A DeepSpeed Trainer checkpoint directory (checkpoint-3 with global_step3/ and the Trainer's
+    trainer_state.json) imported into checkpoint-3/hf_zero resumes with resume_from_checkpoint."""
+    import hf_zero
+    from transformers import TrainerState
+
+    class SequentialTrainer(hf_zero.HfZeroTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    name = "stage2_fp32"
+    checkpoint = tmp_path / "out" / f"checkpoint-{spec.SAVE_AFTER_STEPS}"
+    shutil.copytree(DATA / name, checkpoint)
+    TrainerState(global_step=spec.SAVE_AFTER_STEPS, max_steps=spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS,
+                 logging_steps=1, train_batch_size=spec.GLOBAL_BATCH).save_to_json(str(checkpoint / "trainer_state.json"))
+    assert main(["import-deepspeed", str(checkpoint), str(checkpoint / "hf_zero")]) == 0
+
+    config = dc.hf_zero_config(name, 3, 1)   # one process, stage 3: another world size and stage
+    params = spec.config(name)["optimizer"]["params"]
+    args = hf_zero.ZeroTrainingArguments(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+        per_device_train_batch_size=spec.GLOBAL_BATCH, max_steps=spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS,
+        logging_steps=1, learning_rate=params["lr"], adam_beta1=params["betas"][0], adam_beta2=params["betas"][1],
+        adam_epsilon=params["eps"], weight_decay=params["weight_decay"], max_grad_norm=1.0, hf_zero=config)
+    trainer = SequentialTrainer(model=spec.build_model(name), args=args, train_dataset=_Rows())
+    # The fixture's loop takes the model's mean loss; the Trainer would otherwise divide the
+    # summed loss by all label tokens (shifted-out ones included), a 15/16 scale here.
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == pytest.approx(_recorded(name), rel=1e-5)
+    assert trainer.hf_zero_engine.global_steps == spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS
