@@ -238,8 +238,9 @@ def test_trainer_resume_from_checkpoint_continues_deepspeed_curve(tmp_path):
     name = "stage2_fp32"
     checkpoint = tmp_path / "out" / f"checkpoint-{spec.SAVE_AFTER_STEPS}"
     shutil.copytree(DATA / name, checkpoint)
-    TrainerState(global_step=spec.SAVE_AFTER_STEPS, max_steps=spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS,
-                 logging_steps=1, train_batch_size=spec.GLOBAL_BATCH).save_to_json(str(checkpoint / "trainer_state.json"))
+    state = TrainerState(global_step=spec.SAVE_AFTER_STEPS, max_steps=spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS,
+                         logging_steps=1, train_batch_size=spec.GLOBAL_BATCH)
+    state.save_to_json(str(checkpoint / "trainer_state.json"))   # written by the Trainer beside global_step3/
     assert main(["import-deepspeed", str(checkpoint), str(checkpoint / "hf_zero")]) == 0
 
     config = dc.hf_zero_config(name, 3, 1)   # one process, stage 3: another world size and stage
