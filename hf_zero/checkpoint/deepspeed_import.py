@@ -76,8 +76,8 @@ def _optim_file(path: Path, rank: int) -> Path:
                           "optim_states.pt (every data-parallel rank writes one)")
 
 
-def _model_states(path: Path) -> tuple[dict, int]:
-    """Rank 0's model states and the ZeRO stage the file names imply (3: one per rank)."""
+def _model_states(path: Path) -> tuple[dict, bool]:
+    """Rank 0's model states, and whether the file names say stage 3 (one file per rank)."""
     if (path / "mp_rank_00_model_states.pt").is_file():
         states, stage3 = load_deepspeed_file(path / "mp_rank_00_model_states.pt"), False
     elif (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
@@ -91,7 +91,7 @@ def _model_states(path: Path) -> tuple[dict, int]:
     if (states.get("mp_world_size") or 1) > 1:
         raise CheckpointError(f"{path}: tensor-parallel checkpoints (mp_world_size {states['mp_world_size']}) "
                               "are not supported")
-    return states, 3 if stage3 else 0
+    return states, stage3
 
 
 def _model_dtype(ds_config: dict) -> torch.dtype:
@@ -169,10 +169,19 @@ def _lr_scheduler(model_states: dict, ds_config: dict, num_groups: int) -> Optio
         return None
     if "last_batch_iteration" not in state:
         return _json_or_none(state, "lr_scheduler state")
-    from hf_zero.config import load_config
+    from hf_zero.config import ConfigError, load_config
     from hf_zero.optim.lr_schedules import build_scheduler
 
-    config = load_config({"scheduler": ds_config.get("scheduler"), "optimizer": ds_config.get("optimizer")})
+    problem = "no scheduler in ds_config"
+    try:
+        config = load_config({"scheduler": ds_config.get("scheduler"), "optimizer": ds_config.get("optimizer")})
+    except ConfigError as err:
+        config, problem = None, str(err)
+    if config is None or config.scheduler is None:
+        logger.warning("hf_zero import-deepspeed: the LR scheduler position (last_batch_iteration %s) is not "
+                       "imported: %s; the loading run's scheduler starts from its beginning",
+                       state["last_batch_iteration"], problem)
+        return None
     lr = config.optimizer.params.lr if config.optimizer is not None else 1e-3
     dummy = torch.optim.SGD([{"params": [torch.zeros(1)]} for _ in range(num_groups)], lr=lr)
     scheduler = build_scheduler(config.scheduler, dummy)
@@ -276,16 +285,18 @@ def import_deepspeed(ds_dir: Union[str, Path], out_dir: Union[str, Path], tag: O
     try:
         files, pieces, rank0, stage = {}, {}, None, 0
         for rank in range(world):
-            states, stage = _read_rank(path, rank, world, model_states, bool(stage3))
+            states, stage = _read_rank(path, rank, world, model_states, stage3)
             if rank == 0:
-                _rank0_extras(states, model_states, bool(stage3))
+                _rank0_extras(states, model_states, stage3)
                 rank0 = states
             name = f"rank_{rank:05d}.safetensors"
             files[name] = write_safetensors(tmp / name, states.tensors, metadata={"format": "pt"})
+            states.tensors.clear()   # one rank file's data at a time
             pieces.update({k: {**v, "file": name} for k, v in states.index.items()})
         if _optim_file_exists(path, world):
             raise CheckpointError(f"{path}: more optimizer files than the dp_world_size ({world}) it records")
-        manifest = _manifest(tag, world, stage3 or stage, model_states, ds_config, rank0, files, pieces, path, extra)
+        manifest = _manifest(tag, world, 3 if stage3 else stage, model_states, ds_config, rank0, files, pieces,
+                             path, extra)
         write_json_atomic(tmp / "manifest.json", manifest)
         fsync_dir(tmp)
         final = out / tag
