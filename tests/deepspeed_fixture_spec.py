@@ -31,6 +31,8 @@ FIXTURES = {
     # dynamic loss scaling; a small window so the scale changes before the checkpoint
     "stage2_fp16": (2, 2, "fp16", {}, {"fp16": {"enabled": True, "initial_scale_power": 8,
                                                  "loss_scale_window": 2, "hysteresis": 2}}),
+    # elastic_checkpoint: per-group states without padding and without hyperparameters
+    "stage1_fp32_elastic": (2, 1, "fp32", {"elastic_checkpoint": True}, {}),
     # frozen parameters (FROZEN below): stored whole (stage 2) or partitioned (stage 3)
     "stage2_fp32_frozen": (2, 2, "fp32", {}, {}),
     "stage3_fp32_frozen": (2, 3, "fp32", {"stage3_param_persistence_threshold": 0}, {}),

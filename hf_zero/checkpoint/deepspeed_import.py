@@ -249,6 +249,10 @@ def _manifest(tag: str, world: int, stage: int, model_states: dict, ds_config: d
               files: dict, pieces: dict, where: Path, extra: dict) -> dict:
     dtype = _model_dtype(ds_config)
     global_steps = int(model_states.get("global_steps") or 0)
+    optimizer = _optimizer_meta(rank0, ds_config, where)
+    scheduler = _lr_scheduler(model_states, ds_config, len(rank0.groups))
+    for group, lr in zip(optimizer["param_groups"], (scheduler or {}).get("_last_lr") or ()):
+        group.setdefault("lr", lr)   # elastic checkpoints store no hyperparameters: the schedule's lr
     accumulation = int(ds_config.get("gradient_accumulation_steps") or 1)
     return {
         "format": FORMAT, "tag": tag, "world_size": world, "stage": stage, "model_dtype": str(dtype),
@@ -258,9 +262,9 @@ def _manifest(tag: str, world: int, stage: int, model_states: dict, ds_config: d
         "buffers": {n: {"shape": list(model_states["module"][n].shape), "dtype": str(model_states["module"][n].dtype)}
                     for n in model_states.get("buffer_names") or [] if n in (model_states.get("module") or {})},
         "files": files, "pieces": pieces, "rng": {},
-        "optimizer": _optimizer_meta(rank0, ds_config, where),
+        "optimizer": optimizer,
         "loss_scaler": rank0.loss_scaler,
-        "lr_scheduler": _lr_scheduler(model_states, ds_config, len(rank0.groups)),
+        "lr_scheduler": scheduler,
         "client_state": _client_state(model_states),
         "config": _hf_zero_config(ds_config),
         "imported_from": {"deepspeed_version": str(model_states.get("ds_version")), "path": str(where)},
