@@ -101,7 +101,7 @@ class ParamStore:
         """``expected_bytes``: this rank's shard bytes (checked against the free space of
         ``nvme_path`` before any shard is built)."""
         self.device = device
-        self.pin = pin_memory and torch.cuda.is_available()
+        self.pin_memory = pin_memory   # applied to shards of a model on an accelerator only
         self.read_ahead_numel = buffer_count * buffer_size
         self.cpu_budget = max_in_cpu
         self.storages: list[ShardStorage] = []
@@ -119,8 +119,9 @@ class ParamStore:
         if self.device == "none":
             storage = ShardStorage(torch.empty(numel, dtype=dtype, device=compute_device))
         elif self.device == "cpu" or not self._goes_to_file(numel, keep_in_memory):
-            # CUDA-only branch: page-locked host memory for the host->device gather copy.
-            host = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+            # CUDA-only branch: page-locked host memory, so the host->device gather copy is an
+            # asynchronous DMA; keyed on the compute device (a CPU run pins nothing).
+            host = torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory and compute_device.type == "cuda")
             storage = ShardStorage(host)
         else:
             path = self.swap_dir.allocate(f"shard_{len(self.storages):05d}.bin", numel * dtype.itemsize)
