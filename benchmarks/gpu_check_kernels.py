@@ -68,7 +68,8 @@ def _quant_case(device: torch.device, numel: int, dtype: torch.dtype) -> tuple[b
     d_t = hk.dequantize_int8_blockwise(q_r, s_r, block_size=2048, dtype=dtype, backend="triton")
     d_r = hk.dequantize_int8_blockwise(q_r, s_r, block_size=2048, dtype=dtype, backend="torch")
     deq_ok = torch.equal(d_t, d_r)
-    return q_diff <= 1 and scales_ok and deq_ok, f"int8 max diff {q_diff}, scales equal {scales_ok}, dequant equal {deq_ok}"
+    detail = f"int8 max diff {q_diff}, scales equal {scales_ok}, dequant equal {deq_ok}"
+    return q_diff <= 1 and scales_ok and deq_ok, detail
 
 
 def kernel_rows(device: torch.device, quick: bool) -> list[Row]:
