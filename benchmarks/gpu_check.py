@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget_s
     rows = _run_sections(_sections(device, args.quick), deadline)
     if world2:
+        if use_cuda:
+            torch.cuda.empty_cache()   # rank 0 shares cuda:0 with this process
         rows += _run_world2(use_cuda, args.quick, deadline)
     name = torch.cuda.get_device_name(device) if use_cuda else "CPU (dry run: Triton interpreted, gloo)"
     try:

@@ -240,3 +240,33 @@ def test_a_cpu_zero_init_run_only_asks_whether_cuda_exists(monkeypatch):
     engine.backward(engine(input_ids=x, labels=x).loss)
     engine.step()
     assert engine.device == CPU
+
+
+def test_step_timers_on_cuda_read_device_events_not_the_host_clock(monkeypatch):
+    """On CUDA a phase is the elapsed time between two events recorded on the stream (read
+    at the report), not how long the host took to queue it. Fake events stand in for CUDA's:
+    each reports 250 ms between its pair whatever the host clock says."""
+    from hf_zero.diagnostics.step_report import StepTimers
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.synced = False
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            self.synced = True
+
+        def elapsed_time(self, end):
+            assert end.synced, "read before the end event completed"
+            return 250.0
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timers = StepTimers(CUDA0)
+    for _ in range(2):
+        with timers.phase("forward"):
+            pass
+        timers.steps += 1
+    assert timers.summary()["time/forward_s"] == pytest.approx(0.25)

@@ -5,7 +5,7 @@ phase. On the CPU phases are host wall-clock. On CUDA a host timer measures only
 the host took to *queue* the work, so each phase records a pair of CUDA events on the
 current stream instead, and the report reads their elapsed times: the device time between
 the phase's first and last queued operation. Nothing waits for them during the step; the
-report synchronises once on the last recorded event (every ``steps_per_print`` steps), which
+report synchronises on the recorded events (every ``steps_per_print`` steps), which
 is also when ``time/step_s`` is taken, so the host clock then covers finished device work.
 """
 
@@ -55,8 +55,8 @@ class StepTimers:
     def _read_events(self) -> None:
         if not self._events:
             return
-        self._events[-1][2].synchronize()   # every earlier event on the stream is complete too
         for name, start, end in self._events:
+            end.synchronize()   # (complete already but for the last ones; a phase may have run on another stream)
             self.seconds[name] += start.elapsed_time(end) / 1000.0   # ms -> s
         self._events.clear()
 

@@ -57,7 +57,8 @@ class ShardCopyIn:
     there ends, so a prefetch would not overlap anything. As FSDP2 does, two side streams:
 
     - the gathered buffer is allocated from the all-gather stream's pool (``empty``), so
-      neither stream has to wait on the compute stream for memory it did not use;
+      neither side stream has to wait on the compute stream for memory it did not use (the
+      copy-in stream waits on the all-gather stream, whose pool it writes into);
     - the copy-in stream copies the (pinned) host shard into this rank's slots of the
       buffer, non-blocking, and records an event; the all-gather stream waits on that event
       and the collective is issued under it (``run``), so NCCL's stream is ordered after
@@ -104,6 +105,9 @@ class ShardCopyIn:
                 dst.copy_(src)
             return issue()
         copy_in, all_gather = self._cuda_streams(copies[0][0].device)
+        # The buffer came from the all-gather stream's pool: write it only after what that
+        # stream queued before (never after the compute stream's queued work).
+        copy_in.wait_stream(all_gather)
         with torch.cuda.stream(copy_in):
             for dst, src in copies:
                 dst.copy_(src, non_blocking=True)
