@@ -1,7 +1,8 @@
 """Which device a run computes on, and which device a collective's tensors must live on.
 
-Pure functions of their arguments (no CUDA call, no environment read inside), so the rules
-are unit-tested on a machine without a GPU; the engine gathers the inputs once at setup.
+The rules are pure functions of their arguments (no CUDA call, no environment read inside),
+so they are unit-tested on a machine without a GPU; ``compute_device_of`` gathers their
+inputs once, at engine setup.
 
 [Note: device selection]
 The compute device is where the model's parameters already are (a model the script moved
@@ -17,6 +18,7 @@ host-born tensor that must cross ranks (the ``zero_init`` seed) is placed by
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -76,6 +78,17 @@ def select_compute_device(param_devices: Iterable[torch.device], cuda_available:
         raise ValueError(f"hf_zero: LOCAL_RANK={local_rank} but only {num_cuda_devices} CUDA device(s) are "
                          f"visible; launch one process per GPU or set CUDA_VISIBLE_DEVICES")
     return torch.device("cuda", index)
+
+
+def compute_device_of(model: torch.nn.Module) -> torch.device:
+    """This rank's device for ``model``. CUDA is queried only for a model without placed
+    parameters (``zero_init``): a placed model decides alone, so a CPU run calls no CUDA API."""
+    devices = {p.device for p in model.parameters()}
+    if any(d.type != "meta" for d in devices):
+        return select_compute_device(devices, False, None, 0)
+    available = torch.cuda.is_available()
+    return select_compute_device(devices, available, os.environ.get("LOCAL_RANK"),
+                                 torch.cuda.device_count() if available else 0)
 
 
 def uses_cuda(device: torch.device) -> bool:

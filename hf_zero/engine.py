@@ -21,7 +21,7 @@ from torch import nn
 from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
-from hf_zero.device import collective_device, select_compute_device, uses_cuda
+from hf_zero.device import collective_device, compute_device_of, uses_cuda
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
 from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
@@ -71,17 +71,6 @@ def _model_dtype(config: HfZeroConfig) -> torch.dtype:
     return torch.float32
 
 
-def _compute_device(model: nn.Module) -> torch.device:
-    """This rank's device ([Note: device selection] in device.py). CUDA is queried only for a
-    model without placed parameters (``zero_init``): a placed model decides alone."""
-    devices = {p.device for p in model.parameters()}
-    if any(d.type != "meta" for d in devices):
-        return select_compute_device(devices, False, None, 0)
-    available = torch.cuda.is_available()
-    return select_compute_device(devices, available, os.environ.get("LOCAL_RANK"),
-                                 torch.cuda.device_count() if available else 0)
-
-
 class ZeroEngine:
     """Holds the sharded model, its optimizer and schedule; see module docstring."""
 
@@ -102,7 +91,7 @@ class ZeroEngine:
             raise ValueError("the model has no trainable parameters")
 
         self.module = model
-        self.device = _compute_device(model)   # [Note: device selection] in device.py
+        self.device = compute_device_of(model)   # [Note: device selection] in device.py
         if uses_cuda(self.device):
             # CUDA-only branch: NCCL's object collectives, the RNG a checkpoint saves and
             # torch's default allocations follow the current device; make it this rank's GPU.

@@ -34,6 +34,19 @@ def test_meta_models_go_to_the_local_rank_gpu_not_device_zero():
         select_compute_device([META], True, "3", 2)
 
 
+def test_the_engine_reads_local_rank_for_a_meta_model(monkeypatch):
+    from hf_zero.device import compute_device_of
+
+    with hf_zero.zero_init(seed=1):
+        model = tiny_gpt2()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert compute_device_of(model) == CUDA1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device_of(model) == CPU
+
+
 def test_engine_device_follows_the_model_parameters():
     model = tiny_gpt2()
     engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1})
