@@ -19,6 +19,8 @@ updated, as DeepSpeed's CPU offload does:
   freed or zeroed before ``finish`` makes the compute stream wait on the download stream:
   ``zero_grad`` after the step is queued behind the last download.
 
+Cost: two sub-groups of page-locked memory in the gradients' dtype (4 bytes per element of
+the largest sub-group for bf16); torch's pinned-memory cache keeps them between steps.
 On the CPU the same slots are plain host buffers filled by synchronous copies (used only
 when a test asks for it, to run this schedule without a GPU); gradients already on the
 host normally go to the update directly.
