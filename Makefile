@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/zero_stages.py
+
+# One command for a GPU machine (docs/gpu.md): under 8 minutes there; says so and exits 0 without CUDA.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff

@@ -21,6 +21,7 @@ from torch import nn
 from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.device import collective_device, compute_device_of, uses_cuda
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
 from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
@@ -90,13 +91,19 @@ class ZeroEngine:
             raise ValueError("the model has no trainable parameters")
 
         self.module = model
+        self.device = compute_device_of(model)   # [Note: device selection] in device.py
+        if uses_cuda(self.device):
+            # CUDA-only branch: NCCL's object collectives, the RNG a checkpoint saves and
+            # torch's default allocations follow the current device; make it this rank's GPU.
+            torch.cuda.set_device(self.device)
         self.dtype = _model_dtype(self.config)
         if self.dtype != torch.float32:
             model.to(self.dtype)
         zero = self.config.zero_optimization
         # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
         # an NVMe path is checked here, before any work.
-        self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
+        self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank,
+                                             self.device)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
@@ -152,7 +159,7 @@ class ZeroEngine:
         self.micro_steps = 0
         self.global_steps = 0
         self.carried_rng_states: dict[str, dict] = {}   # RNG of ranks a loaded checkpoint had and this run lacks
-        self.timers = StepTimers() if self.config.wall_clock_breakdown else None
+        self.timers = StepTimers(self.device) if self.config.wall_clock_breakdown else None
         self.stage.timers = self.timers
         self.last_report: dict[str, float] = {}   # the latest per-step report (integrations log it)
         self._bytes_at_report = 0
@@ -162,20 +169,19 @@ class ZeroEngine:
         self.comm.stats.reset()
 
     def _fused_update(self, inner: torch.optim.Optimizer):
-        """hf_zero_kernels' one-pass AdamW where it applies (see optim/fused_step.py)."""
+        """hf_zero_kernels' one-pass AdamW, only when asked for (``fused_kernels: "triton"``).
+        "auto" keeps the inner torch optimizer (fused AdamW on CUDA and CPU) until the Triton
+        kernels have passed ``make gpu-check`` on a device (docs/kernels.md, docs/gpu.md)."""
         from hf_zero.optim.fused_step import FusedAdamW, fused_supported
 
-        mode = self.config.fused_kernels
-        supported = fused_supported(inner)
-        if mode == "triton" and not supported:
+        if self.config.fused_kernels != "triton":
+            return None
+        if not fused_supported(inner):
             raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
                              f"got {type(inner).__name__}")
-        on_cuda = self.flat_groups[0].device.type == "cuda"   # CUDA-only branch: Triton kernels need a GPU
-        if mode == "triton" and not self.offload.updates_on_device:
+        if not self.offload.updates_on_device:
             raise ValueError("fused_kernels='triton' runs the update on the device; offload_optimizer runs it "
                              "on the CPU (use 'auto' or 'off')")
-        if mode == "off" or not supported or not self.offload.updates_on_device or (mode == "auto" and not on_cuda):
-            return None
         return FusedAdamW(inner, self.masters.owned_params, keeps_copy=self.masters.keeps_copy, backend="triton")
 
     # ---- training loop ------------------------------------------------------------------
@@ -356,11 +362,13 @@ class ZeroEngine:
         from hf_zero.stages.stage3_units import find_unit_modules
         from hf_zero.meta_init import ParameterSource, pending_seed, set_parameter_tensor
 
-        seed = torch.tensor([pending_seed()], dtype=torch.int64)
+        # The seed crosses ranks on a device the group's backend serves (NCCL: this rank's
+        # GPU, gloo: the host); a host tensor on an NCCL-only group raises.
+        where = (collective_device(dist.get_backend(self.comm.group), self.device) if self.comm.active
+                 else torch.device("cpu"))
+        seed = torch.tensor([pending_seed()], dtype=torch.int64, device=where)
         self.comm.broadcast(seed)   # rank 0's seed: every rank computes identical values
-        # CUDA-only branch: parameters live on this process's GPU when there is one.
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        source = ParameterSource(model, find_unit_modules(model), int(seed.item()), device)
+        source = ParameterSource(model, find_unit_modules(model), int(seed.item()), self.device)
         source.materialise_buffers()
         if stage == 3:
             return source

@@ -118,7 +118,10 @@ class ShardedParamGroup:
         """Launch the all-gathers of the full parameters (asynchronously); no-op unless released."""
         if self.state is not GatherState.RELEASED:
             return
-        self.full = torch.empty(self.full_numel, dtype=self.dtype, device=self.device)
+        # [Note: stage-3 copy-in on CUDA] (offload/param_store.py): a host shard is copied in
+        # and all-gathered on side streams; elsewhere this is the plain current-stream path.
+        self.full = self.storage.copy_in.empty(self.full_numel, self.dtype, self.device,
+                                               from_host=self.shard.device != self.device)
         self._works = self._all_gather_into(self.full)
         self.storage.evict()   # the shard was copied into ``full``
         self.state = GatherState.GATHERING
@@ -130,6 +133,7 @@ class ShardedParamGroup:
         for work in self._works:
             work.wait()
         self._works = []
+        self.storage.copy_in.consumed(self.full)
         for view, p in zip(views_by_param(self.plans, self._shapes, self.full), self.params):
             p.data = view
         self.state = GatherState.GATHERED
@@ -146,16 +150,16 @@ class ShardedParamGroup:
         self.wait()
         for work in self._all_gather_into(self.full):
             work.wait()
+        self.storage.copy_in.consumed(self.full)
         self.storage.evict()
 
     def _all_gather_into(self, full: torch.Tensor) -> list:
-        works = []
-        for plan, chunk in zip(self.plans, self._shard_chunks):
-            start, length = plan.shard(self.rank)
-            mine = full.narrow(0, start, length)
-            mine.copy_(chunk)
-            works.append(self.comm.all_gather(full.narrow(0, plan.start, plan.padded_numel), mine, async_op=True))
-        return works
+        mine = [full.narrow(0, plan.shard(self.rank)[0], plan.shard(self.rank)[1]) for plan in self.plans]
+
+        def issue() -> list:
+            return [self.comm.all_gather(full.narrow(0, plan.start, plan.padded_numel), m, async_op=True)
+                    for plan, m in zip(self.plans, mine)]
+        return self.storage.copy_in.run(list(zip(mine, self._shard_chunks)), issue)
 
     def write_back_full(self) -> None:
         """Copy the (edited) gathered values into this rank's shard."""

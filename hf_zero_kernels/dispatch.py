@@ -4,10 +4,15 @@ tensors and the torch reference otherwise.
 triton is imported lazily, only when a kernel is about to run through it, so this package
 imports (and every function works, through the references) without triton installed.
 
-``backend`` on every function: "auto" (Triton when every tensor is on CUDA and triton
-imports, else the reference), "torch" (always the reference) or "triton" (always the
-kernel; on CPU tensors that only works under TRITON_INTERPRET=1, which is how the tests
-run the kernels without a GPU).
+``backend`` on every function: "auto" (Triton when every tensor is on CUDA, triton
+imports and ``TRITON_VERIFIED_ON_DEVICE``; else the reference), "torch" (always the
+reference) or "triton" (always the kernel; on CPU tensors that only works under
+TRITON_INTERPRET=1, which is how the tests run the kernels without a GPU).
+
+The compiled kernels have run only in Triton's interpreter so far: until ``make gpu-check``
+(docs/gpu.md) has passed on a real device and ``TRITON_VERIFIED_ON_DEVICE`` is set to True
+here, "auto" keeps CUDA tensors on the torch references (correct, slower), and the engine's
+``fused_kernels: "auto"`` keeps torch's fused AdamW. Triton on a GPU is opt-in meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ DEFAULT_QUANT_BLOCK_SIZE = 2048   # scales cost 4 / 2048 = 0.2% extra traffic
 MIN_QUANT_BLOCK_SIZE, MAX_QUANT_BLOCK_SIZE = 16, 16384
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOWP_DTYPES = (torch.bfloat16, torch.float16)
+TRITON_VERIFIED_ON_DEVICE = False   # flip once `make gpu-check` passes on a GPU (module docstring)
 
 
 @functools.cache
@@ -55,7 +61,8 @@ def use_triton(tensors: Sequence[torch.Tensor], backend: Backend) -> bool:
                                "(pip install 'hf_zero[kernels]')")
         return True
     if backend == "auto":
-        return bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()
+        return (TRITON_VERIFIED_ON_DEVICE and bool(tensors) and all(t.is_cuda for t in tensors)
+                and triton_available())
     raise ValueError(f"hf_zero_kernels: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 

@@ -16,6 +16,7 @@ from hf_zero.checkpoint.files import CheckpointError
 from hf_zero.checkpoint.layout import Piece, owned_pieces, true_shape
 from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
 from hf_zero.checkpoint.rng import restore_rng
+from hf_zero.optim.fused_step import new_step_counter
 from hf_zero.checkpoint.save import _persistent_buffers
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader, pieces: list
             for key, s in scalars.items():
                 if s["dtype"] is None:
                     state[key] = s["value"]
+                elif key == "step":   # where this group's torch optimizer keeps it, whoever saved it
+                    state[key] = new_step_counter(group, master).fill_(s["value"])
                 else:
                     device = master.device if s["on_param_device"] else torch.device("cpu")
                     state[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"].split(".")[-1]),

@@ -18,8 +18,10 @@ def _decode(text: str) -> torch.Tensor:
 
 def capture_rng() -> dict:
     state = {"torch": _encode(torch.get_rng_state()), "python": _python_state_to_json(random.getstate())}
-    if torch.cuda.is_available():  # CUDA-only branch: one generator state per visible device
-        state["cuda"] = [_encode(s) for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_initialized():   # (a CPU run on a GPU host never initialises CUDA)
+        # CUDA-only branch: this rank's device only (the engine made it current). Saving every
+        # visible device's state made a restore fail on a host that sees fewer GPUs.
+        state["cuda"] = _encode(torch.cuda.get_rng_state())
     try:
         import numpy as np
 
@@ -33,8 +35,13 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(_decode(state["torch"]))
     random.setstate(_python_state_from_json(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_decode(s) for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_initialized():
+        saved = state["cuda"]
+        if isinstance(saved, list):   # older checkpoints: every visible device's state, by index
+            index = torch.cuda.current_device()
+            saved = saved[index] if index < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(_decode(saved))   # the current device's generator
     if "numpy" in state:
         import numpy as np
 

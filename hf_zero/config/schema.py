@@ -177,9 +177,10 @@ class HfZeroConfig:
     wall_clock_breakdown: bool = _f(False, "Time forward/backward/reduction/optimizer/all-gather per step and "
                                     "report them (with tokens/s and bytes moved) every steps_per_print steps.")
     memory_breakdown: bool = _f(False, "Add memory by category and peak RSS to the per-step report.")
-    fused_kernels: str = _f("auto", "Optimizer update and norm through hf_zero_kernels: 'auto' = Triton "
-                            "on CUDA, torch elsewhere; 'triton' = always (CPU only under TRITON_INTERPRET=1); "
-                            "'off' = torch's AdamW.", choices=("auto", "triton", "off"))
+    fused_kernels: str = _f("auto", "Optimizer update and norm through hf_zero_kernels' Triton kernels: "
+                            "'auto' = torch's fused AdamW everywhere until the Triton path has passed "
+                            "`make gpu-check` on a device; 'triton' = opt in (CPU only under "
+                            "TRITON_INTERPRET=1); 'off' = torch's AdamW.", choices=("auto", "triton", "off"))
     debug_collectives: bool = _f(False, "Check before every collective that all ranks issue the same one; "
                                  "raise naming the first divergence instead of hanging (also "
                                  "HF_ZERO_DEBUG_COLLECTIVES=1). Costs a store round trip per collective.")

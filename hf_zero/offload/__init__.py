@@ -37,12 +37,14 @@ def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tens
 
 
 def build_param_store(zero: ZeroConfig, model: torch.nn.Module, dtype: torch.dtype, world: int,
-                      rank: int) -> ParamStore:
-    """Where stage-3 shards live (``zero.offload_param``). The NVMe path is checked for this
-    rank's shard bytes here, before any shard is built."""
+                      rank: int, compute_device: torch.device = torch.device("cpu")) -> ParamStore:
+    """Where stage-3 shards live (``zero.offload_param``) for a model computing on
+    ``compute_device``. The NVMe path is checked for this rank's shard bytes here, before
+    any shard is built."""
     cfg = zero.offload_param
-    if cfg.device != "none" and zero.offload_optimizer.device == "none" and torch.cuda.is_available():
-        # CUDA-only refusal: the 'none' optimizer would step host shards with device gradients.
+    if cfg.device != "none" and zero.offload_optimizer.device == "none" and compute_device.type != "cpu":
+        # Keyed on where the parameters are, not on whether the host has a GPU: the 'none'
+        # optimizer would step host shards with device gradients.
         raise ConfigError([("zero_optimization.offload_param.device",
                             "on an accelerator, parameter offload needs offload_optimizer.device cpu or nvme")])
     numel = sum(p.numel() for p in model.parameters())

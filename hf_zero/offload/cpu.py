@@ -26,7 +26,7 @@ class CpuOffload(SubGroupOffload):
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, pin_memory: bool,
                  force_copy: bool = False):
         super().__init__(owned_params, sub_group_size, force_copy)
-        self.pin = pin_memory and torch.cuda.is_available()
+        self.pin = pin_memory and self.on_accelerator   # CUDA parameters only: a CPU run pins nothing
         if self.pin and self.masters.keeps_copy:
             self.masters.masters = [[_pinned(m, True) for m in g] for g in self.masters.masters]
 

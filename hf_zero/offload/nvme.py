@@ -60,7 +60,7 @@ class NvmeOffload(SubGroupOffload):
         super().__init__(owned_params, sub_group_size, force_copy)
         self.nvme_path, self.rank = nvme_path, rank
         self.num_slots = max(2, buffer_count)
-        self.pin = pin_memory and torch.cuda.is_available()
+        self.pin = pin_memory and self.on_accelerator   # CUDA parameters only: a CPU run pins nothing
         self.slots: list[_Slot] = []
         self.files: list[Path] = []
         self.swap_dir: Optional[SwapDir] = None

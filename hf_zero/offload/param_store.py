@@ -47,13 +47,94 @@ from hf_zero.offload.swap_dir import SwapDir, check_swap_dir
 KEY = "zero_optimization.offload_param"
 
 
+class ShardCopyIn:
+    """How a gather moves this rank's shard into the gathered buffer and issues the all-gather.
+
+    [Note: stage-3 copy-in on CUDA]
+    With the shard in host memory (``offload_param`` cpu / nvme) and the parameters on CUDA,
+    a copy on the compute stream would block the Python thread (a host->device copy_
+    without ``non_blocking`` waits) and could not start before the compute already queued
+    there ends, so a prefetch would not overlap anything. As FSDP2 does, two side streams:
+
+    - the gathered buffer is allocated from the all-gather stream's pool (``empty``), so
+      neither side stream has to wait on the compute stream for memory it did not use (the
+      copy-in stream waits on the all-gather stream, whose pool it writes into);
+    - the copy-in stream copies the (pinned) host shard into this rank's slots of the
+      buffer, non-blocking, and records an event; the all-gather stream waits on that event
+      and the collective is issued under it (``run``), so NCCL's stream is ordered after
+      the copy-in and not after queued compute;
+    - the consumer (``consumed``, after the collective's ``work.wait()``, which makes the
+      compute stream wait on NCCL's stream) also makes the compute stream wait on the
+      all-gather stream and calls ``record_stream`` on the buffer: when the gather is
+      released the allocator reuses its memory only once the compute stream has passed
+      that point, so an early free cannot hand a block still being read to the next gather.
+
+    The host shard may be rewritten (optimizer copy-back) only after the step's first host
+    sync on the compute stream (the norm's device->host read), which comes after every
+    backward gather has been consumed, so a copy-in never races the write-back. A shard in
+    a mapped NVMe file is pageable: CUDA copies it synchronously through its own staging,
+    so the source is free when ``copy_`` returns (dropping its pages right after is safe).
+    On the CPU, or with the shard already on the device, everything runs on the current
+    stream as plain copies.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, tuple] = {}   # CUDA device -> (copy-in, all-gather)
+
+    def _cuda_streams(self, device: torch.device) -> tuple:
+        if device not in self._streams:   # CUDA-only branch
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    @staticmethod
+    def _off_stream(dst: torch.Tensor, src: torch.Tensor) -> bool:
+        return dst.device.type == "cuda" and src.device.type == "cpu"
+
+    def empty(self, numel: int, dtype: torch.dtype, device: torch.device, from_host: bool) -> torch.Tensor:
+        """The gathered buffer; ``from_host``: the shard it will receive is in host memory."""
+        if not (from_host and device.type == "cuda"):
+            return torch.empty(numel, dtype=dtype, device=device)
+        with torch.cuda.stream(self._cuda_streams(device)[1]):
+            return torch.empty(numel, dtype=dtype, device=device)
+
+    def run(self, copies: list[tuple[torch.Tensor, torch.Tensor]], issue) -> list:
+        """``dst.copy_(src)`` for every pair, then ``issue()`` (which starts the collectives
+        and returns their works), ordered as the note says."""
+        if not copies or not all(self._off_stream(dst, src) for dst, src in copies):
+            for dst, src in copies:
+                dst.copy_(src)
+            return issue()
+        copy_in, all_gather = self._cuda_streams(copies[0][0].device)
+        # The buffer came from the all-gather stream's pool: write it only after what that
+        # stream queued before (never after the compute stream's queued work).
+        copy_in.wait_stream(all_gather)
+        with torch.cuda.stream(copy_in):
+            for dst, src in copies:
+                dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(copy_in)
+        all_gather.wait_event(copied)
+        with torch.cuda.stream(all_gather):
+            return issue()
+
+    def consumed(self, full: torch.Tensor) -> None:
+        """The compute stream is about to read ``full`` (its collectives were waited on)."""
+        streams = self._streams.get(full.device)
+        if streams is not None:
+            current = torch.cuda.current_stream(full.device)
+            current.wait_stream(streams[1])   # world 1: no collective ordered it after the copy-in
+            full.record_stream(current)
+
+
 class ShardStorage:
     """One group's shard, resident in memory (``none`` / ``cpu``)."""
 
     offloaded = False   # True: in a swap file, reported by the store rather than as resident
+    copy_in: ShardCopyIn   # the store's; how gathers copy this shard in ([Note: stage-3 copy-in on CUDA])
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
+        self.copy_in = ShardCopyIn()
 
     def prefetch(self) -> None:
         """Start reading the shard (no-op when resident)."""
@@ -101,10 +182,11 @@ class ParamStore:
         """``expected_bytes``: this rank's shard bytes (checked against the free space of
         ``nvme_path`` before any shard is built)."""
         self.device = device
-        self.pin = pin_memory and torch.cuda.is_available()
+        self.pin_memory = pin_memory   # applied to shards of a model on an accelerator only
         self.read_ahead_numel = buffer_count * buffer_size
         self.cpu_budget = max_in_cpu
         self.storages: list[ShardStorage] = []
+        self.copy_in = ShardCopyIn()   # one pair of side streams for every shard of this store
         self.num_read_ahead = 0                # shards asked for ahead of use (diagnostics, tests)
         self._mapped: list[MappedShard] = []   # sorted by address (drop_pages' lookup)
         self.swap_dir: Optional[SwapDir] = None
@@ -119,13 +201,15 @@ class ParamStore:
         if self.device == "none":
             storage = ShardStorage(torch.empty(numel, dtype=dtype, device=compute_device))
         elif self.device == "cpu" or not self._goes_to_file(numel, keep_in_memory):
-            # CUDA-only branch: page-locked host memory for the host->device gather copy.
-            host = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+            # CUDA-only branch: page-locked host memory, so the host->device gather copy is an
+            # asynchronous DMA; keyed on the compute device (a CPU run pins nothing).
+            host = torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory and compute_device.type == "cuda")
             storage = ShardStorage(host)
         else:
             path = self.swap_dir.allocate(f"shard_{len(self.storages):05d}.bin", numel * dtype.itemsize)
             storage = MappedShard(path, numel, dtype)
             bisect.insort(self._mapped, storage, key=lambda s: s.start)
+        storage.copy_in = self.copy_in
         self.storages.append(storage)
         return storage
 

@@ -1,9 +1,25 @@
 """Copying updated fp32 masters into the parameters' chunks, off the update's critical path.
 
-On CUDA the copies are non-blocking host->device transfers on a side stream (the masters are
-pinned); on the CPU a single background thread does them (torch copies release the GIL), so
-the copy of sub-group i overlaps the update of sub-group i+1 either way. ``submit`` returns a
-handle whose ``wait()`` says the sources may be overwritten.
+On CUDA the copies are non-blocking host->device transfers on a side stream; on the CPU a
+single background thread does them (torch copies release the GIL), so the copy of sub-group
+i overlaps the update of sub-group i+1 either way. ``submit`` returns a handle whose
+``wait()`` says the sources may be overwritten.
+
+[Note: copy-back on CUDA]
+A non-blocking fp32 host -> bf16 device copy would convert on the device through an fp32
+temporary as large as the slice (4 bytes x ``sub_group_size``: 4 GB at the default),
+allocated from the side stream's pool and kept reserved there. Instead the host casts the
+updated fp32 masters into a page-locked buffer of the parameters' dtype (one of two slots,
+each one sub-group long), and the side stream DMAs those bytes, half of fp32's, into the
+parameter chunks; no device memory beyond the parameters is touched. fp32 parameters are
+copied straight from the (pinned) masters. Who waits on whom: the side stream waits on the
+compute stream before each submit (the chunks may still be read by queued work, e.g. the
+previous step's all-gather); the host waits on a slot's event before casting into it again
+(sub-group i+2 reuses i's slot, so at most one copy is in flight per slot); ``wait_all``
+makes the compute stream wait on the side stream, so the all-gather that follows the step
+reads the new values, and synchronises every handle, so the masters the copies read may be
+changed by the next step. Cost: two sub-groups of page-locked memory in the parameters'
+dtype (4 bytes per element of the largest sub-group for bf16), kept for the run.
 """
 
 from __future__ import annotations
@@ -43,9 +59,25 @@ def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]], after) -> None:
         after([dst for dst, _ in copies])
 
 
+class _PinnedSlot:   # CUDA-only: one sub-group of page-locked low-precision staging
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+        self.event = None   # the side-stream copy that last read this slot
+
+    def buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if dtype not in self.buffers:
+            self.buffers[dtype] = torch.empty(numel, dtype=dtype, pin_memory=True)
+        return self.buffers[dtype]
+
+
 class WriteBack:
-    def __init__(self, on_accelerator: bool):
-        self._stream = torch.cuda.Stream() if on_accelerator and torch.cuda.is_available() else None
+    def __init__(self, on_accelerator: bool, staging_numel: int = 0):
+        """``on_accelerator``: the parameter chunks are CUDA tensors (decided by the caller from
+        the parameters' device); ``staging_numel``: the longest sub-group (slot size)."""
+        self._stream = torch.cuda.Stream() if on_accelerator else None
+        self._slots = (_PinnedSlot(), _PinnedSlot()) if on_accelerator else ()
+        self._staging_numel = staging_numel
+        self._num_submits = 0
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list = []
 
@@ -55,19 +87,38 @@ class WriteBack:
         if not copies:
             return _Done()
         if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
-                for dst, src in copies:
-                    dst.copy_(src, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-            handle = _CudaCopies(event)
+            handle = _CudaCopies(self._submit_cuda(copies))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf_zero-writeback")
             handle = _ThreadCopies(self._pool.submit(_copy_all, copies, after))
         self._pending.append(handle)
         return handle
+
+    def _submit_cuda(self, copies: list[tuple[torch.Tensor, torch.Tensor]]):
+        """CUDA-only branch ([Note: copy-back on CUDA]): host cast into a pinned slot, then
+        one DMA per slice on the side stream; returns the event recorded after them."""
+        slot = self._slots[self._num_submits % 2]
+        self._num_submits += 1
+        if slot.event is not None:
+            slot.event.synchronize()   # the copy that read this slot two submits ago is done
+        sources, offset = [], 0
+        for dst, src in copies:
+            if dst.dtype == src.dtype:
+                sources.append(src)
+                continue
+            staged = slot.buffer(dst.dtype, self._staging_numel).narrow(0, offset, src.numel())
+            staged.copy_(src)   # fp32 -> bf16/fp16 on the host (round to nearest even, as on the device)
+            sources.append(staged)
+            offset += src.numel()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for (dst, _), src in zip(copies, sources):
+                dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        slot.event = event
+        return event
 
     def wait_all(self) -> None:
         pending, self._pending = self._pending, []

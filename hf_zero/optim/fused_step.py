@@ -1,9 +1,11 @@
 """The optimizer update through hf_zero_kernels: one fused pass per owned chunk.
 
-Used on CUDA (``fused_kernels: "auto"``) or forced (``"triton"``; on CPU tensors that runs
-the Triton interpreter, which is how the tests cover this path without a GPU). The Adam
-moments live in the inner optimizer's ``state`` under torch's names, so checkpoints and
-``state_dict()`` see the same layout as with the torch path. The update skips itself on the
+Used only when asked for (``fused_kernels: "triton"``; on CPU tensors that runs the Triton
+interpreter, which is how the tests cover this path without a GPU); "auto" keeps torch's
+fused AdamW until the kernels have passed ``make gpu-check`` on a device. The Adam moments
+and the step counter live in the inner optimizer's ``state`` under torch's names and where
+torch keeps them (the counter on the master's device for a fused or capturable group, else
+a host scalar), so checkpoints and ``state_dict()`` interchange with the torch path. The update skips itself on the
 device when the overflow flag is set, and writes the bf16/fp16 parameter chunk in the same
 pass, so no separate write-back is needed.
 """
@@ -35,6 +37,13 @@ def norm_inputs(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
     return out
 
 
+def new_step_counter(group: dict, master: torch.Tensor) -> torch.Tensor:
+    """Adam's step counter as torch.optim.Adam(W) creates it for ``group``: fp32 on the
+    master's device when the group is fused or capturable, else a host fp32 scalar."""
+    on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+    return torch.zeros((), dtype=torch.float32, device=master.device if on_device else "cpu")
+
+
 class FusedAdamW:
     def __init__(self, inner: torch.optim.Optimizer, owned_params: list[list[torch.Tensor]],
                  keeps_copy: bool, backend: str):
@@ -42,6 +51,21 @@ class FusedAdamW:
         self.owned_params = owned_params
         self.keeps_copy = keeps_copy   # masters are separate from the parameter chunks
         self.backend = backend
+        # The kernel takes the step as a Python int; reading a device counter costs a host
+        # sync, so its value is cached per counter tensor and re-read only when something else
+        # (a checkpoint load, a user) changed it: torch bumps ``_version`` on every in-place write.
+        # id(counter) -> (counter, _version, value); the counter is held so its id stays unique.
+        self._known_steps: dict[int, tuple[torch.Tensor, int, int]] = {}
+
+    def _step_of(self, counter: torch.Tensor) -> int:
+        known = self._known_steps.get(id(counter))
+        if known is not None and known[0] is counter and known[1] == counter._version:
+            return known[2]
+        return int(counter.item())
+
+    def _advance(self, counter: torch.Tensor, value: int) -> None:
+        counter += 1
+        self._known_steps[id(counter)] = (counter, counter._version, value + 1)
 
     def step(self, grads: list[list[torch.Tensor]], grad_scale: torch.Tensor,
              overflow: torch.Tensor | None) -> None:
@@ -51,13 +75,14 @@ class FusedAdamW:
                 state = self.inner.state[master]
                 lowp = self.keeps_copy and param.dtype in (torch.bfloat16, torch.float16)
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)   # host tensor, as torch keeps it
+                    state["step"] = new_step_counter(group, master)
                     state["exp_avg"] = torch.zeros_like(master)
                     state["exp_avg_sq"] = torch.zeros_like(master)
+                done = self._step_of(state["step"])
                 fused_adamw_(master, grad, state["exp_avg"], state["exp_avg_sq"], lr=float(group["lr"]),
                              beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                             step=int(state["step"].item()) + 1, grad_scale=grad_scale, overflow=overflow,
+                             step=done + 1, grad_scale=grad_scale, overflow=overflow,
                              out_lowp=param if lowp else None, backend=self.backend)
-                state["step"] += 1
+                self._advance(state["step"], done)
                 if self.keeps_copy and not lowp:   # fp32 parameters with a separate master copy
                     param.copy_(master)

@@ -47,8 +47,12 @@ def test_cpu_tensors_use_the_references(launches) -> None:
     assert auto["q"].dtype == torch.int8 and auto["deq"].dtype == torch.bfloat16
 
 
-def test_auto_picks_triton_only_when_every_tensor_is_cuda() -> None:
+def test_auto_picks_triton_only_when_every_tensor_is_cuda(monkeypatch) -> None:
+    import hf_zero_kernels.dispatch as dispatch
+
     cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert not use_triton([cuda, cuda], "auto")   # not verified on a device yet: the torch references
+    monkeypatch.setattr(dispatch, "TRITON_VERIFIED_ON_DEVICE", True)
     assert use_triton([cuda, cuda], "auto") == hk.triton_available()
     assert not use_triton([cuda, cpu], "auto")
     assert not use_triton([], "auto")
