@@ -2,7 +2,8 @@
 that keep the engine's counters and report current under a foreign loop, the gradient norm
 those loops ask for, and the routing that makes accelerate pass the sharded objects through.
 
-This is the only module of hf_zero that reads an environment variable (``HF_ZERO_CONFIG``).
+This is the only module of hf_zero that reads its environment variables (``HF_ZERO_CONFIG``,
+``HF_ZERO_ALLOW_UNSHARDED``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,45 @@ if TYPE_CHECKING:
 
 CONFIG_ENV = "HF_ZERO_CONFIG"
 """Environment variable holding a config path or inline JSON; launchers pass it to every rank."""
+
+
+ALLOW_UNSHARDED_ENV = "HF_ZERO_ALLOW_UNSHARDED"
+"""Set to 1 to let a script under ``hf-zero launch`` train without any model sharded by hf_zero
+(``hf-zero launch --allow-unsharded``); otherwise that is an error (see guard.py)."""
+
+DEEPSPEED_FLAG = "--deepspeed"
+
+
+def allow_unsharded() -> bool:
+    return os.environ.get(ALLOW_UNSHARDED_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def take_deepspeed_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """(argv without ``--deepspeed VALUE`` / ``--deepspeed=VALUE``, VALUE or None).
+
+    transformers' ``TrainingArguments.__post_init__`` imports the deepspeed package as soon
+    as the flag is set, so the bootstrap takes it out before the script parses its arguments
+    and hands the value (a path or inline JSON, as transformers accepts) to hf_zero.
+    """
+    rest: list[str] = []
+    value: Optional[str] = None
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == DEEPSPEED_FLAG:
+            if index + 1 >= len(argv):
+                raise ValueError("--deepspeed needs a value: a DeepSpeed config path or inline JSON")
+            found, index = argv[index + 1], index + 2
+        elif arg.startswith(DEEPSPEED_FLAG + "="):
+            found, index = arg[len(DEEPSPEED_FLAG) + 1:], index + 1
+        else:
+            rest.append(arg)
+            index += 1
+            continue
+        if value is not None and found != value:
+            raise ValueError(f"--deepspeed is given twice with different values: {value!r} and {found!r}")
+        value = found
+    return rest, value
 
 
 def config_from_env() -> Optional[str]:
