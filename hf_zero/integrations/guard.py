@@ -25,14 +25,11 @@ so a log shows that ZeRO really ran.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import weakref
 from typing import Any
 
 from hf_zero.integrations.common import ALLOW_UNSHARDED_ENV, allow_unsharded
-
-logger = logging.getLogger("hf_zero")
 
 EXIT_UNSHARDED = 3
 SUMMARY_PREFIX = "hf_zero summary: "
@@ -64,15 +61,13 @@ def unsharded_message(when: str) -> str:
 
 def _report(when: str) -> bool:
     """Log the unsharded-run message; True when it is an error (no opt-out)."""
-    message = unsharded_message(when)
+    # printed, not only logged: the script may have configured logging away (or not at all)
     if allow_unsharded():
         if not _state["warned"]:
-            logger.warning(message)
-            print(message, file=sys.stderr, flush=True)
+            print("WARNING " + unsharded_message(when), file=sys.stderr, flush=True)
             _state["warned"] = True
         return False
-    logger.error(message)
-    print(message, file=sys.stderr, flush=True)
+    print("ERROR " + unsharded_message(when), file=sys.stderr, flush=True)
     return True
 
 
@@ -80,7 +75,8 @@ def _first_step_check(optimizer: Any, args: Any, kwargs: Any) -> None:
     if len(_engines) or _state["warned"]:
         return
     if _report(f"the first optimizer step ({type(optimizer).__name__}) was reached"):
-        raise UnshardedRunError(unsharded_message("the first optimizer step was reached"))
+        raise UnshardedRunError("no model was sharded by hf_zero before the first optimizer step (see the "
+                                "message above; HF_ZERO_ALLOW_UNSHARDED=1 lets it run)")
 
 
 def install() -> None:
