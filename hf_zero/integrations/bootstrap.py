@@ -16,6 +16,9 @@ the deepspeed package to honour it); ``HF_ZERO_CONFIG`` is then set for the patc
 - ``accelerate.Accelerator.prepare`` shards the model it is given with its optimizer
   (accelerate.py's ``install_prepare_patch``).
 - guard.py checks that some model really was sharded (non-zero exit otherwise).
+- Without CUDA, a multi-process rank gets ``ACCELERATE_USE_CPU=true`` (common.py's
+  ``set_cpu_multiprocess``), so ``accelerate launch`` / ``torchrun`` of this module on a
+  CPU machine form one gloo group as ``hf-zero launch`` does.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import runpy
 import sys
 from typing import Optional
 
-from hf_zero.integrations.common import ALLOW_UNSHARDED_ENV, CONFIG_ENV, config_from_env, take_deepspeed_flag
+from hf_zero.integrations.common import (ALLOW_UNSHARDED_ENV, CONFIG_ENV, config_from_env, set_cpu_multiprocess,
+                                        take_deepspeed_flag)
 
 USAGE = "usage: python -m hf_zero.integrations.bootstrap [--config CONFIG] [--allow-unsharded] script.py [ARGS...]"
 
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"hf_zero bootstrap: {err}") from None
     os.environ[CONFIG_ENV] = config
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # whichever launcher started this rank
+        import torch
+
+        set_cpu_multiprocess(os.environ, torch.cuda.is_available())
     from hf_zero.integrations import guard
     from hf_zero.integrations.accelerate import install_prepare_patch
 

@@ -58,6 +58,15 @@ def take_deepspeed_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
     return rest, value
 
 
+def set_cpu_multiprocess(env: dict, cuda: bool) -> None:
+    """Without CUDA, make accelerate (and the Trainer, which builds its state through it) join
+    the launcher's process group on CPU: a multi-process run under torchrun or accelerate's
+    torchrun launcher otherwise becomes independent single processes on a CPU-only machine
+    (PartialState only goes MULTI_CPU with ``cpu=True`` or ``ACCELERATE_USE_CPU``)."""
+    if not cuda:
+        env.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def config_from_env() -> Optional[str]:
     """The hf_zero config named by ``HF_ZERO_CONFIG`` (a path or inline JSON), or None."""
     value = os.environ.get(CONFIG_ENV, "").strip()

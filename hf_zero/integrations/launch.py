@@ -29,7 +29,7 @@ from typing import Optional
 from hf_zero.config import load_config
 from hf_zero.integrations.accelerate_config import (ACCELERATE_KEYS, accelerate_launch_config, read_yaml,
                                                     split_accelerate_yaml)
-from hf_zero.integrations.common import ALLOW_UNSHARDED_ENV, CONFIG_ENV, take_deepspeed_flag
+from hf_zero.integrations.common import ALLOW_UNSHARDED_ENV, CONFIG_ENV, set_cpu_multiprocess, take_deepspeed_flag
 
 BOOTSTRAP = "hf_zero.integrations.bootstrap"
 
@@ -86,8 +86,7 @@ def build_command(config: Optional[str], nproc: Optional[int], script: str, scri
         env[ALLOW_UNSHARDED_ENV] = "1"
     cuda = _cuda_available()
     if accelerate_data is None:
-        if not cuda:
-            env.setdefault("ACCELERATE_USE_CPU", "true")
+        set_cpu_multiprocess(env, cuda)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(nproc or 1), "-m", BOOTSTRAP, script, *script_args]
         return command, env
