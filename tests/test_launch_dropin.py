@@ -149,3 +149,23 @@ def test_cli_deepspeed_launcher_spellings(tmp_path, capsys):
     other.write_text("{}")
     assert main(["launch", "--dry-run", "--config", str(other), str(script), "--deepspeed", str(ds)]) == 2
     assert "differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stage3_models_default_generate_to_synced(stage):
+    """transformers defaults generate(synced_gpus=...) from is_fsdp_managed_module; the stage-3
+    model answers True (the parameters are sharded), stage 2 False (whole on every rank)."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    import hf_zero
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1}
+    hf_zero.prepare_accelerate(Accelerator(cpu=True), model, optimizer, config=config)
+    assert is_fsdp_managed_module(model) == (stage == 3)
+    assert not is_deepspeed_zero3_enabled()   # its other branches would import deepspeed

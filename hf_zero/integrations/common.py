@@ -138,9 +138,21 @@ def current_grad_norm(engine: "ZeroEngine") -> float:
 
 def mark_prepared(engine: "ZeroEngine") -> None:
     """accelerate returns objects carrying this flag untouched from ``prepare`` (no DDP
-    wrapper, no autocast patch), yet keeps tracking them; the model is already sharded."""
+    wrapper, no autocast patch), yet keeps tracking them; the model is already sharded.
+
+    At stage 3 the modules that can ``generate`` are also marked as transformers marks
+    FSDP2-sharded ones (``_is_fsdp_managed_module``): transformers reads it only to default
+    ``generate(synced_gpus=...)`` to True on several ranks (generation/utils.py and speech
+    models; trainer.py's other use needs a model sharded at load time by transformers), which
+    stage 3 needs so that a rank that finishes early keeps joining the others' gathers.
+    ``is_deepspeed_zero3_enabled()`` stays False: every other branch behind it calls the
+    deepspeed package (docs/integrations.md)."""
     engine.module._is_accelerate_prepared = True
     engine.optimizer._is_accelerate_prepared = True
+    if engine.config.zero_optimization.stage == 3:
+        for module in engine.module.modules():
+            if callable(getattr(module, "generate", None)):
+                module._is_fsdp_managed_module = True
 
 
 def scale_backward(accelerator: Any, engine: "ZeroEngine") -> None:
