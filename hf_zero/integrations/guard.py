@@ -35,7 +35,9 @@ EXIT_UNSHARDED = 3
 SUMMARY_PREFIX = "hf_zero summary: "
 
 _engines: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_state = {"installed": False, "warned": False}
+_first_step_summaries: dict[int, dict] = {}   # engine number -> summary after its first optimizer step
+# engines ever built: a script may drop its engine (and the GC collect it) before exiting
+_state = {"installed": False, "warned": False, "built": 0}
 
 
 class UnshardedRunError(RuntimeError):
@@ -72,7 +74,7 @@ def _report(when: str) -> bool:
 
 
 def _first_step_check(optimizer: Any, args: Any, kwargs: Any) -> None:
-    if len(_engines) or _state["warned"]:
+    if _state["built"] or _state["warned"]:
         return
     if _report(f"the first optimizer step ({type(optimizer).__name__}) was reached"):
         raise UnshardedRunError("no model was sharded by hf_zero before the first optimizer step (see the "
@@ -92,6 +94,16 @@ def install() -> None:
     def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         _engines.add(self)
+        _state["built"] += 1
+        self._hf_zero_guard_number = number = _state["built"]
+        engine_ref = weakref.ref(self)
+
+        def record(optimizer: Any, args: Any, kwargs: Any) -> None:
+            engine = engine_ref()
+            if engine is not None and number not in _first_step_summaries:
+                _first_step_summaries[number] = summary(engine)
+
+        self.optimizer.register_step_post_hook(record)
 
     ZeroEngine.__init__ = recording_init
     register_optimizer_step_pre_hook(_first_step_check)
@@ -104,11 +116,17 @@ def engines() -> list:
 
 def check_at_exit() -> int:
     """The bootstrap's exit status once the script returned: 0, or EXIT_UNSHARDED."""
-    live = engines()
-    if not live:
+    if not _state["built"]:
         return EXIT_UNSHARDED if _report("the script finished") else 0
-    for engine in live:
-        print(SUMMARY_PREFIX + json.dumps(summary(engine)), file=sys.stderr, flush=True)
+    # live engines: as they are now; engines the script dropped: as after their first step
+    found = dict(_first_step_summaries)
+    for engine in engines():
+        try:
+            found[engine._hf_zero_guard_number] = summary(engine)
+        except Exception:   # noqa: BLE001 - a destroy()ed engine cannot report; its first-step summary stands
+            pass
+    for number in sorted(found):
+        print(SUMMARY_PREFIX + json.dumps(found[number]), file=sys.stderr, flush=True)
     return 0
 
 
