@@ -72,8 +72,10 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def summaries(result: subprocess.CompletedProcess) -> list[dict]:
-    prefix = "hf_zero summary: "
-    return [json.loads(line[len(prefix):]) for line in result.stderr.splitlines() if line.startswith(prefix)]
+    # other ranks' progress bars (carriage returns, no newline) may share a line with a summary
+    prefix, decoder = "hf_zero summary: ", json.JSONDecoder()
+    return [decoder.raw_decode(line, line.index(prefix) + len(prefix))[0]
+            for line in result.stderr.splitlines() if prefix in line]
 
 
 def formula_bytes(stage: int, psi: int, world: int) -> int:

@@ -61,15 +61,22 @@ def unsharded_message(when: str) -> str:
             f"To run unsharded on purpose set {ALLOW_UNSHARDED_ENV}=1 (hf-zero launch --allow-unsharded).")
 
 
+def _emit(line: str) -> None:
+    """One write per line: the ranks share the launcher's stderr, and ``print`` writes the text
+    and its newline separately, so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _report(when: str) -> bool:
     """Log the unsharded-run message; True when it is an error (no opt-out)."""
     # printed, not only logged: the script may have configured logging away (or not at all)
     if allow_unsharded():
         if not _state["warned"]:
-            print("WARNING " + unsharded_message(when), file=sys.stderr, flush=True)
+            _emit("WARNING " + unsharded_message(when))
             _state["warned"] = True
         return False
-    print("ERROR " + unsharded_message(when), file=sys.stderr, flush=True)
+    _emit("ERROR " + unsharded_message(when))
     return True
 
 
@@ -126,7 +133,7 @@ def check_at_exit() -> int:
         except Exception:   # noqa: BLE001 - a destroy()ed engine cannot report; its first-step summary stands
             pass
     for number in sorted(found):
-        print(SUMMARY_PREFIX + json.dumps(found[number]), file=sys.stderr, flush=True)
+        _emit(SUMMARY_PREFIX + json.dumps(found[number]))
     return 0
 
 
