@@ -76,13 +76,47 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from hf_zero.integrations.launch import launch
+    from hf_zero.integrations.launch import DEEPSPEED_UNSUPPORTED, launch
 
+    unsupported = [f"--{name}" for name, value in vars(args).items()
+                   if f"--{name}" in DEEPSPEED_UNSUPPORTED and value is not None]
+    if unsupported:
+        print(f"hf-zero launch: {', '.join(unsupported)} (a `deepspeed` launcher option) is not supported: hf-zero "
+              f"launch starts --nproc processes on this machine (torchrun --standalone). For several nodes run "
+              f"`torchrun --nnodes ... -m hf_zero.integrations.bootstrap --config CONFIG script.py` on each node",
+              file=sys.stderr)
+        return 2
+    if args.config is not None and args.deepspeed is not None and args.config != args.deepspeed:
+        print("hf-zero launch: --config and --deepspeed differ; give one", file=sys.stderr)
+        return 2
     try:
-        return launch(args.config, args.nproc, args.script, args.script_args, dry_run=args.dry_run)
+        return launch(args.config or args.deepspeed, args.nproc, args.script, args.script_args,
+                      dry_run=args.dry_run, allow_unsharded=args.allow_unsharded)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"hf-zero launch: {err}", file=sys.stderr)
         return 2
+
+
+def _add_launch(commands: argparse._SubParsersAction) -> None:
+    from hf_zero.integrations.launch import DEEPSPEED_UNSUPPORTED
+
+    launch = commands.add_parser("launch", help="run an unmodified HF Trainer / accelerate script under hf_zero "
+                                 "(torchrun or accelerate launch)")
+    launch.add_argument("--config", default=None, help="hf_zero / DeepSpeed config (JSON/YAML path or inline JSON), "
+                        "or an accelerate config YAML with an 'hf-zero:' section or distributed_type: DEEPSPEED. "
+                        "Default: the script's own --deepspeed CONFIG")
+    launch.add_argument("--deepspeed", default=None, help="the same as --config (DeepSpeed's spelling)")
+    launch.add_argument("--nproc", "--num_gpus", "--num_processes", dest="nproc", type=int, default=None,
+                        help="local processes (default: 1, or the accelerate config's num_processes); "
+                        "--num_gpus is the `deepspeed` launcher's spelling, --num_processes accelerate's")
+    launch.add_argument("--allow-unsharded", action="store_true", help="let the script train without any model "
+                        "sharded by hf_zero (otherwise every rank reports an error and the launch fails)")
+    launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    for option in DEEPSPEED_UNSUPPORTED:   # named so that the error can say why, not "unrecognized"
+        launch.add_argument(option, default=None, nargs="?", const="", help=argparse.SUPPRESS)
+    launch.add_argument("script")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER)
+    launch.set_defaults(run=_launch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,16 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     est.set_defaults(run=_estimate)
     env = commands.add_parser("env", help="versions, backends and usable accelerated paths")
     env.set_defaults(run=_env)
-    launch = commands.add_parser("launch", help="run an unmodified HF Trainer / accelerate script under hf_zero "
-                                 "(torchrun or accelerate launch)")
-    launch.add_argument("--config", required=True, help="hf_zero config (JSON/YAML path or inline JSON), or an "
-                        "accelerate config YAML with an 'hf-zero:' section")
-    launch.add_argument("--nproc", type=int, default=None, help="local processes (default: 1, or the accelerate "
-                        "config's num_processes)")
-    launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    launch.add_argument("script")
-    launch.add_argument("script_args", nargs=argparse.REMAINDER)
-    launch.set_defaults(run=_launch)
+    _add_launch(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -38,7 +38,7 @@ def has_auto(value) -> bool:
 
 def raw_config(path: Path) -> dict:
     if path.suffix == ".yaml":
-        accelerate_part, section = split_config(str(path))
+        accelerate_part, section, _ = split_config(str(path))
         assert accelerate_part["num_processes"] >= 2
         return json.loads(section)
     return read_config_dict(str(path))[0]

@@ -140,7 +140,7 @@ def test_launch_splits_an_accelerate_yaml(tmp_path):
     yaml_file = tmp_path / "acc.yaml"
     yaml_file.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n"
                          "hf-zero:\n  zero_optimization: {stage: 2}\n")
-    accelerate_part, value = split_config(str(yaml_file))
+    accelerate_part, value, _ = split_config(str(yaml_file))
     assert "hf-zero" not in accelerate_part and json.loads(value) == {"zero_optimization": {"stage": 2}}
     command, env = build_command(str(yaml_file), None, "train.py", [], str(tmp_path))
     assert command[1:3] == ["-m", "accelerate.commands.launch"]

@@ -47,16 +47,17 @@ def accelerate_values(accelerator: Any, micro_batch_size: Optional[int], raw: di
     precision = str(accelerator.mixed_precision)
     matched: dict[str, Any] = {"gradient_accumulation_steps": accum, "fp16.enabled": precision == "fp16",
                                "bf16.enabled": precision == "bf16"}
-    derived: dict[str, Any] = {"gradient_clipping": 0.0}   # set per step by accelerator.clip_grad_norm_
-    defaults: dict[str, Any] = {}
+    # Absent or "auto": clip only where the script calls accelerator.clip_grad_norm_ (which
+    # sets the step's max_norm), as a plain accelerate loop does; an explicit value clips every step.
+    defaults: dict[str, Any] = {"gradient_clipping": 0.0}
     if micro_batch_size is not None:
         matched["train_micro_batch_size_per_gpu"] = micro_batch_size
         matched["train_batch_size"] = micro_batch_size * accum * accelerator.num_processes
     elif raw.get("train_batch_size") in (None, "auto"):
         # The batch keys are informational in this loop (accelerate feeds the batches);
         # DeepSpeed's invariant still needs one of them.
-        defaults = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": accum * accelerator.num_processes}
-    return matched, derived, defaults
+        defaults.update(train_micro_batch_size_per_gpu=1, train_batch_size=accum * accelerator.num_processes)
+    return matched, {}, defaults
 
 
 def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -70,6 +71,9 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
     import hf_zero
     from hf_zero.config import ConfigError, read_config_dict
 
+    engine = getattr(accelerator, "hf_zero_engine", None)
+    if engine is not None and engine.module is model:   # already sharded (e.g. by the patched prepare)
+        return engine.module, engine.optimizer
     spec = config_spec(config)
     if spec is None:
         raise ValueError("hf_zero.prepare_accelerate: no hf_zero config; pass config= or set HF_ZERO_CONFIG "
@@ -175,3 +179,53 @@ def _route_save_and_load(accelerator: Any, engine: Any) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ---- unmodified scripts: Accelerator.prepare shards by itself (installed by the bootstrap) ----
+def install_prepare_patch() -> None:
+    """Make ``Accelerator.prepare`` call :func:`prepare_accelerate` on the model and optimizer
+    it is given, when a config is in ``HF_ZERO_CONFIG`` (idempotent; a no-op without
+    accelerate). Objects already sharded (``prepare_accelerate`` called by the script, or
+    the Trainer's model) pass through, so calling both is harmless."""
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        return
+    original = Accelerator.prepare
+    if getattr(original, "_hf_zero_patched", False):
+        return
+
+    def prepare(self: Any, *args: Any, device_placement: Any = None) -> Any:
+        if config_spec(None) is not None:
+            args = _shard_in_prepare(self, args)
+        return original(self, *args, device_placement=device_placement)
+
+    prepare._hf_zero_patched = True
+    prepare.__doc__ = original.__doc__
+    Accelerator.prepare = prepare
+
+
+def _shard_in_prepare(accelerator: Any, args: tuple) -> tuple:
+    """``args`` with the trainable model and its optimizer replaced by hf_zero's (the same
+    module object, sharded in place, and the engine's optimizer)."""
+    models = [a for a in args if isinstance(a, torch.nn.Module) and not getattr(a, "_is_accelerate_prepared", False)
+              and any(p.requires_grad for p in a.parameters())]
+    if not models:
+        return args   # nothing trainable here (a data loader, a frozen reference model) or already sharded
+    if len(models) > 1 or getattr(accelerator, "hf_zero_engine", None) is not None:
+        raise ValueError("hf_zero: Accelerator.prepare got a second trainable model; hf_zero shards one model per "
+                         "Accelerator by itself. Call hf_zero.prepare_accelerate / hf_zero.initialize for the "
+                         "others explicitly")
+    model = models[0]
+    optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
+    if len(optimizers) > 1:
+        raise ValueError("hf_zero: Accelerator.prepare got several optimizers; pass the model's one")
+    if not optimizers:
+        raise ValueError("hf_zero: Accelerator.prepare got a trainable model without its optimizer; hf_zero shards a "
+                         "model together with its optimizer: pass both to the same prepare call "
+                         "(accelerator.prepare(model, optimizer, ...)), or call hf_zero.prepare_accelerate first")
+    optimizer = optimizers[0]
+    loaders = [a for a in args if isinstance(a, torch.utils.data.DataLoader) and a.batch_size]
+    micro = loaders[0].batch_size if loaders else None   # what accelerate reads for DeepSpeed, too
+    sharded, engine_optimizer = prepare_accelerate(accelerator, model, optimizer, micro_batch_size=micro)
+    return tuple(sharded if a is model else engine_optimizer if a is optimizer else a for a in args)

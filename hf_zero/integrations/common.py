@@ -2,7 +2,8 @@
 that keep the engine's counters and report current under a foreign loop, the gradient norm
 those loops ask for, and the routing that makes accelerate pass the sharded objects through.
 
-This is the only module of hf_zero that reads an environment variable (``HF_ZERO_CONFIG``).
+This is the only module of hf_zero that reads its environment variables (``HF_ZERO_CONFIG``,
+``HF_ZERO_ALLOW_UNSHARDED``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,54 @@ if TYPE_CHECKING:
 
 CONFIG_ENV = "HF_ZERO_CONFIG"
 """Environment variable holding a config path or inline JSON; launchers pass it to every rank."""
+
+
+ALLOW_UNSHARDED_ENV = "HF_ZERO_ALLOW_UNSHARDED"
+"""Set to 1 to let a script under ``hf-zero launch`` train without any model sharded by hf_zero
+(``hf-zero launch --allow-unsharded``); otherwise that is an error (see guard.py)."""
+
+DEEPSPEED_FLAG = "--deepspeed"
+
+
+def allow_unsharded() -> bool:
+    return os.environ.get(ALLOW_UNSHARDED_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def take_deepspeed_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """(argv without ``--deepspeed VALUE`` / ``--deepspeed=VALUE``, VALUE or None).
+
+    transformers' ``TrainingArguments.__post_init__`` imports the deepspeed package as soon
+    as the flag is set, so the bootstrap takes it out before the script parses its arguments
+    and hands the value (a path or inline JSON, as transformers accepts) to hf_zero.
+    """
+    rest: list[str] = []
+    value: Optional[str] = None
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == DEEPSPEED_FLAG:
+            if index + 1 >= len(argv):
+                raise ValueError("--deepspeed needs a value: a DeepSpeed config path or inline JSON")
+            found, index = argv[index + 1], index + 2
+        elif arg.startswith(DEEPSPEED_FLAG + "="):
+            found, index = arg[len(DEEPSPEED_FLAG) + 1:], index + 1
+        else:
+            rest.append(arg)
+            index += 1
+            continue
+        if value is not None and found != value:
+            raise ValueError(f"--deepspeed is given twice with different values: {value!r} and {found!r}")
+        value = found
+    return rest, value
+
+
+def set_cpu_multiprocess(env: dict, cuda: bool) -> None:
+    """Without CUDA, make accelerate (and the Trainer, which builds its state through it) join
+    the launcher's process group on CPU: a multi-process run under torchrun or accelerate's
+    torchrun launcher otherwise becomes independent single processes on a CPU-only machine
+    (PartialState only goes MULTI_CPU with ``cpu=True`` or ``ACCELERATE_USE_CPU``)."""
+    if not cuda:
+        env.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def config_from_env() -> Optional[str]:
@@ -89,9 +138,21 @@ def current_grad_norm(engine: "ZeroEngine") -> float:
 
 def mark_prepared(engine: "ZeroEngine") -> None:
     """accelerate returns objects carrying this flag untouched from ``prepare`` (no DDP
-    wrapper, no autocast patch), yet keeps tracking them; the model is already sharded."""
+    wrapper, no autocast patch), yet keeps tracking them; the model is already sharded.
+
+    At stage 3 the modules that can ``generate`` are also marked as transformers marks
+    FSDP2-sharded ones (``_is_fsdp_managed_module``): transformers reads it only to default
+    ``generate(synced_gpus=...)`` to True on several ranks (generation/utils.py and speech
+    models; trainer.py's other use needs a model sharded at load time by transformers), which
+    stage 3 needs so that a rank that finishes early keeps joining the others' gathers.
+    ``is_deepspeed_zero3_enabled()`` stays False: every other branch behind it calls the
+    deepspeed package (docs/integrations.md)."""
     engine.module._is_accelerate_prepared = True
     engine.optimizer._is_accelerate_prepared = True
+    if engine.config.zero_optimization.stage == 3:
+        for module in engine.module.modules():
+            if callable(getattr(module, "generate", None)):
+                module._is_fsdp_managed_module = True
 
 
 def scale_backward(accelerator: Any, engine: "ZeroEngine") -> None:

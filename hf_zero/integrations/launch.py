@@ -1,15 +1,16 @@
-"""``hf-zero launch --config CONFIG [--nproc N] script.py ARGS...``: run an unmodified script under
-hf_zero on N local processes through the real launchers.
+"""``hf-zero launch [--config CONFIG] [--nproc N] script.py ARGS...``: run an unmodified script
+under hf_zero on N local processes through the real launchers.
 
-- An hf_zero config (JSON/YAML file or inline JSON): ``python -m torch.distributed.run
-  --standalone --nproc_per_node N -m hf_zero.integrations.bootstrap script.py ARGS``.
-- An accelerate config YAML with an ``hf-zero:`` section (accelerate itself rejects unknown
-  top-level keys): the section is split out, the rest written to a temporary file, and
-  ``python -m accelerate.commands.launch --config_file TMP -m hf_zero.integrations.bootstrap
-  script.py ARGS`` runs it. accelerate 1.15 starts several CPU processes only through
-  ``mpirun`` (``distributed_type: MULTI_CPU`` without ``mpirun_hostfile`` gives one process),
-  so a multi-process CPU config is passed on as accelerate's multi-process (torchrun)
-  launcher with ``ACCELERATE_USE_CPU=true``: the same processes, on CPU, with gloo.
+- The config: ``--config`` (hf_zero / DeepSpeed JSON or YAML, inline JSON, or an accelerate
+  yaml), or else the script's own ``--deepspeed CONFIG`` (a DeepSpeed user's command line
+  works unchanged; the bootstrap takes the flag out before the script parses it).
+- An hf_zero / DeepSpeed config: ``python -m torch.distributed.run --standalone
+  --nproc_per_node N -m hf_zero.integrations.bootstrap script.py ARGS``. Without CUDA,
+  ``ACCELERATE_USE_CPU=true`` is set so accelerate scripts (and the Trainer) form one
+  multi-process CPU group, as the yaml route does.
+- An accelerate yaml with an ``hf-zero:`` section or ``distributed_type: DEEPSPEED``
+  (accelerate_config.py): ``python -m accelerate.commands.launch --config_file TMP -m
+  hf_zero.integrations.bootstrap script.py ARGS`` with the rest of the yaml in TMP.
 
 Either way the config reaches every rank as ``HF_ZERO_CONFIG`` (an absolute path or inline
 JSON), and is validated here first so a bad key fails before any process starts.
@@ -26,74 +27,87 @@ from pathlib import Path
 from typing import Optional
 
 from hf_zero.config import load_config
-from hf_zero.integrations.common import CONFIG_ENV
+from hf_zero.integrations.accelerate_config import (ACCELERATE_KEYS, accelerate_launch_config, read_yaml,
+                                                    split_accelerate_yaml)
+from hf_zero.integrations.common import ALLOW_UNSHARDED_ENV, CONFIG_ENV, set_cpu_multiprocess, take_deepspeed_flag
 
-SECTION = "hf-zero"
-_ACCELERATE_KEYS = ("distributed_type", "compute_environment")
 BOOTSTRAP = "hf_zero.integrations.bootstrap"
 
+# The `deepspeed` launcher's options: those that map onto this launcher, and those that do not.
+DEEPSPEED_NPROC_SPELLINGS = ("--num_gpus", "--num_processes")
+DEEPSPEED_UNSUPPORTED = ("--num_nodes", "--hostfile", "--include", "--exclude", "--master_addr", "--master_port",
+                         "--launcher", "--launcher_args", "--node_rank", "--module", "--no_python", "--no_local_rank",
+                         "--autotuning", "--elastic_training", "--min_elastic_nodes", "--max_elastic_nodes",
+                         "--bind_cores_to_rank", "--bind_core_list", "--force_multi", "--enable_each_rank_log",
+                         "--ssh_port", "--save_pid", "--use_env", "--venv_script", "--comment")
 
-def split_config(config: str) -> tuple[Optional[dict], str]:
-    """(accelerate config dict or None, the value for ``HF_ZERO_CONFIG``). Raises on bad input."""
+
+def split_config(config: str) -> tuple[Optional[dict], str, dict]:
+    """(accelerate config dict or None, the value for ``HF_ZERO_CONFIG``, extra environment)."""
     text = config.strip()
     path = Path(text)
     if not text.startswith("{") and path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping")
-        section = data.pop(SECTION, None)
-        if section is not None:
-            if not isinstance(section, dict):
-                raise ValueError(f"{path}: the '{SECTION}' section must be a mapping")
+        data = read_yaml(path)
+        if "hf-zero" in data or any(key in data for key in ACCELERATE_KEYS):
+            accelerate_data, section, env = split_accelerate_yaml(path, data)
             load_config(section)   # validate ('auto' allowed) before starting anything
-            return data, json.dumps(section)
-        if any(key in data for key in _ACCELERATE_KEYS):
-            raise ValueError(f"{path} is an accelerate config without an '{SECTION}:' section; add one with the "
-                             f"hf_zero config, or pass the hf_zero config itself")
+            return accelerate_data, json.dumps(section), env
     load_config(text)
-    return None, text if text.startswith("{") else str(path.resolve())
+    return None, text if text.startswith("{") else str(path.resolve()), {}
 
 
-def _accelerate_config(data: dict, nproc: Optional[int], env: dict) -> dict:
-    data = dict(data)
-    if nproc is not None:
-        data["num_processes"] = nproc
-    multi = int(data.get("num_processes", 1)) > 1
-    if multi and data.get("use_cpu") and data.get("distributed_type") == "MULTI_CPU" and not data.get(
-            "mpirun_hostfile"):
-        data["distributed_type"] = "MULTI_GPU"   # accelerate's torchrun launcher; the ranks run on CPU:
-        env["ACCELERATE_USE_CPU"] = "true"
-    return data
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
-def build_command(config: str, nproc: Optional[int], script: str, script_args: list[str],
-                  tmp_dir: str) -> tuple[list[str], dict]:
+def choose_config(config: Optional[str], script_args: list[str]) -> str:
+    """``--config``, else the script's ``--deepspeed``; both must agree when both are given."""
+    _, deepspeed = take_deepspeed_flag(script_args)
+    if config is None and deepspeed is None:
+        raise ValueError("no config: pass --config CONFIG, or keep the script's --deepspeed CONFIG")
+    if config is not None and deepspeed is not None and _normalized(config) != _normalized(deepspeed):
+        raise ValueError(f"--config {config} and the script's --deepspeed {deepspeed} differ; give one")
+    return config if config is not None else deepspeed
+
+
+def _normalized(config: str) -> str:
+    return str(Path(config).resolve()) if not config.lstrip().startswith("{") else json.dumps(json.loads(config))
+
+
+def build_command(config: Optional[str], nproc: Optional[int], script: str, script_args: list[str],
+                  tmp_dir: str, allow_unsharded: bool = False) -> tuple[list[str], dict]:
     """The launcher command line and its environment."""
-    accelerate_data, value = split_config(config)
-    env = dict(os.environ, **{CONFIG_ENV: value})
+    accelerate_data, value, extra_env = split_config(choose_config(config, script_args))
+    env = dict(os.environ, **{CONFIG_ENV: value}, **extra_env)
+    env.pop("ACCELERATE_USE_DEEPSPEED", None)   # accelerate's DeepSpeed switch: hf_zero replaces it
+    if allow_unsharded:
+        env[ALLOW_UNSHARDED_ENV] = "1"
+    cuda = _cuda_available()
     if accelerate_data is None:
+        set_cpu_multiprocess(env, cuda)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(nproc or 1), "-m", BOOTSTRAP, script, *script_args]
         return command, env
     import yaml
 
     acc_file = Path(tmp_dir) / "accelerate_config.yaml"
-    acc_file.write_text(yaml.safe_dump(_accelerate_config(accelerate_data, nproc, env)))
+    acc_file.write_text(yaml.safe_dump(accelerate_launch_config(accelerate_data, nproc, env, cuda)))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file), "-m", BOOTSTRAP,
                script, *script_args]
     return command, env
 
 
-def launch(config: str, nproc: Optional[int], script: str, script_args: list[str], dry_run: bool = False) -> int:
+def launch(config: Optional[str], nproc: Optional[int], script: str, script_args: list[str], dry_run: bool = False,
+           allow_unsharded: bool = False) -> int:
     if not Path(script).is_file():
         raise FileNotFoundError(f"script not found: {script}")
     with tempfile.TemporaryDirectory(prefix="hf_zero_launch_") as tmp:
-        command, env = build_command(config, nproc, script, script_args, tmp)
+        command, env = build_command(config, nproc, script, script_args, tmp, allow_unsharded)
         if dry_run:
-            print(f"{CONFIG_ENV}={env[CONFIG_ENV]} " + " ".join(command))
+            extra = {k: env[k] for k in (CONFIG_ENV, "ACCELERATE_USE_CPU", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                                         ALLOW_UNSHARDED_ENV) if k in env}
+            print(" ".join(f"{k}={v}" for k, v in extra.items()) + " " + " ".join(command))
             return 0
         return subprocess.call(command, env=env)

@@ -45,6 +45,16 @@ class ZeroTrainingArguments(TrainingArguments):
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["hf_zero"]
 
+    def __post_init__(self) -> None:
+        # A DeepSpeed user's `--deepspeed CONFIG` selects hf_zero with that config. It must move
+        # before TrainingArguments.__post_init__, which imports the deepspeed package for it.
+        if self.deepspeed:
+            if self.hf_zero not in (None, "") and self.hf_zero != self.deepspeed:
+                raise ValueError("--hf_zero and --deepspeed are both set to different configs; hf_zero replaces "
+                                 "DeepSpeed: pass the config once (either flag)")
+            self.hf_zero, self.deepspeed = self.deepspeed, None
+        super().__post_init__()
+
 
 def trainer_values(args: TrainingArguments, max_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(matched, derived) values for auto_values.resolve_auto, as transformers fills DeepSpeed's."""
