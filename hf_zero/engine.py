@@ -22,7 +22,7 @@ from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
-from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
+from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
@@ -99,8 +99,8 @@ class ZeroEngine:
         self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
-            zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
-            overlap_comm=zero.overlap_comm, allgather_bucket_numel=zero.allgather_bucket_size,
+            zero.stage, model, specs, self.comm, bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
+            overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
             stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                                 max_live_numel=zero.stage3_max_live_parameters,
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
@@ -133,6 +133,7 @@ class ZeroEngine:
         else:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
+        bind_tensor_layout(inner, self.stage, self.flat_groups, self.masters.masters)   # Lamb, Muon
         if self.param_store.offloads:
             # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
             # dropped per sub-group, so no pass over the model holds all shards resident.

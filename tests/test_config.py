@@ -62,7 +62,7 @@ def test_unknown_key_suggests_the_right_one():
     ({"fp16": {"enabled": 1}}, "fp16.enabled", "true/false"),
     ({"fp16": {"hysteresis": 0}}, "fp16.hysteresis", ">= 1"),
     ({"gradient_clipping": -1}, "gradient_clipping", ">= 0"),
-    ({"optimizer": {"type": "Adamw"}}, "optimizer.type", "did you mean 'AdamW'"),
+    ({"optimizer": {"type": "AdamWW"}}, "optimizer.type", "did you mean 'AdamW'"),
     ({"optimizer": {"params": {"betas": [0.9]}}}, "optimizer.params.betas", "pair of numbers"),
     ({"scheduler": {"type": "OneCycle"}}, "scheduler.type", "must be one of"),
     ({"zero_optimization": {"stage": "auto"}}, "zero_optimization.stage", "'auto' is not allowed"),

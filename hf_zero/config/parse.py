@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from hf_zero.config.batch import check_batch_invariant_static
+from hf_zero.config.compat import (Unhonoured, check_optimizer_params, check_unhonoured, find_unhonoured,
+                                   normalise_aliases)
 from hf_zero.config.schema import AUTO, IGNORED_DEEPSPEED_KEYS, HfZeroConfig
 
 
@@ -45,13 +47,33 @@ def load_config(config: Union["HfZeroConfig", dict, str, os.PathLike, None] = No
         config = config_to_dict(config)
     data, source = read_config_dict(config)
     data.update(overrides)
+    result, notes = _validate(data, source)
+    for note in notes:   # one warning per key ([Note: unhonoured DeepSpeed keys] in compat.py)
+        warnings.warn(f"hf_zero does not honour DeepSpeed key '{note.key}': {note.instead}", stacklevel=3)
+    return result
+
+
+def unhonoured_keys(config: Union[dict, str, os.PathLike]) -> list[Unhonoured]:
+    """The keys of a DeepSpeed-style config that hf_zero accepts without honouring them
+    (what ``hf-zero check-config`` lists); raises ConfigError if the config is invalid."""
+    data, source = read_config_dict(config)
+    return _validate(data, source)[1]
+
+
+def _validate(data: dict, source: str | None) -> tuple[HfZeroConfig, list[Unhonoured]]:
     problems: list[tuple[str, str]] = []
+    data = normalise_aliases(data, problems)
     result = _build(HfZeroConfig, data, "", problems)
+    problems.extend(check_optimizer_params(data))
+    notes = find_unhonoured(data)
     if not problems:
         problems.extend(check_batch_invariant_static(result))
+        problems.extend(check_unhonoured(notes, result))
+        if result.fp16.enabled is True and result.bf16.enabled is True:
+            problems.append(("bf16.enabled", "fp16 and bf16 cannot both be enabled (DeepSpeed refuses it too)"))
     if problems:
         raise ConfigError(problems, source)
-    return result
+    return result, notes
 
 
 def read_config_dict(config: Union[dict, str, os.PathLike, None]) -> tuple[dict, str | None]:
@@ -116,9 +138,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -
         path = f"{prefix}{key}"
         if key not in fields:
             if path in IGNORED_DEEPSPEED_KEYS or key in IGNORED_DEEPSPEED_KEYS:
-                reason = IGNORED_DEEPSPEED_KEYS.get(path) or IGNORED_DEEPSPEED_KEYS[key]
-                warnings.warn(f"hf_zero ignores DeepSpeed key '{path}': {reason}", stacklevel=4)
-                continue
+                continue   # reported by compat.find_unhonoured
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             problems.append((path, f"unknown key{hint}"))
