@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-zero", description="hf_zero: ZeRO for the Hugging Face stack")
     parser.add_argument("--version", action="version", version=f"hf_zero {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-config", help="validate a DeepSpeed-style config, print it resolved and list the "
-                                   "DeepSpeed keys it holds that hf_zero does not honour")
+    check = commands.add_parser("check-config", help="validate a DeepSpeed-style config, print it resolved and "
+                                "list the DeepSpeed keys it holds that hf_zero does not honour")
     check.add_argument("config", help="JSON/YAML path or inline JSON")
     check.add_argument("--world-size", type=int, default=0, help="also resolve the batch-size invariant")
     check.set_defaults(run=_check_config)

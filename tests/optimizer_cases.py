@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf_zero
+from ds_corpus_cases import CORPUS  # noqa: F401  (re-exported for the tests)
 from parity_cases import MICRO, batch, full_params, tiny_gpt2
 
 NUM_STEPS = 3
@@ -23,6 +24,9 @@ CONFIG_PARAMS = {
              "min_coeff": 0.01},
     # eps 1e-6, not DeepSpeed's 1e-10: see [Note: why eps=1e-6] in parity_cases.py (GPT-2's key bias).
     "Muon": {"lr": 2e-2, "adam_lr": 1e-3, "momentum": 0.95, "weight_decay": 0.01, "eps": 1e-6},
+    # DeepSpeed's 0 for reduce_bucket_size / allgather_bucket_size / sub_group_size (transformers'
+    # and axolotl's ZeRO-3 configs), with CPU offload: every parameter its own bucket.
+    "AdamW-size0": {"lr": 1e-3, "eps": 1e-6, "weight_decay": 0.01},
 }
 
 
@@ -88,6 +92,8 @@ def run_reference(rank: int, kind: str):
         torch_opt = torch.optim.Adagrad(model.parameters(), **hp)
     elif kind == "SGD":
         torch_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    elif kind == "AdamW-size0":
+        torch_opt = torch.optim.AdamW(model.parameters(), **hp)
     state, losses = {}, []
     for step in range(1, NUM_STEPS + 1):
         x = batch(rank, step, 0)
@@ -115,6 +121,10 @@ def run_hf_zero(rank: int, world: int, kind: str, stage: int):
     optimizer = None
     if kind == "SGD":   # the client-optimizer path: any elementwise torch optimizer
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    elif kind == "AdamW-size0":
+        config["optimizer"] = {"type": "AdamW", "params": CONFIG_PARAMS[kind]}
+        config["zero_optimization"].update(reduce_bucket_size=0, allgather_bucket_size=0, sub_group_size=0,
+                                           offload_optimizer={"device": "cpu"})
     else:
         config["optimizer"] = {"type": kind.lower(), "params": CONFIG_PARAMS[kind]}   # DeepSpeed: any case
     engine = hf_zero.initialize(model, config, optimizer=optimizer)
@@ -131,11 +141,18 @@ def run_hf_zero(rank: int, world: int, kind: str, stage: int):
 
 def optimizer_grid(rank: int, world: int) -> dict:
     out = {}
-    for kind in ("Lion", "Adagrad", "Lamb", "Muon", "SGD"):
+    for kind in ("Lion", "Adagrad", "Lamb", "Muon", "SGD", "AdamW-size0"):
         ref_losses, ref_params = run_reference(rank, kind)
-        for stage in (0, 1, 2, 3):
+        for stage in (0, 1, 2, 3) if kind != "AdamW-size0" else (1, 2, 3):
             losses, params = run_hf_zero(rank, world, kind, stage)
             diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
             moved = max((ref_params[n] - p).abs().max().item() for n, p in full_params(tiny_gpt2()).items())
             out[(kind, stage)] = (ref_losses, losses, diff, moved)
     return out
+
+
+def all_cases(rank: int, world: int) -> dict:
+    """One spawn for test_optimizers.py: the optimizer grid and the corpus Trainer runs."""
+    from ds_corpus_cases import trainer_corpus_runs
+
+    return {**optimizer_grid(rank, world), **trainer_corpus_runs(rank, world)}

@@ -28,19 +28,32 @@ class Unhonoured:
     severe: bool     # changes numerics or memory: an error unless allow_unhonoured_keys
 
 
+# Field names DeepSpeed's pydantic zero config accepts besides their "stage3_" aliases.
+_STAGE3_SHORT_NAMES = ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+                       "max_live_parameters", "max_reuse_distance", "gather_16bit_weights_on_model_save",
+                       "module_granularity_threshold", "use_all_reduce_for_fetch_params")
+
+
 def normalise_aliases(data: dict, problems: list[tuple[str, str]]) -> dict:
     """A copy of ``data`` with DeepSpeed's alternative spellings rewritten to hf_zero's keys."""
     data = copy.deepcopy(data)
     if "bfloat16" in data:
+        alias = data.pop("bfloat16")
         if "bf16" in data:
             problems.append(("bfloat16", "both 'bf16' and its alias 'bfloat16' are given; keep one"))
         else:
-            data["bf16"] = data.pop("bfloat16")
+            data["bf16"] = alias
     zero = data.get("zero_optimization")
     if isinstance(zero, dict):
         old = "stage3_gather_fp16_weights_on_model_save"
         if old in zero:
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", zero.pop(old))
+        for short in _STAGE3_SHORT_NAMES:   # DeepSpeed's zero config takes both spellings
+            if short in zero:
+                if f"stage3_{short}" in zero:
+                    problems.append((f"zero_optimization.{short}", f"both '{short}' and 'stage3_{short}' are given"))
+                else:
+                    zero[f"stage3_{short}"] = zero.pop(short)
         if "cpu_offload" in zero:   # DeepSpeed's pre-0.3.16 spelling of optimizer offload to the CPU
             if zero.pop("cpu_offload") is True and "offload_optimizer" not in zero:
                 zero["offload_optimizer"] = {"device": "cpu"}
@@ -134,7 +147,7 @@ def find_unhonoured(data: dict) -> list[Unhonoured]:
         if key not in found and _present(data, key):
             found[key] = Unhonoured(key, f"ignored: {reason}", False)
     for name, sub in data.items():   # ignored keys listed by their last part only (any section)
-        if isinstance(sub, dict):
+        if isinstance(sub, dict) and name not in found:   # a whole ignored section is reported once
             for key in sub:
                 path = f"{name}.{key}"
                 if key in IGNORED_DEEPSPEED_KEYS and path not in found:

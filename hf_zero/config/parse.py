@@ -57,18 +57,18 @@ def unhonoured_keys(config: Union[dict, str, os.PathLike]) -> list[Unhonoured]:
     """The keys of a DeepSpeed-style config that hf_zero accepts without honouring them
     (what ``hf-zero check-config`` lists); raises ConfigError if the config is invalid."""
     data, source = read_config_dict(config)
-    return _validate(data, source)[1]
+    return _validate(data, source, enforce_opt_in=False)[1]
 
 
-def _validate(data: dict, source: str | None) -> tuple[HfZeroConfig, list[Unhonoured]]:
+def _validate(data: dict, source: str | None, enforce_opt_in: bool = True) -> tuple[HfZeroConfig, list[Unhonoured]]:
     problems: list[tuple[str, str]] = []
-    data = normalise_aliases(data, problems)
     result = _build(HfZeroConfig, data, "", problems)
     problems.extend(check_optimizer_params(data))
     notes = find_unhonoured(data)
     if not problems:
         problems.extend(check_batch_invariant_static(result))
-        problems.extend(check_unhonoured(notes, result))
+        if enforce_opt_in:
+            problems.extend(check_unhonoured(notes, result))
         if result.fp16.enabled is True and result.bf16.enabled is True:
             problems.append(("bf16.enabled", "fp16 and bf16 cannot both be enabled (DeepSpeed refuses it too)"))
     if problems:
@@ -80,6 +80,17 @@ def read_config_dict(config: Union[dict, str, os.PathLike, None]) -> tuple[dict,
     """The raw DeepSpeed-style dict (a copy, unvalidated, absent keys still absent) from a dict,
     a JSON/YAML path or inline JSON, and a name for its source. Integrations read it to tell
     keys the user left out from keys set to their defaults."""
+    data, source = _read_raw(config)
+    # DeepSpeed's alternative spellings become hf_zero's keys here, so integrations filling
+    # "auto" values see one name per key (compat.py).
+    problems: list[tuple[str, str]] = []
+    data = normalise_aliases(data, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return data, source
+
+
+def _read_raw(config: Union[dict, str, os.PathLike, None]) -> tuple[dict, str | None]:
     if config is None:
         return {}, None
     if isinstance(config, dict):

@@ -195,7 +195,8 @@ class ZeroConfig:
     offload_param: OffloadParamConfig = _sub(OffloadParamConfig, "Stage-3 parameter offload.")
     sub_group_size: int = _f(1_000_000_000, "Optimizer elements per offload sub-group: the unit of CPU "
                              "update, copy-back and NVMe swap (each NVMe buffer holds one sub-group's "
-                             "master and Adam states).", min=1)
+                             "master and Adam states). 0 (DeepSpeed: one parameter per sub-group): at most "
+                             "one bucket chunk per sub-group.", min=0)
     stage3_prefetch_bucket_size: AutoInt = _f(50_000_000, "Stage 3: parameter elements gathered ahead of use "
                                               "along the recorded order (0 disables prefetch).",
                                               min=0, auto=True)
@@ -299,6 +300,9 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "zero_optimization.stage3_model_persistence_threshold": "stage3_param_persistence_threshold alone decides",
     "zero_optimization.model_persistence_threshold": "stage3_param_persistence_threshold alone decides",
     "zero_optimization.stage3_module_granularity_threshold": "units are transformer blocks",
+    "zero_optimization.stage3_use_all_reduce_for_fetch_params": "parameters are all-gathered",
+    "comms_config": "use engine.comm_stats()",
+    "monitor_config": "use the Trainer's report_to",
     "zero_optimization.log_trace_cache_warnings": "not applicable",
     "zero_optimization.mics_shard_size": "not implemented (parameters are sharded over the whole group)",
     "zero_optimization.zero_hpz_partition_size": "not implemented (no secondary partition)",

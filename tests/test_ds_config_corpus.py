@@ -1,0 +1,125 @@
+"""Real DeepSpeed configs from public repositories (tests/data/ds_configs/, sources in SOURCES.md):
+each loads; each key hf_zero does not honour is reported by name, once; keys that change
+numerics or memory are refused unless ``allow_unhonoured_keys``; ``hf-zero check-config``
+lists them. Three of them train through the HF Trainer at world 2 in test_optimizers.py."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from hf_zero.cli import main as cli
+from hf_zero.config import ConfigError, load_config
+from hf_zero.config.parse import unhonoured_keys
+
+CORPUS = Path(__file__).parent / "data" / "ds_configs"
+REUSE = "zero_optimization.stage3_max_reuse_distance"
+# file -> (keys warned about, of which those refused without allow_unhonoured_keys)
+EXPECTED = {
+    "transformers_zero2.json": (set(), set()),
+    "transformers_zero3.json": ({REUSE}, set()),
+    "transformers_zero2_bf16.json": (set(), set()),
+    "transformers_zero3_bf16.json": ({REUSE}, set()),
+    "accelerate_zero_stage1.json": (set(), set()),
+    "accelerate_zero_stage2_offload.json": (set(), set()),
+    "accelerate_zero_stage3.json": ({REUSE}, set()),
+    "accelerate_zero_stage3_offload.json": ({REUSE}, set()),
+    "accelerate_tests_zero3.json": ({REUSE}, set()),
+    "dsexamples_gpt2_baseline.json": (set(), set()),
+    "dsexamples_bert_large_onebitlamb.json": ({"optimizer.type"}, {"optimizer.type"}),
+    "dsexamples_llama_13b_zero3_offload.json": ({REUSE}, set()),
+    "llamafactory_ds_z3_offload.json": ({REUSE, "zero_allow_untested_optimizer", "comms_config", "monitor_config"},
+                                        set()),
+    "axolotl_zero3_bf16_cpuoffload_all.json": ({REUSE, "zero_allow_untested_optimizer",
+                                                "zero_force_ds_cpu_optimizer"}, set()),
+    "deepspeed_docs_zero_infinity_nvme.json": ({"aio"}, set()),
+    "deepspeed_docs_partial_offload.json": ({"zero_optimization.offload_optimizer.ratio"},
+                                            {"zero_optimization.offload_optimizer.ratio"}),
+    "deepspeed_moe_tutorial_fp16_master.json": ({"fp16.fp16_master_weights_and_grads"},
+                                                {"fp16.fp16_master_weights_and_grads"}),
+    "deepspeed_docs_lamb.json": (set(), set()),
+}
+
+
+def test_the_corpus_is_the_expected_one():
+    assert len(EXPECTED) >= 12
+    assert {p.name for p in CORPUS.glob("*.json")} == set(EXPECTED)
+    sources = (CORPUS / "SOURCES.md").read_text()
+    assert all(f"| {name} |" in sources for name in EXPECTED), "every file names its source"
+
+
+def _load(config, **overrides):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = load_config(str(config) if isinstance(config, Path) else config, **overrides)
+    return config, [str(w.message) for w in caught if "does not honour" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_config_validates_and_reports_exactly_its_unhonoured_keys(name):
+    warned, refused = EXPECTED[name]
+    path = CORPUS / name
+    assert {n.key for n in unhonoured_keys(str(path))} == warned
+    assert {n.key for n in unhonoured_keys(str(path)) if n.severe} == refused
+    if refused:
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert {key for key, _ in info.value.problems} == refused
+        assert all("allow_unhonoured_keys" in message for _, message in info.value.problems)
+    config, messages = _load(path, allow_unhonoured_keys=True) if refused else _load(path)
+    assert len(messages) == len(warned), messages   # one warning per key
+    assert {m.split("'")[1] for m in messages} == warned
+
+
+def test_aliases_and_deepspeed_spellings_take_effect():
+    zero3 = load_config(str(CORPUS / "transformers_zero3.json"))
+    assert zero3.zero_optimization.reduce_bucket_size == 0
+    assert zero3.zero_optimization.stage3_gather_16bit_weights_on_model_save is True
+    bf16 = load_config(str(CORPUS / "transformers_zero3_bf16.json"))
+    assert bf16.bf16.enabled == "auto"
+    assert load_config(str(CORPUS / "accelerate_zero_stage3.json")).zero_optimization.\
+        stage3_gather_16bit_weights_on_model_save == "auto"
+    axolotl = load_config(str(CORPUS / "axolotl_zero3_bf16_cpuoffload_all.json")).zero_optimization
+    assert (axolotl.sub_group_size, axolotl.stage3_max_live_parameters) == (0, 0)
+    infinity = load_config(str(CORPUS / "deepspeed_docs_zero_infinity_nvme.json")).zero_optimization
+    assert infinity.offload_optimizer.pipeline_read and infinity.offload_optimizer.pipeline_write
+    moe = load_config(str(CORPUS / "deepspeed_moe_tutorial_fp16_master.json"), allow_unhonoured_keys=True)
+    assert moe.zero_optimization.offload_optimizer.device == "cpu"   # cpu_offload: true
+    lamb = load_config(str(CORPUS / "deepspeed_docs_lamb.json")).optimizer
+    assert (lamb.type, lamb.params.bias_correction, lamb.params.max_coeff) == ("Lamb", False, 0.3)
+
+
+@pytest.mark.parametrize("config, key, fragment", [
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "bf16.enabled", "cannot both be enabled"),
+    ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, "bfloat16", "keep one"),
+    ({"optimizer": {"type": "Lion", "params": {"eps": 1e-8}}}, "optimizer.params.eps", "not a parameter of"),
+    ({"optimizer": {"type": "Lamb", "params": {"max_grad_norm": 1.0}}}, "optimizer.params.max_grad_norm",
+     "allow_unhonoured_keys"),
+    ({"zero_optimization": {"reduce_scatter": False, "offload_optimizer": {"ratio": 0.5}}},
+     "zero_optimization.offload_optimizer.ratio", "partial offload"),
+    ({"bf16": {"enabled": True, "bf16_optimizer_states": True}}, "bf16.bf16_optimizer_states", "fp32"),
+    ({"communication_data_type": "bf16"}, "communication_data_type", "allow_unhonoured_keys"),
+])
+def test_refusals_name_the_key(config, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    problems = dict(info.value.problems)
+    assert key in problems and fragment in problems[key], problems
+
+
+def test_non_numeric_keys_only_warn():
+    _, messages = _load({"zero_optimization": {"reduce_scatter": False, "stage3_max_reuse_distance": 0,
+                                               "offload_optimizer": {"pipeline_read": False}}})
+    keys = {m.split("'")[1] for m in messages}
+    assert keys == {"zero_optimization.reduce_scatter", "zero_optimization.stage3_max_reuse_distance",
+                    "zero_optimization.offload_optimizer.pipeline_read"}
+
+
+def test_check_config_lists_unhonoured_keys(capsys):
+    assert cli(["check-config", str(CORPUS / "llamafactory_ds_z3_offload.json")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["zero_optimization"]["stage"] == 3
+    assert "4 DeepSpeed key(s)" in err and "comms_config" in err and REUSE in err
+    assert cli(["check-config", str(CORPUS / "deepspeed_docs_partial_offload.json")]) == 2
+    assert "offload_optimizer.ratio" in capsys.readouterr().err

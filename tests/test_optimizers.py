@@ -1,0 +1,74 @@
+"""Optimizers beyond Adam/AdamW from the config's optimizer block (DeepSpeed's names) and a
+user-passed torch optimizer, against DDP + a per-tensor reference (optimizer_cases.py), at
+stages 0-3 on 2 ranks with parameters straddling the rank chunks; the refusals; and three
+configs of the DeepSpeed corpus through the HF Trainer at world 2 against the stock Trainer
+under DDP (ds_corpus_cases.py; same spawn)."""
+
+import pytest
+import torch
+
+import hf_zero
+import optimizer_cases
+from hf_zero.testing import run_on_ranks
+
+_cache: dict = {}
+
+
+def grid() -> list:
+    if not _cache:
+        _cache["results"] = run_on_ranks(optimizer_cases.all_cases, 2, timeout_s=500)
+    return _cache["results"]
+
+
+CASES = [(kind, stage) for kind in ("Lion", "Adagrad", "Lamb", "Muon", "SGD") for stage in (0, 1, 2, 3)]
+CASES += [("AdamW-size0", stage) for stage in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("kind, stage", CASES)
+def test_matches_ddp_with_the_same_optimizer(kind, stage):
+    for rank, results in enumerate(grid()):
+        ref_losses, losses, (max_diff, worst), moved = results[(kind, stage)]
+        assert losses == pytest.approx(ref_losses, rel=1e-5), f"rank {rank}"
+        # Lamb's norms and Muon's Newton-Schulz sum in another order than the whole-tensor
+        # reference: a few float32 ulps of the weights (about 0.02-0.5 in magnitude).
+        assert max_diff <= 2e-6, f"rank {rank}: '{worst}' differs by {max_diff:.3g}"
+        assert moved > 1e-3, "the optimizer did not move the weights: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("cls", ("Adafactor", "Muon", "LBFGS"))
+def test_whole_tensor_torch_optimizers_are_refused_by_name(cls):
+    model = torch.nn.Linear(4, 4, bias=False)   # torch's Muon takes matrices only
+    optimizer = getattr(torch.optim, cls)(model.parameters())
+    with pytest.raises(ValueError, match=f"cannot step {cls} over sharded parameters"):
+        hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1}, optimizer=optimizer)
+
+
+def test_offload_refuses_non_adam_by_key():
+    model = torch.nn.Linear(4, 4)
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "Lion"},
+              "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(hf_zero.ConfigError, match="offload_optimizer.device"):
+        hf_zero.initialize(model, config)
+
+
+def test_one_bit_optimizer_needs_the_opt_in_then_runs_uncompressed():
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3,
+                                                                                               "freeze_step": 10}}}
+    with pytest.raises(hf_zero.ConfigError, match="allow_unhonoured_keys"):
+        hf_zero.initialize(torch.nn.Linear(4, 4), config)
+    with pytest.warns(UserWarning, match="'optimizer.type': runs as Adam without 1-bit compression"):
+        engine = hf_zero.initialize(torch.nn.Linear(4, 4), {**config, "allow_unhonoured_keys": True})
+    assert type(engine.optimizer.inner) is torch.optim.AdamW
+
+
+@pytest.mark.parametrize("name", __import__("ds_corpus_cases").TRAINER_CONFIGS)
+def test_corpus_configs_train_through_the_trainer_like_ddp(name):
+    from test_ds_config_corpus import EXPECTED
+
+    for rank, results in enumerate(grid()):
+        ref_losses, losses, (max_diff, worst), warned, stage = results[("trainer", name)]
+        assert stage == __import__("json").loads((optimizer_cases.CORPUS / name).read_text())[
+            "zero_optimization"]["stage"], "the Trainer did not run hf_zero with the config's stage"
+        assert len(losses) == 3 and losses == pytest.approx(ref_losses, rel=1e-5), f"rank {rank}"
+        assert max_diff <= 1e-6, f"rank {rank}: '{worst}' differs by {max_diff:.3g}"
+        assert set(warned) == EXPECTED[name][0], "each unhonoured key warned once, by name, in the run too"
