@@ -123,3 +123,55 @@ def test_check_config_lists_unhonoured_keys(capsys):
     assert "4 DeepSpeed key(s)" in err and "comms_config" in err and REUSE in err
     assert cli(["check-config", str(CORPUS / "deepspeed_docs_partial_offload.json")]) == 2
     assert "offload_optimizer.ratio" in capsys.readouterr().err
+
+
+def _schema_paths(cls=None, prefix="") -> set[str]:
+    import dataclasses
+    import typing
+
+    from hf_zero.config.schema import HfZeroConfig
+
+    cls = cls or HfZeroConfig
+    paths = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        paths.add(prefix + f.name)
+        nested = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if dataclasses.is_dataclass(a)]
+        if nested:
+            paths |= _schema_paths(nested[0], f"{prefix}{f.name}.")
+    return paths
+
+
+def _doc_key_mentions() -> list[tuple[str, str]]:
+    """(file, token) for every backticked token in docs/ that reads as a config key: a dotted
+    path starting at a config section, or a DeepSpeed-style leaf (stage3_*, *_bucket_size)."""
+    import re
+
+    sections = {"zero_optimization", "offload_optimizer", "offload_param", "fp16", "bf16", "bfloat16"}
+    found = []
+    for path in sorted((Path(__file__).parents[1] / "docs").glob("*.md")):
+        for token in re.findall(r"`([^`\n]+)`", path.read_text()):
+            key = token.split(":")[0].split("=")[0].strip().strip('"')
+            if not re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_]+)*", key):
+                continue
+            parts = key.split(".")
+            dotted = len(parts) > 1 and (parts[0] in sections or (parts[0] in ("optimizer", "scheduler")
+                                                                  and parts[1] in ("type", "params")))
+            leaf = len(parts) == 1 and (key.startswith("stage3_") or key.endswith("_bucket_size"))
+            if dotted or leaf:
+                found.append((path.name, key))
+    return found
+
+
+def test_every_config_key_mentioned_in_docs_exists():
+    from hf_zero.config.compat import RULES, _STAGE3_SHORT_NAMES
+    from hf_zero.config.schema import IGNORED_DEEPSPEED_KEYS
+
+    known = _schema_paths() | set(IGNORED_DEEPSPEED_KEYS) | {rule[0] for rule in RULES}
+    known |= {"bfloat16", "bfloat16.enabled", "zero_optimization.stage3_gather_fp16_weights_on_model_save",
+              "zero_optimization.cpu_offload"} | {f"zero_optimization.{k}" for k in _STAGE3_SHORT_NAMES}
+    mentions = _doc_key_mentions()
+    assert len(mentions) > 50, "the scan found too few keys to mean anything"
+    unknown = [(doc, key) for doc, key in mentions
+               if key not in known and not any(k.endswith("." + key) for k in known)]
+    assert not unknown, f"config keys in docs/ that the schema does not know: {unknown}"

@@ -24,6 +24,9 @@ the other two; only the micro batch given means accumulation 1; giving neither
 Defaults chosen on purpose: `gradient_clipping` is 1.0 (as DeepSpeed 0.19); bucket sizes
 are DeepSpeed's 5e8 elements (on CPU/gloo a few million elements overlaps better, see
 docs/performance.md); optimizer type `Adam` means AdamW unless `adam_w_mode` is false.
+Optimizer types: DeepSpeed's names in any case, `optimizer.params` holding only the
+parameters the type takes, `None` defaults meaning the type's own (see docs/design.md,
+"Optimizers", for the formulas and what Lamb and Muon cost on shards).
 
 | key | type | default | auto | description |
 |---|---|---|---|---|
