@@ -20,7 +20,8 @@ from torch import nn
 
 from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
-from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.config import ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.config.compat import unresolved_autos
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
 from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 def _check_supported(config: HfZeroConfig) -> None:
     """Refuse, before any tensor work, what this build cannot run yet or cannot resolve."""
-    problems = []
+    problems = unresolved_autos(config)   # first: the checks below read these values
+    if problems:
+        raise ConfigError(problems)
     zero = config.zero_optimization
     if zero.stage == 3 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_weights", "not implemented for stage 3 yet"))
@@ -49,15 +52,6 @@ def _check_supported(config: HfZeroConfig) -> None:
         problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
     if config.fp16.enabled is True and config.bf16.enabled is True:
         problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
-    for key, value in (("fp16.enabled", config.fp16.enabled), ("bf16.enabled", config.bf16.enabled),
-                       ("gradient_clipping", config.gradient_clipping),
-                       ("zero_optimization.reduce_bucket_size", zero.reduce_bucket_size),
-                       ("zero_optimization.allgather_bucket_size", zero.allgather_bucket_size),
-                       ("zero_optimization.stage3_prefetch_bucket_size", zero.stage3_prefetch_bucket_size),
-                       ("zero_optimization.stage3_param_persistence_threshold",
-                        zero.stage3_param_persistence_threshold)):
-        if value == AUTO:
-            problems.append((key, "is still 'auto'; an integration must resolve it"))
     if problems:
         raise ConfigError(problems)
 

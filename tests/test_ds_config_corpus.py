@@ -175,3 +175,19 @@ def test_every_config_key_mentioned_in_docs_exists():
     unknown = [(doc, key) for doc, key in mentions
                if key not in known and not any(k.endswith("." + key) for k in known)]
     assert not unknown, f"config keys in docs/ that the schema does not know: {unknown}"
+
+
+def test_accelerates_auto_keys_load_and_initialize_names_them_if_unresolved():
+    import torch
+
+    import hf_zero
+
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {"stage": "auto", "offload_optimizer": {"device": "auto", "nvme_path": "auto"},
+                                    "offload_param": {"device": "auto"}}}
+    assert load_config(config).zero_optimization.stage == "auto"
+    with pytest.raises(ConfigError) as info:
+        hf_zero.initialize(torch.nn.Linear(2, 2), config)
+    assert {key for key, _ in info.value.problems} == {
+        "zero_optimization.stage", "zero_optimization.offload_optimizer.device",
+        "zero_optimization.offload_optimizer.nvme_path", "zero_optimization.offload_param.device"}

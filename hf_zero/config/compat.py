@@ -16,7 +16,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hf_zero.config.schema import IGNORED_DEEPSPEED_KEYS, OPTIMIZER_TYPES, HfZeroConfig
+from hf_zero.config.schema import AUTO, IGNORED_DEEPSPEED_KEYS, OPTIMIZER_TYPES, HfZeroConfig
 
 ALLOW_KEY = "allow_unhonoured_keys"
 
@@ -197,4 +197,28 @@ def check_optimizer_params(data: dict) -> list[tuple[str, str]]:
         problems.append(("optimizer.params.amsgrad", f"{kind} has no AMSGrad variant"))
     if params.get("bias_correction") is False and kind in ("Adam", "AdamW"):
         problems.append(("optimizer.params.bias_correction", "Adam without bias correction is not implemented"))
+    return problems
+
+
+# Keys that may be "auto" in a config file (where transformers' HfTrainerDeepSpeedConfig or
+# accelerate's DeepSpeed plugin fills them) and that the engine needs as values; the batch
+# sizes are checked by resolve_batch_sizes, the optimizer/scheduler values by their builders.
+ENGINE_AUTO_KEYS = ("fp16.enabled", "bf16.enabled", "gradient_clipping", "zero_optimization.stage",
+                    "zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
+                    "zero_optimization.stage3_prefetch_bucket_size",
+                    "zero_optimization.stage3_param_persistence_threshold",
+                    "zero_optimization.offload_optimizer.device", "zero_optimization.offload_optimizer.nvme_path",
+                    "zero_optimization.offload_param.device", "zero_optimization.offload_param.nvme_path")
+
+
+def unresolved_autos(config: HfZeroConfig) -> list[tuple[str, str]]:
+    """The ENGINE_AUTO_KEYS still "auto" (an integration must have filled them by initialize)."""
+    problems = []
+    for key in ENGINE_AUTO_KEYS:
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value == AUTO:
+            problems.append((key, "is still 'auto'; an integration must resolve it (accelerate fills it from its "
+                                  "DeepSpeed plugin, the Trainer from TrainingArguments), or give a value"))
     return problems

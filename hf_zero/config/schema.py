@@ -144,9 +144,9 @@ class OffloadOptimizerConfig:
     device: str = _f("none", "Where the fp32 master weights and Adam states live and the update runs: "
                      "'none' (with the parameters), 'cpu' (host memory, CPU AdamW in sub-groups), 'nvme' "
                      "(files under nvme_path, swapped through host buffers). Stages 1-3; Adam/AdamW only. "
-                     "See docs/offload.md.", choices=("none", "cpu", "nvme"))
+                     "See docs/offload.md. 'auto': filled by accelerate.", choices=("none", "cpu", "nvme"), auto=True)
     nvme_path: Optional[str] = _f(None, "Directory for NVMe swap files (required for 'nvme'; checked for "
-                                  "existence, write access and free space at initialize).")
+                                  "existence, write access and free space at initialize).", auto=True)
     pin_memory: bool = _f(True, "Pin host masters/states/buffers when a CUDA device exists (no effect on CPU).")
     buffer_count: int = _f(4, "NVMe: host swap buffers, one sub-group each (at least 2 are used: one "
                            "is read while another is updated and a third written).", min=1)
@@ -165,9 +165,9 @@ class OffloadParamConfig:
     device: str = _f("none", "Where each rank's stage-3 parameter shards live at rest: 'none' (with the "
                      "parameters), 'cpu' (host memory; gathered blocks on the accelerator), 'nvme' (a mapped "
                      "file per shard under nvme_path, read ahead along the prefetch order). Stage 3 only. "
-                     "See docs/offload.md.", choices=("none", "cpu", "nvme"))
+                     "See docs/offload.md. 'auto': filled by accelerate.", choices=("none", "cpu", "nvme"), auto=True)
     nvme_path: Optional[str] = _f(None, "Directory for the parameter swap files (required for 'nvme'; checked "
-                                  "for existence, write access and free space at initialize).")
+                                  "for existence, write access and free space at initialize).", auto=True)
     pin_memory: bool = _f(True, "'cpu': pin the host shards when a CUDA device exists (mapped NVMe shards "
                           "are never pinned).")
     buffer_count: int = _f(5, "'nvme' read-ahead: shards of the next units in the prefetch order are read "
@@ -179,8 +179,9 @@ class OffloadParamConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ZeroConfig:
-    stage: int = _f(0, "0: data parallel; 1: + optimizer states partitioned; 2: + gradients; "
-                    "3: + parameters (gathered per transformer block).", min=0, max=3)
+    stage: AutoInt = _f(0, "0: data parallel; 1: + optimizer states partitioned; 2: + gradients; "
+                        "3: + parameters (gathered per transformer block). 'auto': filled by accelerate's "
+                        "DeepSpeed plugin.", min=0, max=3, auto=True)
     reduce_bucket_size: AutoInt = _f(500_000_000, "Elements per gradient-reduction bucket (0, as DeepSpeed "
                                      "allows: every parameter reduced on its own).", min=0, auto=True)
     allgather_bucket_size: AutoInt = _f(500_000_000, "Elements all-gathered at a time after the step (0: one "
