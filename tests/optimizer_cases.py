@@ -151,8 +151,41 @@ def optimizer_grid(rank: int, world: int) -> dict:
     return out
 
 
+def resume_case(rank: int, kind: str) -> tuple[list[float], list[float]]:
+    """Train 2 steps at stage 1, save, continue 2 steps; resume the checkpoint at stage 3 with
+    other buckets (other shard boundaries) and run the same 2 steps: the losses must agree."""
+    import tempfile
+
+    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 0.0,
+              "optimizer": {"type": kind, "params": CONFIG_PARAMS[kind]},
+              "zero_optimization": {"stage": 1, "reduce_bucket_size": 3000}}
+
+    def train(engine, steps):
+        losses = []
+        for step in steps:
+            x = batch(rank, step, 0)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    engine = hf_zero.initialize(tiny_gpt2(), config)
+    train(engine, range(2))
+    directory = [tempfile.mkdtemp() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(directory)
+    engine.save_checkpoint(directory[0])
+    continued = train(engine, range(2, 4))
+    engine.destroy()
+    resumed_engine = hf_zero.initialize(tiny_gpt2(seed=5), {**config, "zero_optimization": {
+        "stage": 3, "reduce_bucket_size": 5000, "stage3_param_persistence_threshold": 100}})
+    resumed_engine.load_checkpoint(directory[0])
+    return continued, train(resumed_engine, range(2, 4))
+
+
 def all_cases(rank: int, world: int) -> dict:
-    """One spawn for test_optimizers.py: the optimizer grid and the corpus Trainer runs."""
+    """One spawn for test_optimizers.py: the optimizer grid, resumes, the corpus Trainer runs."""
     from ds_corpus_cases import trainer_corpus_runs
 
-    return {**optimizer_grid(rank, world), **trainer_corpus_runs(rank, world)}
+    resumes = {("resume", kind): resume_case(rank, kind) for kind in ("Lamb", "Muon")}
+    return {**optimizer_grid(rank, world), **resumes, **trainer_corpus_runs(rank, world)}

@@ -35,6 +35,15 @@ def test_matches_ddp_with_the_same_optimizer(kind, stage):
         assert moved > 1e-3, "the optimizer did not move the weights: the comparison would be vacuous"
 
 
+@pytest.mark.parametrize("kind", ("Lamb", "Muon"))
+def test_checkpoint_resumes_at_another_stage_and_layout(kind):
+    # Their states are elementwise per master chunk (the whole-tensor parts are recomputed each
+    # step), so the usual resharding applies: stage 1 -> stage 3 with other bucket boundaries.
+    for rank, results in enumerate(grid()):
+        continued, resumed = results[("resume", kind)]
+        assert resumed == pytest.approx(continued, rel=1e-6), f"rank {rank}"
+
+
 @pytest.mark.parametrize("cls", ("Adafactor", "Muon", "LBFGS"))
 def test_whole_tensor_torch_optimizers_are_refused_by_name(cls):
     model = torch.nn.Linear(4, 4, bias=False)   # torch's Muon takes matrices only
