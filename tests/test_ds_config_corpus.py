@@ -191,3 +191,16 @@ def test_accelerates_auto_keys_load_and_initialize_names_them_if_unresolved():
     assert {key for key, _ in info.value.problems} == {
         "zero_optimization.stage", "zero_optimization.offload_optimizer.device",
         "zero_optimization.offload_optimizer.nvme_path", "zero_optimization.offload_param.device"}
+
+
+def test_trainer_values_fill_only_parameters_the_optimizer_type_takes():
+    from hf_zero.integrations.auto_values import resolve_auto
+
+    trainer = {"optimizer.params.lr": 1e-3, "optimizer.params.betas": (0.9, 0.999), "optimizer.params.eps": 1e-8,
+               "optimizer.params.weight_decay": 0.0}
+    lion = resolve_auto({"optimizer": {"type": "lion", "params": {"lr": "auto"}}, "train_micro_batch_size_per_gpu": 1},
+                        trainer, {}, "TrainingArguments").optimizer
+    assert (lion.type, lion.params.lr, lion.params.betas, lion.params.eps) == ("Lion", 1e-3, None, None)
+    adamw = resolve_auto({"optimizer": {"type": "AdamW"}, "train_micro_batch_size_per_gpu": 1}, trainer, {},
+                         "TrainingArguments").optimizer
+    assert (adamw.params.betas, adamw.params.eps) == ((0.9, 0.999), 1e-8)
