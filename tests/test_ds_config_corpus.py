@@ -204,3 +204,14 @@ def test_trainer_values_fill_only_parameters_the_optimizer_type_takes():
     adamw = resolve_auto({"optimizer": {"type": "AdamW"}, "train_micro_batch_size_per_gpu": 1}, trainer, {},
                          "TrainingArguments").optimizer
     assert (adamw.params.betas, adamw.params.eps) == ((0.9, 0.999), 1e-8)
+
+
+def test_legacy_offload_switches_and_enabled_features():
+    zero = load_config({"zero_optimization": {"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
+                                              "cpu_offload_use_pin_memory": False}}).zero_optimization
+    assert (zero.offload_optimizer.device, zero.offload_param.device) == ("cpu", "cpu")
+    assert not zero.offload_optimizer.pin_memory and not zero.offload_param.pin_memory
+    _, messages = _load({"curriculum_learning": {"enabled": False}, "eigenvalue": {"enabled": True}})
+    assert {m.split("'")[1] for m in messages} == {"curriculum_learning", "eigenvalue"}
+    with pytest.raises(ConfigError, match="curriculum_learning: not honoured by hf_zero: the curriculum"):
+        load_config({"curriculum_learning": {"enabled": True}})

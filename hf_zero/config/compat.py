@@ -54,14 +54,20 @@ def normalise_aliases(data: dict, problems: list[tuple[str, str]]) -> dict:
                     problems.append((f"zero_optimization.{short}", f"both '{short}' and 'stage3_{short}' are given"))
                 else:
                     zero[f"stage3_{short}"] = zero.pop(short)
-        if "cpu_offload" in zero:   # DeepSpeed's pre-0.3.16 spelling of optimizer offload to the CPU
-            if zero.pop("cpu_offload") is True and "offload_optimizer" not in zero:
-                zero["offload_optimizer"] = {"device": "cpu"}
+        _legacy_offload(zero)
     optimizer = data.get("optimizer")
     if isinstance(optimizer, dict) and isinstance(optimizer.get("type"), str):
         canonical = {t.lower(): t for t in OPTIMIZER_TYPES}
         optimizer["type"] = canonical.get(optimizer["type"].lower(), optimizer["type"])
     return data
+
+
+def _legacy_offload(zero: dict) -> None:
+    """DeepSpeed's deprecated offload switches (still accepted there) -> the offload sections."""
+    pin = zero.pop("cpu_offload_use_pin_memory", None)
+    for old, section in (("cpu_offload", "offload_optimizer"), ("cpu_offload_param", "offload_param")):
+        if zero.pop(old, None) is True and section not in zero:
+            zero[section] = {"device": "cpu", **({} if pin is None else {"pin_memory": pin})}
 
 
 def _get(data: dict, path: str) -> Any:
@@ -116,7 +122,12 @@ RULES: list[Rule] = [
      "gradients accumulate in the parameter dtype", True),
     ("communication_data_type", lambda v: v not in (None, "fp32", "float32"),
      "reductions run in the parameter dtype", True),
-]
+] + [(section, lambda v: isinstance(v, dict) and v.get("enabled") is True, f"{what} is not applied", True)
+     for section, what in (("progressive_layer_drop", "progressive layer dropping"),
+                           ("quantize_training", "quantization-aware training (MoQ)"),
+                           ("compression_training", "compression"), ("curriculum_learning", "the curriculum"),
+                           ("data_efficiency", "data sampling / routing"), ("sparse_attention", "sparse attention"),
+                           ("weight_quantization", "weight quantization"), ("hybrid_engine", "the hybrid engine"))]
 
 
 # How each rule's condition reads in docs/config.md.
@@ -131,6 +142,9 @@ WHEN = {
     "optimizer.params.max_grad_norm": "> 0",
     "optimizer.type": "OneBitAdam, ZeroOneAdam, OneBitLamb",
     "amp": "enabled",
+    **{section: "enabled" for section in ("progressive_layer_drop", "quantize_training", "compression_training",
+                                          "curriculum_learning", "data_efficiency", "sparse_attention",
+                                          "weight_quantization", "hybrid_engine")},
     "data_types": "grad_accum_dtype not fp32",
     "communication_data_type": "not fp32",
 }

@@ -68,7 +68,11 @@ sets `"allow_unhonoured_keys": true` (a top-level key); then it runs with the wa
 Aliases DeepSpeed accepts are rewritten first: `bfloat16` -> `bf16`,
 `zero_optimization.stage3_gather_fp16_weights_on_model_save` ->
 `stage3_gather_16bit_weights_on_model_save`, `zero_optimization.cpu_offload: true` ->
-`offload_optimizer.device: cpu`, optimizer type names in any case (`adamw`, `LAMB`).
+`offload_optimizer.device: cpu` (`cpu_offload_param` -> `offload_param`,
+`cpu_offload_use_pin_memory` -> their `pin_memory`), the short field names DeepSpeed's zero
+config also takes (`max_live_parameters` -> `stage3_max_live_parameters`, likewise
+`prefetch_bucket_size`, `param_persistence_threshold`, `max_reuse_distance`,
+`gather_16bit_weights_on_model_save`, ...), optimizer type names in any case (`adamw`, `LAMB`).
 `optimizer.params` may hold only the parameters the chosen type takes (DeepSpeed's
 constructor would fail on others); fp16 and bf16 both enabled is an error, as in DeepSpeed.
 Deliberate difference: an unknown key is an error (with a did-you-mean), where DeepSpeed's
