@@ -112,10 +112,9 @@ RULES: list[Rule] = [
     ("optimizer.params.max_grad_norm", lambda v: isinstance(v, (int, float)) and v > 0,
      "Lamb does not clip by itself; use gradient_clipping", True),
     ("optimizer.params.eps_inside_sqrt", lambda v: v is True, "Lamb adds eps outside the square root", True),
-    ("optimizer.type", lambda v: v in ("OneBitAdam", "ZeroOneAdam"),
-     "runs as Adam without 1-bit compression (other numerics, more traffic)", True),
-    ("optimizer.type", lambda v: v == "OneBitLamb",
-     "runs as Lamb without 1-bit compression (other numerics, more traffic)", True),
+    ("optimizer.type", lambda v: v in ("OneBitAdam", "ZeroOneAdam", "OneBitLamb"),
+     "runs as Adam (OneBitAdam, ZeroOneAdam) or Lamb (OneBitLamb) without 1-bit compression (other numerics, "
+     "more traffic)", True),
     # Keys outside the schema whose presence with these values changes numerics.
     ("amp", lambda v: isinstance(v, dict) and v.get("enabled") is True, "apex AMP is not used", True),
     ("data_types", lambda v: isinstance(v, dict) and v.get("grad_accum_dtype") not in (None, "fp32"),
