@@ -164,12 +164,12 @@ def _doc_key_mentions() -> list[tuple[str, str]]:
 
 
 def test_every_config_key_mentioned_in_docs_exists():
-    from hf_zero.config.compat import RULES, _STAGE3_SHORT_NAMES
+    from hf_zero.config.compat import RULES, STAGE3_SHORT_NAMES
     from hf_zero.config.schema import IGNORED_DEEPSPEED_KEYS
 
     known = _schema_paths() | set(IGNORED_DEEPSPEED_KEYS) | {rule[0] for rule in RULES}
     known |= {"bfloat16", "bfloat16.enabled", "zero_optimization.stage3_gather_fp16_weights_on_model_save",
-              "zero_optimization.cpu_offload"} | {f"zero_optimization.{k}" for k in _STAGE3_SHORT_NAMES}
+              "zero_optimization.cpu_offload"} | {f"zero_optimization.{k}" for k in STAGE3_SHORT_NAMES}
     mentions = _doc_key_mentions()
     assert len(mentions) > 50, "the scan found too few keys to mean anything"
     unknown = [(doc, key) for doc, key in mentions

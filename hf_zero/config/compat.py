@@ -29,7 +29,7 @@ class Unhonoured:
 
 
 # Field names DeepSpeed's pydantic zero config accepts besides their "stage3_" aliases.
-_STAGE3_SHORT_NAMES = ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+STAGE3_SHORT_NAMES = ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
                        "max_live_parameters", "max_reuse_distance", "gather_16bit_weights_on_model_save",
                        "module_granularity_threshold", "use_all_reduce_for_fetch_params")
 
@@ -48,7 +48,7 @@ def normalise_aliases(data: dict, problems: list[tuple[str, str]]) -> dict:
         old = "stage3_gather_fp16_weights_on_model_save"
         if old in zero:
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", zero.pop(old))
-        for short in _STAGE3_SHORT_NAMES:   # DeepSpeed's zero config takes both spellings
+        for short in STAGE3_SHORT_NAMES:   # DeepSpeed's zero config takes both spellings
             if short in zero:
                 if f"stage3_{short}" in zero:
                     problems.append((f"zero_optimization.{short}", f"both '{short}' and 'stage3_{short}' are given"))
