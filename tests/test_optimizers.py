@@ -81,3 +81,29 @@ def test_corpus_configs_train_through_the_trainer_like_ddp(name):
         assert len(losses) == 3 and losses == pytest.approx(ref_losses, rel=1e-5), f"rank {rank}"
         assert max_diff <= 1e-6, f"rank {rank}: '{worst}' differs by {max_diff:.3g}"
         assert set(warned) == EXPECTED[name][0], "each unhonoured key warned once, by name, in the run too"
+
+
+def test_user_adagrad_with_its_eager_state_is_rebound():
+    # torch's Adagrad creates its state in __init__ (step 0); it is still "fresh" and must be
+    # re-created for the master chunks. One process: hf_zero at stage 2 vs torch on a copy.
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    reference = copy.deepcopy(model)
+    initial = copy.deepcopy(model)
+    ref_opt = torch.optim.Adagrad(reference.parameters(), lr=0.1, initial_accumulator_value=0.5)
+    engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+                                        "zero_optimization": {"stage": 2, "reduce_bucket_size": 7}},
+                                optimizer=torch.optim.Adagrad(model.parameters(), lr=0.1,
+                                                              initial_accumulator_value=0.5))
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        engine.backward(model(x).square().mean())
+        engine.step()
+        reference(x).square().mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert (reference[0].weight - initial[0].weight).abs().max() > 1e-2, "the comparison would be vacuous"
