@@ -13,8 +13,8 @@ Some updates need a whole-tensor quantity:
 - Muon orthogonalises each matrix's momentum update (Newton-Schulz on the whole matrix). The
   buckets holding Muon matrices are all-gathered in fp32, one bucket at a time; each rank
   orthogonalises the matrices its chunk overlaps and keeps its slice. Cost per step: an
-  all-gather of 4 bytes x the Muon parameters (about 2x a bf16 parameter all-gather), one
-  fp32 bucket of transient memory, and the Newton-Schulz work of a matrix repeated on every
+  all-gather of 4 bytes x the elements of the buckets holding Muon matrices (about 2x a bf16
+  parameter all-gather of them), one fp32 bucket of transient memory, and the Newton-Schulz work of a matrix repeated on every
   rank whose chunk it overlaps (about 1/N of the model's matrices per rank, plus the ones
   straddling chunk boundaries).
 
