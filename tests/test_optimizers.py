@@ -107,3 +107,18 @@ def test_user_adagrad_with_its_eager_state_is_rebound():
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert (reference[0].weight - initial[0].weight).abs().max() > 1e-2, "the comparison would be vacuous"
+
+
+def test_other_libraries_whole_tensor_optimizers_are_refused_but_hf_zeros_own_run():
+    from hf_zero.optim.lamb import Lamb
+
+    class FusedLAMB(torch.optim.SGD):   # stands in for apex's class: only the name is looked at
+        pass
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="cannot step FusedLAMB.*trust ratio"):
+        hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1}, optimizer=FusedLAMB(model.parameters(), lr=0.1))
+    engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1}, optimizer=Lamb(model.parameters()))
+    engine.backward(model(torch.ones(1, 4)).sum())
+    engine.step()
+    assert engine.optimizer.inner.layout is not None and engine.optimizer.inner.state

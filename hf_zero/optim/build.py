@@ -75,14 +75,25 @@ _WHOLE_TENSOR = {
     "SparseAdam": "it needs sparse gradients; hf_zero reduces dense ones",
     "Shampoo": "its preconditioners are per-matrix (Kronecker factors of each whole tensor)",
     "DistributedShampoo": "its preconditioners are per-matrix (Kronecker factors of each whole tensor)",
+    "SOAP": "its preconditioners are per-matrix (Kronecker factors of each whole tensor)",
+    "MuonWithAuxAdam": "it orthogonalises each whole matrix (use the config's optimizer type 'Muon')",
+    "SingleDeviceMuon": "it orthogonalises each whole matrix (use the config's optimizer type 'Muon')",
+    "Lamb": "its trust ratio needs each whole tensor's norms (use the config's optimizer type 'Lamb')",
+    "LAMB": "its trust ratio needs each whole tensor's norms (use the config's optimizer type 'Lamb')",
+    "FusedLamb": "its trust ratio needs each whole tensor's norms (use the config's optimizer type 'Lamb')",
+    "FusedLAMB": "its trust ratio needs each whole tensor's norms (use the config's optimizer type 'Lamb')",
+    "LARS": "its trust ratio needs each whole tensor's norms",
+    "Lars": "its trust ratio needs each whole tensor's norms",
 }
 
 
 def check_optimizer_is_fresh(optimizer: torch.optim.Optimizer) -> None:
     """A user's optimizer must not have stepped (its state is per full parameter) and must be
     elementwise (it will step flat shards)."""
+    from hf_zero.optim.tensor_layout import TensorwiseOptimizer
+
     reason = _WHOLE_TENSOR.get(type(optimizer).__name__)
-    if reason is not None:
+    if reason is not None and not isinstance(optimizer, TensorwiseOptimizer):   # hf_zero's own Lamb/Muon: fine
         raise ValueError(f"hf_zero cannot step {type(optimizer).__name__} over sharded parameters: {reason}. "
                          "Pass an elementwise optimizer (AdamW, SGD, Adagrad, Lion, ...) or set the config's "
                          "optimizer type (Lamb and Muon gather what they need per tensor)")
