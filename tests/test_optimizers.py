@@ -117,7 +117,8 @@ def test_other_libraries_whole_tensor_optimizers_are_refused_but_hf_zeros_own_ru
 
     model = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="cannot step FusedLAMB.*trust ratio"):
-        hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1}, optimizer=FusedLAMB(model.parameters(), lr=0.1))
+        hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1},
+                           optimizer=FusedLAMB(model.parameters(), lr=0.1))
     engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1}, optimizer=Lamb(model.parameters()))
     engine.backward(model(torch.ones(1, 4)).sum())
     engine.step()

@@ -14,9 +14,9 @@ Some updates need a whole-tensor quantity:
   buckets holding Muon matrices are all-gathered in fp32, one bucket at a time; each rank
   orthogonalises the matrices its chunk overlaps and keeps its slice. Cost per step: an
   all-gather of 4 bytes x the elements of the buckets holding Muon matrices (about 2x a bf16
-  parameter all-gather of them), one fp32 bucket of transient memory, and the Newton-Schulz work of a matrix repeated on every
-  rank whose chunk it overlaps (about 1/N of the model's matrices per rank, plus the ones
-  straddling chunk boundaries).
+  parameter all-gather of them), one fp32 bucket of transient memory, and the Newton-Schulz
+  work of a matrix repeated on every rank whose chunk it overlaps (about 1/N of the model's
+  matrices per rank, plus the ones straddling chunk boundaries).
 
 At stage 0 every rank holds whole buckets: no collective is needed. Optimizers that need
 more than this (Adafactor's factored moments, Shampoo's preconditioners, L-BFGS's history)
