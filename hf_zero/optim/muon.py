@@ -12,6 +12,8 @@ the same map with less rounding here). Every master chunk keeps all three states
 (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``) elementwise, so checkpoints reshard as for
 Adam: 12 bytes of state per parameter, where DeepSpeed keeps 4 for matrices and 8 for the rest.
 A schedule scales the group's ``lr`` (the Muon rate); the auxiliary rate keeps its ratio to it.
+Difference: DeepSpeed keeps Muon and Adam in two param groups, so its schedulers (which set
+every group to the same rate) override ``adam_lr`` there; without a schedule both agree.
 """
 
 from __future__ import annotations
