@@ -123,3 +123,17 @@ def test_other_libraries_whole_tensor_optimizers_are_refused_but_hf_zeros_own_ru
     engine.backward(model(torch.ones(1, 4)).sum())
     engine.step()
     assert engine.optimizer.inner.layout is not None and engine.optimizer.inner.state
+
+
+def test_muon_orthogonalises_batches_and_convolutions_as_deepspeed():
+    from hf_zero.optim.muon import orthogonalise
+    from optimizer_cases import ref_newton_schulz
+
+    g = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(0))
+    batched = orthogonalise(g)            # a fused expert stack: each matrix on its own
+    for i in range(3):
+        torch.testing.assert_close(batched[i], ref_newton_schulz(g[i]), rtol=1e-5, atol=1e-6)
+    conv = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(orthogonalise(conv), ref_newton_schulz(conv.reshape(5, -1)), rtol=1e-5, atol=1e-6)
+    singular = ref_newton_schulz(g[0]).T @ ref_newton_schulz(g[0])   # ~orthogonal: the iteration did work
+    assert (torch.linalg.eigvalsh(singular) > 0.3).all()

@@ -32,17 +32,20 @@ def uses_muon(name: str, shape: torch.Size) -> bool:
 
 
 def orthogonalise(update: torch.Tensor) -> torch.Tensor:
-    """Quintic Newton-Schulz (5 steps) of a matrix (higher dims folded into columns), scaled by
-    max(1, rows / cols) ** 0.5."""
-    matrix = update.reshape(update.shape[0], -1).float()
-    rows, cols = matrix.shape
-    x = matrix.T if rows > cols else matrix
-    x = x / (x.norm() + 1e-7)
+    """Quintic Newton-Schulz (5 steps) scaled by max(1, rows / cols) ** 0.5, as DeepSpeed: a 4D
+    (convolution) weight as one matrix of its first dimension by the rest; 3D and higher as a
+    batch of matrices over the leading dimensions (e.g. a fused MoE expert stack)."""
+    x = (update.reshape(update.shape[0], -1) if update.ndim == 4 else update).float()
+    rows, cols = x.shape[-2], x.shape[-1]
+    if rows > cols:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     a, b, c = NS_COEFFICIENTS
     for _ in range(NS_STEPS):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    x = x.T if rows > cols else x
+    if rows > cols:
+        x = x.mT
     return x.mul_(max(1.0, rows / cols) ** 0.5)
 
 
