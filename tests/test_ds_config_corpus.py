@@ -215,3 +215,10 @@ def test_legacy_offload_switches_and_enabled_features():
     assert {m.split("'")[1] for m in messages} == {"curriculum_learning", "eigenvalue"}
     with pytest.raises(ConfigError, match="curriculum_learning: not honoured by hf_zero: the curriculum"):
         load_config({"curriculum_learning": {"enabled": True}})
+
+
+def test_a_loaded_config_with_overrides_is_not_reported_again():
+    config, messages = _load(CORPUS / "transformers_zero3.json")
+    assert messages
+    _, again = _load(config, gradient_clipping=0.5)
+    assert again == []

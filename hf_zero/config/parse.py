@@ -41,14 +41,17 @@ def load_config(config: Union["HfZeroConfig", dict, str, os.PathLike, None] = No
 
     ``overrides`` are top-level keys (``gradient_clipping=0.5``) applied on top.
     """
-    if isinstance(config, HfZeroConfig):
+    validated = isinstance(config, HfZeroConfig)   # its keys were reported when it was loaded
+    if validated:
         if not overrides:
             return config
         config = config_to_dict(config)
     data, source = read_config_dict(config)
     data.update(overrides)
-    result, notes = _validate(data, source)
-    for note in notes:   # one warning per key ([Note: unhonoured DeepSpeed keys] in compat.py)
+    # A config object's dict form holds every parameter of every optimizer type: its optimizer
+    # params were checked against the type when it was loaded.
+    result, notes = _validate(data, source, check_params=not validated)
+    for note in [] if validated else notes:   # one warning per key ([Note: unhonoured DeepSpeed keys] in compat.py)
         warnings.warn(f"hf_zero does not honour DeepSpeed key '{note.key}': {note.instead}", stacklevel=3)
     return result
 
@@ -60,10 +63,12 @@ def unhonoured_keys(config: Union[dict, str, os.PathLike]) -> list[Unhonoured]:
     return _validate(data, source, enforce_opt_in=False)[1]
 
 
-def _validate(data: dict, source: str | None, enforce_opt_in: bool = True) -> tuple[HfZeroConfig, list[Unhonoured]]:
+def _validate(data: dict, source: str | None, enforce_opt_in: bool = True,
+              check_params: bool = True) -> tuple[HfZeroConfig, list[Unhonoured]]:
     problems: list[tuple[str, str]] = []
     result = _build(HfZeroConfig, data, "", problems)
-    problems.extend(check_optimizer_params(data))
+    if check_params:
+        problems.extend(check_optimizer_params(data))
     notes = find_unhonoured(data)
     if not problems:
         problems.extend(check_batch_invariant_static(result))
@@ -172,7 +177,7 @@ def _convert(hint: Any, fld: dataclasses.Field, value: Any, path: str,
         problems.append((path, "must not be null"))
         return fld.default
     if isinstance(value, str) and value == AUTO:
-        if meta.get("auto"):
+        if meta.get("auto") or AUTO in meta.get("choices", ()):   # fused_kernels: "auto" is a choice
             return AUTO
         problems.append((path, "'auto' is not allowed for this key"))
         return fld.default
