@@ -164,10 +164,10 @@ def _doc_key_mentions() -> list[tuple[str, str]]:
 
 
 def test_every_config_key_mentioned_in_docs_exists():
-    from hf_zero.config.compat import RULES, STAGE3_SHORT_NAMES
+    from hf_zero.config.compat import DTYPE_KEYS, RULES, STAGE3_SHORT_NAMES
     from hf_zero.config.schema import IGNORED_DEEPSPEED_KEYS
 
-    known = _schema_paths() | set(IGNORED_DEEPSPEED_KEYS) | {rule[0] for rule in RULES}
+    known = _schema_paths() | set(IGNORED_DEEPSPEED_KEYS) | {rule[0] for rule in RULES} | set(DTYPE_KEYS)
     known |= {"bfloat16", "bfloat16.enabled", "zero_optimization.stage3_gather_fp16_weights_on_model_save",
               "zero_optimization.cpu_offload"} | {f"zero_optimization.{k}" for k in STAGE3_SHORT_NAMES}
     mentions = _doc_key_mentions()
@@ -222,3 +222,15 @@ def test_a_loaded_config_with_overrides_is_not_reported_again():
     assert messages
     _, again = _load(config, gradient_clipping=0.5)
     assert again == []
+
+
+@pytest.mark.parametrize("config, refused", [
+    ({"bf16": {"enabled": True}, "communication_data_type": "bf16", "data_types": {"grad_accum_dtype": "bf16"}},
+     set()),
+    ({"data_types": {"grad_accum_dtype": "fp32"}}, set()),
+    ({"bf16": {"enabled": True}, "communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}},
+     {"communication_data_type", "data_types.grad_accum_dtype"}),
+])
+def test_dtype_keys_are_honoured_when_they_name_the_training_dtype(config, refused):
+    assert {n.key for n in unhonoured_keys(config)} == refused
+    assert {n.key for n in unhonoured_keys(config) if n.severe} == refused

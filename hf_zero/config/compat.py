@@ -117,10 +117,6 @@ RULES: list[Rule] = [
      "more traffic)", True),
     # Keys outside the schema whose presence with these values changes numerics.
     ("amp", lambda v: isinstance(v, dict) and v.get("enabled") is True, "apex AMP is not used", True),
-    ("data_types", lambda v: isinstance(v, dict) and v.get("grad_accum_dtype") not in (None, "fp32"),
-     "gradients accumulate in the parameter dtype", True),
-    ("communication_data_type", lambda v: v not in (None, "fp32", "float32"),
-     "reductions run in the parameter dtype", True),
 ] + [(section, lambda v: isinstance(v, dict) and v.get("enabled") is True, f"{what} is not applied", True)
      for section, what in (("progressive_layer_drop", "progressive layer dropping"),
                            ("quantize_training", "quantization-aware training (MoQ)"),
@@ -144,20 +140,39 @@ WHEN = {
     **{section: "enabled" for section in ("progressive_layer_drop", "quantize_training", "compression_training",
                                           "curriculum_learning", "data_efficiency", "sparse_attention",
                                           "weight_quantization", "hybrid_engine")},
-    "data_types": "grad_accum_dtype not fp32",
-    "communication_data_type": "not fp32",
 }
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "torch.float32": "fp32", "fp16": "fp16", "float16": "fp16",
+                "torch.float16": "fp16", "half": "fp16", "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16"}
+# Keys honoured only when they name the training dtype (hf_zero reduces and accumulates in it).
+DTYPE_KEYS = {"communication_data_type": "reductions run in the parameter dtype",
+              "data_types.grad_accum_dtype": "gradients accumulate in the parameter dtype"}
+_BY_VALUE = {"communication_data_type", "data_types"}   # accepted sections reported only by DTYPE_KEYS
+
+
+def _training_dtype(data: dict) -> str | None:
+    """fp32 / fp16 / bf16 from the precision sections; None while one is still "auto"."""
+    flags = [_get(data, f"{k}.enabled") for k in ("fp16", "bf16")]
+    if AUTO in flags:
+        return None
+    return "fp16" if flags[0] is True else "bf16" if flags[1] is True else "fp32"
 
 
 def find_unhonoured(data: dict) -> list[Unhonoured]:
     """Every key of the (alias-normalised) DeepSpeed dict ``data`` that hf_zero does not
     honour, in a stable order; see [Note: unhonoured DeepSpeed keys]."""
     found: dict[str, Unhonoured] = {}
+    for key, instead in DTYPE_KEYS.items():
+        value = _get(data, key)
+        if value is not None and _DTYPE_NAMES.get(str(value)) != _training_dtype(data):
+            found[key] = Unhonoured(key, f"{instead} ({_training_dtype(data) or 'auto'})", True)
+
     for key, applies, instead, severe in RULES:
         if _present(data, key) and key not in found and applies(_get(data, key)):
             found[key] = Unhonoured(key, instead, severe)
     for key, reason in IGNORED_DEEPSPEED_KEYS.items():
-        if key not in found and _present(data, key):
+        if key not in found and key not in _BY_VALUE and _present(data, key):
             found[key] = Unhonoured(key, f"ignored: {reason}", False)
     for name, sub in data.items():   # ignored keys listed by their last part only (any section)
         if isinstance(sub, dict) and name not in found:   # a whole ignored section is reported once

@@ -84,10 +84,12 @@ top level would ignore a misspelt key.
 
 
 def render() -> str:
-    from hf_zero.config.compat import RULES
+    from hf_zero.config.compat import DTYPE_KEYS, RULES
 
     rules = "\n".join(f"| `{key}` | {_when(key)} | {instead} | {'**error**' if severe else 'warning'} |"
                        for key, _, instead, severe in RULES)
+    rules += "".join(f"\n| `{key}` | not the training dtype | {instead} | **error** |"
+                     for key, instead in DTYPE_KEYS.items())
     ignored = "\n".join(f"- `{k}`: {v}" for k, v in sorted(IGNORED_DEEPSPEED_KEYS.items()))
     return (HEADER + "\n".join(_rows(HfZeroConfig, "")) + "\n\n" + UNHONOURED + rules
             + "\n\n## DeepSpeed keys accepted and ignored (with a warning)\n\n" + ignored

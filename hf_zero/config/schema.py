@@ -263,7 +263,7 @@ class HfZeroConfig:
 IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "prescale_gradients": "gradients are always summed then divided once",
     "gradient_predivide_factor": "gradients are always summed then divided once",
-    "communication_data_type": "reductions run in the parameter dtype",
+    "communication_data_type": "honoured when it names the training dtype (reductions run in it)",
     "zero_allow_untested_optimizer": "any elementwise torch optimizer is accepted",
     "zero_force_ds_cpu_optimizer": "not applicable",
     "activation_checkpointing": "use the model's gradient checkpointing",
@@ -284,7 +284,7 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     # Keys of DeepSpeed features outside ZeRO data parallelism, or tuning of its own kernels.
     "aio": "hf_zero's NVMe swapper issues its own reads and writes (docs/offload.md); I/O tuning not applied",
     "checkpoint": "checkpoints always reshard; tag validation not applied",
-    "data_types": "gradients accumulate in the parameter dtype",
+    "data_types": "grad_accum_dtype honoured when it names the training dtype (gradients accumulate in it)",
     "torch_autocast": "use the model's dtype via bf16/fp16, or autocast in the script",
     "compile": "use torch.compile in the script",
     "data_efficiency": "not implemented",
