@@ -6,20 +6,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from hf_zero import __version__
 from hf_zero.config import ConfigError, config_to_dict, load_config, resolve_batch_sizes
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from hf_zero.config.parse import unhonoured_keys
+
     try:
-        config = load_config(args.config)
+        notes = unhonoured_keys(args.config)
+        with warnings.catch_warnings():   # listed below instead, once
+            warnings.simplefilter("ignore")
+            config = load_config(args.config)
         if args.world_size:
             config = resolve_batch_sizes(config, args.world_size)
     except (ConfigError, FileNotFoundError) as err:
         print(err, file=sys.stderr)
         return 2
     print(json.dumps(config_to_dict(config), indent=2))
+    # The resolved config goes to stdout (machine-readable); what is not honoured to stderr.
+    if notes:
+        print(f"{len(notes)} DeepSpeed key(s) hf_zero accepts without honouring them:", file=sys.stderr)
+    for note in notes:
+        severity = " [changes numerics or memory; allowed by allow_unhonoured_keys]" if note.severe else ""
+        print(f"  {note.key}: {note.instead}{severity}", file=sys.stderr)
     return 0
 
 
@@ -123,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-zero", description="hf_zero: ZeRO for the Hugging Face stack")
     parser.add_argument("--version", action="version", version=f"hf_zero {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-config", help="validate a DeepSpeed-style config and print it resolved")
+    check = commands.add_parser("check-config", help="validate a DeepSpeed-style config, print it resolved and "
+                                "list the DeepSpeed keys it holds that hf_zero does not honour")
     check.add_argument("config", help="JSON/YAML path or inline JSON")
     check.add_argument("--world-size", type=int, default=0, help="also resolve the batch-size invariant")
     check.set_defaults(run=_check_config)

@@ -20,10 +20,11 @@ from torch import nn
 
 from hf_zero.accounting import bytes_by_category
 from hf_zero.comm import Collectives
-from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.config import ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
+from hf_zero.config.compat import unresolved_autos
 from hf_zero.device import collective_device, compute_device_of, uses_cuda
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
-from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
+from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
@@ -38,7 +39,9 @@ logger = logging.getLogger(__name__)
 
 def _check_supported(config: HfZeroConfig) -> None:
     """Refuse, before any tensor work, what this build cannot run yet or cannot resolve."""
-    problems = []
+    problems = unresolved_autos(config)   # first: the checks below read these values
+    if problems:
+        raise ConfigError(problems)
     zero = config.zero_optimization
     if zero.stage == 3 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_weights", "not implemented for stage 3 yet"))
@@ -50,15 +53,6 @@ def _check_supported(config: HfZeroConfig) -> None:
         problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
     if config.fp16.enabled is True and config.bf16.enabled is True:
         problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
-    for key, value in (("fp16.enabled", config.fp16.enabled), ("bf16.enabled", config.bf16.enabled),
-                       ("gradient_clipping", config.gradient_clipping),
-                       ("zero_optimization.reduce_bucket_size", zero.reduce_bucket_size),
-                       ("zero_optimization.allgather_bucket_size", zero.allgather_bucket_size),
-                       ("zero_optimization.stage3_prefetch_bucket_size", zero.stage3_prefetch_bucket_size),
-                       ("zero_optimization.stage3_param_persistence_threshold",
-                        zero.stage3_param_persistence_threshold)):
-        if value == AUTO:
-            problems.append((key, "is still 'auto'; an integration must resolve it"))
     if problems:
         raise ConfigError(problems)
 
@@ -106,8 +100,8 @@ class ZeroEngine:
                                              self.device)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
-            zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
-            overlap_comm=zero.overlap_comm, allgather_bucket_numel=zero.allgather_bucket_size,
+            zero.stage, model, specs, self.comm, bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
+            overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
             stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                                 max_live_numel=zero.stage3_max_live_parameters,
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
@@ -140,6 +134,7 @@ class ZeroEngine:
         else:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
+        bind_tensor_layout(inner, self.stage, self.flat_groups, self.masters.masters)   # Lamb, Muon
         if self.param_store.offloads:
             # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
             # dropped per sub-group, so no pass over the model holds all shards resident.

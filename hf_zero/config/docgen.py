@@ -24,6 +24,9 @@ the other two; only the micro batch given means accumulation 1; giving neither
 Defaults chosen on purpose: `gradient_clipping` is 1.0 (as DeepSpeed 0.19); bucket sizes
 are DeepSpeed's 5e8 elements (on CPU/gloo a few million elements overlaps better, see
 docs/performance.md); optimizer type `Adam` means AdamW unless `adam_w_mode` is false.
+Optimizer types: DeepSpeed's names in any case, `optimizer.params` holding only the
+parameters the type takes, `None` defaults meaning the type's own (see docs/design.md,
+"Optimizers", for the formulas and what Lamb and Muon cost on shards).
 
 | key | type | default | auto | description |
 |---|---|---|---|---|
@@ -56,10 +59,47 @@ def _rows(cls: type, prefix: str) -> list[str]:
     return rows
 
 
+UNHONOURED = """## DeepSpeed keys hf_zero does not honour
+
+Every key DeepSpeed accepts loads. A key hf_zero does not honour is reported in one warning
+naming it and what hf_zero does instead (`hf-zero check-config FILE` lists them). Where
+that changes numerics or memory (marked **error** below) the config is refused unless it
+sets `"allow_unhonoured_keys": true` (a top-level key); then it runs with the warning.
+Aliases DeepSpeed accepts are rewritten first: `bfloat16` -> `bf16`,
+`zero_optimization.stage3_gather_fp16_weights_on_model_save` ->
+`stage3_gather_16bit_weights_on_model_save`, `zero_optimization.cpu_offload: true` ->
+`offload_optimizer.device: cpu` (`cpu_offload_param` -> `offload_param`,
+`cpu_offload_use_pin_memory` -> their `pin_memory`), the short field names DeepSpeed's zero
+config also takes (`max_live_parameters` -> `stage3_max_live_parameters`, likewise
+`prefetch_bucket_size`, `param_persistence_threshold`, `max_reuse_distance`,
+`gather_16bit_weights_on_model_save`, ...), optimizer type names in any case (`adamw`, `LAMB`).
+`optimizer.params` may hold only the parameters the chosen type takes (DeepSpeed's
+constructor would fail on others); fp16 and bf16 both enabled is an error, as in DeepSpeed.
+Deliberate difference: an unknown key is an error (with a did-you-mean), where DeepSpeed's
+top level would ignore a misspelt key.
+
+| key | not honoured when | what happens instead | |
+|---|---|---|---|
+"""
+
+
 def render() -> str:
+    from hf_zero.config.compat import DTYPE_KEYS, RULES
+
+    rules = "\n".join(f"| `{key}` | {_when(key)} | {instead} | {'**error**' if severe else 'warning'} |"
+                       for key, _, instead, severe in RULES)
+    rules += "".join(f"\n| `{key}` | not the training dtype | {instead} | **error** |"
+                     for key, instead in DTYPE_KEYS.items())
     ignored = "\n".join(f"- `{k}`: {v}" for k, v in sorted(IGNORED_DEEPSPEED_KEYS.items()))
-    return (HEADER + "\n".join(_rows(HfZeroConfig, "")) + "\n\n## DeepSpeed keys accepted and ignored "
-            "(with a warning)\n\n" + ignored + "\n\nAny other key is an error.\n")
+    return (HEADER + "\n".join(_rows(HfZeroConfig, "")) + "\n\n" + UNHONOURED + rules
+            + "\n\n## DeepSpeed keys accepted and ignored (with a warning)\n\n" + ignored
+            + "\n\nAny other key is an error.\n")
+
+
+def _when(key: str) -> str:
+    from hf_zero.config.compat import WHEN
+
+    return WHEN.get(key, "true")
 
 
 if __name__ == "__main__":

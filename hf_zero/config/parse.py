@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from hf_zero.config.batch import check_batch_invariant_static
+from hf_zero.config.compat import (Unhonoured, check_optimizer_params, check_unhonoured, find_unhonoured,
+                                   normalise_aliases)
 from hf_zero.config.schema import AUTO, IGNORED_DEEPSPEED_KEYS, HfZeroConfig
 
 
@@ -39,25 +41,61 @@ def load_config(config: Union["HfZeroConfig", dict, str, os.PathLike, None] = No
 
     ``overrides`` are top-level keys (``gradient_clipping=0.5``) applied on top.
     """
-    if isinstance(config, HfZeroConfig):
+    validated = isinstance(config, HfZeroConfig)   # its keys were reported when it was loaded
+    if validated:
         if not overrides:
             return config
         config = config_to_dict(config)
     data, source = read_config_dict(config)
     data.update(overrides)
+    # A config object's dict form holds every parameter of every optimizer type: its optimizer
+    # params were checked against the type when it was loaded.
+    result, notes = _validate(data, source, check_params=not validated)
+    for note in [] if validated else notes:   # one warning per key ([Note: unhonoured DeepSpeed keys] in compat.py)
+        warnings.warn(f"hf_zero does not honour DeepSpeed key '{note.key}': {note.instead}", stacklevel=3)
+    return result
+
+
+def unhonoured_keys(config: Union[dict, str, os.PathLike]) -> list[Unhonoured]:
+    """The keys of a DeepSpeed-style config that hf_zero accepts without honouring them
+    (what ``hf-zero check-config`` lists); raises ConfigError if the config is invalid."""
+    data, source = read_config_dict(config)
+    return _validate(data, source, enforce_opt_in=False)[1]
+
+
+def _validate(data: dict, source: str | None, enforce_opt_in: bool = True,
+              check_params: bool = True) -> tuple[HfZeroConfig, list[Unhonoured]]:
     problems: list[tuple[str, str]] = []
     result = _build(HfZeroConfig, data, "", problems)
+    if check_params:
+        problems.extend(check_optimizer_params(data))
+    notes = find_unhonoured(data)
     if not problems:
         problems.extend(check_batch_invariant_static(result))
+        if enforce_opt_in:
+            problems.extend(check_unhonoured(notes, result))
+        if result.fp16.enabled is True and result.bf16.enabled is True:
+            problems.append(("bf16.enabled", "fp16 and bf16 cannot both be enabled (DeepSpeed refuses it too)"))
     if problems:
         raise ConfigError(problems, source)
-    return result
+    return result, notes
 
 
 def read_config_dict(config: Union[dict, str, os.PathLike, None]) -> tuple[dict, str | None]:
     """The raw DeepSpeed-style dict (a copy, unvalidated, absent keys still absent) from a dict,
     a JSON/YAML path or inline JSON, and a name for its source. Integrations read it to tell
     keys the user left out from keys set to their defaults."""
+    data, source = _read_raw(config)
+    # DeepSpeed's alternative spellings become hf_zero's keys here, so integrations filling
+    # "auto" values see one name per key (compat.py).
+    problems: list[tuple[str, str]] = []
+    data = normalise_aliases(data, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return data, source
+
+
+def _read_raw(config: Union[dict, str, os.PathLike, None]) -> tuple[dict, str | None]:
     if config is None:
         return {}, None
     if isinstance(config, dict):
@@ -116,9 +154,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -
         path = f"{prefix}{key}"
         if key not in fields:
             if path in IGNORED_DEEPSPEED_KEYS or key in IGNORED_DEEPSPEED_KEYS:
-                reason = IGNORED_DEEPSPEED_KEYS.get(path) or IGNORED_DEEPSPEED_KEYS[key]
-                warnings.warn(f"hf_zero ignores DeepSpeed key '{path}': {reason}", stacklevel=4)
-                continue
+                continue   # reported by compat.find_unhonoured
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             problems.append((path, f"unknown key{hint}"))
@@ -141,7 +177,7 @@ def _convert(hint: Any, fld: dataclasses.Field, value: Any, path: str,
         problems.append((path, "must not be null"))
         return fld.default
     if isinstance(value, str) and value == AUTO:
-        if meta.get("auto"):
+        if meta.get("auto") or AUTO in meta.get("choices", ()):   # fused_kernels: "auto" is a choice
             return AUTO
         problems.append((path, "'auto' is not allowed for this key"))
         return fld.default

@@ -85,6 +85,24 @@ def _autos_left(data: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if data == AUTO else []
 
 
+def _optimizer_takes(data: dict, key: str) -> bool:
+    """Whether an absent ``optimizer.params.X`` should take the framework's value: X is a
+    parameter of the config's optimizer type, and for betas / eps (TrainingArguments' Adam
+    ones) the type is Adam-like; Lion, Adagrad and Muon keep their own defaults."""
+    from hf_zero.config.compat import OPTIMIZER_PARAMS
+
+    if not key.startswith("optimizer.params."):
+        return True
+    kind = _get(data, "optimizer.type")
+    kind = kind if isinstance(kind, str) else "AdamW"
+    name = key.rsplit(".", 1)[1]
+    if name in ("betas", "eps") and kind.lower() not in ("adam", "adamw", "onebitadam", "zerooneadam", "lamb",
+                                                          "onebitlamb"):
+        return False
+    allowed = OPTIMIZER_PARAMS.get(kind)
+    return allowed is None or name in allowed
+
+
 def resolve_auto(config: Union[dict, str, None], matched: dict[str, Any], derived: dict[str, Any],
                  source: str, defaults: Optional[dict[str, Any]] = None) -> HfZeroConfig:
     """Return the validated config with every ``"auto"`` filled (see the note above).
@@ -102,6 +120,8 @@ def resolve_auto(config: Union[dict, str, None], matched: dict[str, Any], derive
         if section in _OPTIONAL_SECTIONS and not isinstance(data.get(section), dict):
             continue
         current = _get(data, key)
+        if current is _MISSING and not _optimizer_takes(data, key):
+            continue   # e.g. no Adam epsilon for a Lion built from the config
         if current is _MISSING or current == AUTO:
             _set(data, key, list(wanted) if isinstance(wanted, tuple) else wanted)
         elif not _same(current, wanted):

@@ -24,14 +24,16 @@ def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tens
     (per group, per bucket: this rank's 1D chunks). Call ``attach(inner)`` once the inner
     optimizer over ``backend.masters.masters`` exists."""
     cfg = zero.offload_optimizer
+    # 0 is DeepSpeed's "one parameter per sub-group"; the closest here is one chunk's worth.
+    sub_group_size = zero.sub_group_size or max((p.numel() for g in owned_params for p in g), default=1)
     if cfg.device == "cpu":
         from hf_zero.offload.cpu import CpuOffload
 
-        return CpuOffload(owned_params, zero.sub_group_size, cfg.pin_memory, force_copy=force_copy)
+        return CpuOffload(owned_params, sub_group_size, cfg.pin_memory, force_copy=force_copy)
     if cfg.device == "nvme":
         from hf_zero.offload.nvme import NvmeOffload
 
-        return NvmeOffload(owned_params, zero.sub_group_size, cfg.nvme_path, cfg.buffer_count, cfg.pin_memory,
+        return NvmeOffload(owned_params, sub_group_size, cfg.nvme_path, cfg.buffer_count, cfg.pin_memory,
                            rank, force_copy=force_copy)
     return NoOffload(owned_params, force_copy=force_copy)
 
