@@ -31,6 +31,7 @@ from hf_zero.offload import build_optimizer_offload, build_param_store
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
 from hf_zero.meta_init import has_meta_parameters
+from hf_zero.checkpoint.model_hooks import install_save_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class ZeroEngine:
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
         model.no_sync = self.no_sync
         model.zero_grad = self.zero_grad
+        # model.save_pretrained gathers (stage 3); model.state_dict() refuses to return empty tensors
+        self._undo_save_hooks = install_save_hooks(self)
         self.comm.stats.reset()
 
     def _fused_update(self, inner: torch.optim.Optimizer):
@@ -308,6 +311,7 @@ class ZeroEngine:
             self.stage.unshard()
         for name in ("no_sync", "zero_grad"):
             self.module.__dict__.pop(name, None)
+        self._undo_save_hooks()
         for g in self.flat_groups:
             for p in g.params:
                 p.grad = None
@@ -336,12 +340,14 @@ class ZeroEngine:
         self.param_store.evict_all()   # NVMe-mapped shards the load wrote
         return result
 
-    def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None) -> None:
-        """Write the model in Hugging Face layout (safetensors) from rank 0; all ranks call it.
-        Stage 3 gathers one output shard at a time (see checkpoint/export.py)."""
+    def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None,
+                         max_shard_size: Union[int, str] = "50GB", is_main_process: bool = True) -> None:
+        """Write the model as ``save_pretrained`` lays it out (safetensors, config, index) from
+        rank 0; all ranks call it. Stage 3 gathers one output shard at a time (checkpoint/export.py)."""
         from hf_zero.checkpoint.export import save_model_hf
 
-        save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0)
+        save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0 and is_main_process,
+                      max_shard_size=max_shard_size)
         if self.comm.active:
             dist.barrier(group=self.comm.group)
 

@@ -63,6 +63,7 @@ class PretrainedWeights:
                 self.entries[key] = (file, _DTYPES[info["dtype"]], list(info["shape"]))
             handle.close()
         mapping = get_model_conversion_mapping(model)
+        self._mapping = mapping
         self._renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self._converters = [m for m in mapping if isinstance(m, WeightConverter)]
         self._by_pattern = {p: c for c in self._converters for p in c.source_patterns}
@@ -97,6 +98,11 @@ class PretrainedWeights:
                 info.unexpected_keys.add(renamed)
         for first, (pattern, sources) in groups.items():
             self._check_conversion(first, pattern, sources, info)
+        # As transformers does: saving reverts exactly the transforms this load used (the
+        # indices let an offline consolidation rebuild the same list for a meta-built model).
+        used = [i for i, transform in enumerate(self._mapping) if transform.was_used()]
+        self.model._weight_conversions = [self._mapping[i] for i in used]
+        self.model._hf_zero_conversions_used = used
         tied = getattr(self.model, "all_tied_weights_keys", {}) or {}
         info.missing_keys -= {target for target, source in tied.items() if source not in info.missing_keys}
         if hasattr(self.model, "_adjust_missing_and_unexpected_keys"):
