@@ -134,6 +134,10 @@ def _model_meta(engine: "ZeroEngine") -> dict:
     meta: dict[str, Any] = {"model_class": type(getattr(module, "base_model", module)).__name__}
     if getattr(module, "peft_config", None) is not None:
         meta["model_class"] = type(module.get_base_model()).__name__
+    hf_model = module.get_base_model() if getattr(module, "peft_config", None) is not None else module
+    if hasattr(hf_model, "base_model_prefix"):   # consolidation rebuilds it on meta for save_pretrained's layout
+        meta["hf_model_class"] = type(hf_model).__name__
+        meta["hf_conversions_used"] = getattr(hf_model, "_hf_zero_conversions_used", None)
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = _json_checked(config.to_dict(), "model config")

@@ -1,0 +1,38 @@
+"""After stage-3 training at world 2, model.save_pretrained (accelerate's ending) and
+hf-zero consolidate write what transformers' save_pretrained writes, and it reloads to the
+trained logits."""
+
+import pytest
+
+import export_cases as cases
+import pretrained_cases
+from hf_zero.testing import run_on_ranks
+
+_cache: dict = {}
+MODELS = ("gpt2", "llama_sharded", "mixtral", "qwen2_moe")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if "export" not in _cache:
+        dirs = pretrained_cases.write_checkpoints(tmp_path_factory.mktemp("layouts"))
+        out = tmp_path_factory.mktemp("exports")
+        _cache["export"] = run_on_ranks(cases.export_after_training, 2, dirs, str(out), timeout_s=400)
+    return _cache["export"]
+
+
+@pytest.mark.parametrize("kind", ("save_pretrained", "consolidated"))
+@pytest.mark.parametrize("name", MODELS)
+def test_same_files_keys_shapes_dtypes_values_as_save_pretrained(results, name, kind):
+    assert results[0][name, kind, "layout"] == []
+
+
+@pytest.mark.parametrize("kind", ("save_pretrained", "consolidated"))
+@pytest.mark.parametrize("name", MODELS)
+def test_reloaded_by_transformers_gives_the_trained_logits(results, name, kind):
+    assert results[0][name, kind, "logits"] <= 1e-6
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_of_a_sharded_model_raises_saying_what_to_call(results, name):
+    assert all(r[name, "state_dict_raised"] for r in results)
