@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_zero.accounting import bytes_by_category
-from hf_zero.comm import Collectives
+from hf_zero.comm import Collectives, rank_local_step
+from hf_zero.fingerprint import check_same_everywhere
 from hf_zero.config import AUTO, ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
 from hf_zero.optim.build import build_optimizer, check_optimizer_is_fresh, rebind_optimizer
@@ -77,27 +78,31 @@ class ZeroEngine:
     def __init__(self, model: nn.Module, config: HfZeroConfig, optimizer: Optional[torch.optim.Optimizer],
                  lr_scheduler: Any, group: Optional[dist.ProcessGroup]):
         self.comm = Collectives(group)
-        self.config = resolve_batch_sizes(config, self.comm.world_size)
-        _check_supported(self.config)
+        # Rank-local checks come before the first collective, then the ranks agree: a failure
+        # on one rank is the same error on all (comm.agree_on_failure), never a hang.
+        with rank_local_step(self.comm, "hf_zero.initialize"):
+            self.config = resolve_batch_sizes(config, self.comm.world_size)
+            _check_supported(self.config)
+            if optimizer is not None:
+                check_optimizer_is_fresh(optimizer)
+            specs = collect_param_groups(model, optimizer)
+            if not any(spec.params for spec in specs):
+                raise ValueError("the model has no trainable parameters")
+            self.dtype = _model_dtype(self.config)
+            zero = self.config.zero_optimization
+            # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
+            # an NVMe path is checked here, before any work.
+            self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
+        check_same_everywhere(self.comm, model, self.config)
         if self.config.debug_collectives and self.comm.active:
             from hf_zero.diagnostics.divergence import CollectiveChecker
 
             self.comm.checker = CollectiveChecker(group, self.comm.rank, self.comm.world_size,
                                                   self.config.debug_collectives_timeout)
-        if optimizer is not None:
-            check_optimizer_is_fresh(optimizer)
-        specs = collect_param_groups(model, optimizer)
-        if not any(spec.params for spec in specs):
-            raise ValueError("the model has no trainable parameters")
 
         self.module = model
-        self.dtype = _model_dtype(self.config)
         if self.dtype != torch.float32:
             model.to(self.dtype)
-        zero = self.config.zero_optimization
-        # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
-        # an NVMe path is checked here, before any work.
-        self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=zero.reduce_bucket_size,
@@ -117,28 +122,30 @@ class ZeroEngine:
             self.stage.quantized_weights = quantized if zero.zero_quantized_weights else None
         # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
         # The offload backend (none / cpu / nvme) decides where masters and optimizer states live.
-        self.offload = build_optimizer_offload(zero, self.stage.owned_params(), self.comm.rank,
-                                               force_copy=zero.zero_quantized_weights)
-        self.masters: MasterWeights = self.offload.masters
-        for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
-            if hasattr(group, "on_shard_modified"):
-                group.on_shard_modified.append(self.offload.reload_from_params)
+        # Optimizer offload setup is rank-local (NVMe: the swap directory's checks): agreed here.
+        with rank_local_step(self.comm, "hf_zero.initialize (optimizer offload setup)"):
+            self.offload = build_optimizer_offload(zero, self.stage.owned_params(), self.comm.rank,
+                                                   force_copy=zero.zero_quantized_weights)
+            self.masters: MasterWeights = self.offload.masters
+            for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
+                if hasattr(group, "on_shard_modified"):
+                    group.on_shard_modified.append(self.offload.reload_from_params)
 
-        # Each optimizer group steps the master chunks of all its parameter groups (several
-        # at stage 3, one per unit; none for a group emptied by freezing).
-        master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
-        for spec_index, masters in zip(group_spec, self.masters.masters):
-            master_groups[spec_index].extend(masters)
-        if optimizer is None:
-            inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
-        else:
-            rebind_optimizer(optimizer, master_groups)
-            inner = optimizer
-        if self.param_store.offloads:
-            # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
-            # dropped per sub-group, so no pass over the model holds all shards resident.
-            self.offload.on_params_done = self.param_store.drop_pages
-        self.offload.attach(inner)
+            # Each optimizer group steps the master chunks of all its parameter groups (several
+            # at stage 3, one per unit; none for a group emptied by freezing).
+            master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
+            for spec_index, masters in zip(group_spec, self.masters.masters):
+                master_groups[spec_index].extend(masters)
+            if optimizer is None:
+                inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
+            else:
+                rebind_optimizer(optimizer, master_groups)
+                inner = optimizer
+            if self.param_store.offloads:
+                # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
+                # dropped per sub-group, so no pass over the model holds all shards resident.
+                self.offload.on_params_done = self.param_store.drop_pages
+            self.offload.attach(inner)
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
@@ -347,7 +354,7 @@ class ZeroEngine:
         from hf_zero.checkpoint.export import save_model_hf
 
         save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0 and is_main_process,
-                      max_shard_size=max_shard_size)
+                      max_shard_size=max_shard_size, comm=self.comm)
         if self.comm.active:
             dist.barrier(group=self.comm.group)
 
@@ -403,6 +410,12 @@ def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = 
     taking the engine's optimizer (built from ``config["scheduler"]`` when omitted).
     ``group``: the data-parallel process group (default: the world; none: one process).
     """
+    if group is None and not (dist.is_available() and dist.is_initialized()) and \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} (a launcher started several processes) but "
+                           "torch.distributed has no process group: call torch.distributed.init_process_group("
+                           "backend=...) before hf_zero.initialize (accelerate and the Trainer do it for you), "
+                           "or every rank would train alone")
     config = load_config(config)
     # The one environment switch: debug mode must be reachable without editing configs.
     if os.environ.get("HF_ZERO_DEBUG_COLLECTIVES", "") not in ("", "0"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -18,11 +19,13 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from hf_zero.checkpoint.hf_layout import HfLayout, is_transformers_model
 from hf_zero.checkpoint.layout import true_shape
 from hf_zero.checkpoint.model_hooks import released_state_dict_allowed
+from hf_zero.comm import Collectives, rank_local_step
 from hf_zero.checkpoint.safetensors_io import write_safetensors
 
 
 def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool,
-                  max_shard_size: int | str = "50GB") -> None:
+                  max_shard_size: int | str = "50GB", comm: Optional[Collectives] = None) -> None:
+    """Write ``module``; with ``comm`` a failure on the writing rank is every rank's error."""
     save_dir = Path(save_dir)
     groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
               if getattr(p, "_hf_zero_group", None) is not None}
@@ -32,20 +35,22 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
         for g in trainable:
             g.gather(g.comm)
         try:
-            if is_writer:
-                _save_pretrained(module, save_dir, dtype)
+            with rank_local_step(comm or Collectives(None), f"writing the adapter to {save_dir}"):
+                if is_writer:
+                    _save_pretrained(module, save_dir, dtype)
         finally:
             for g in trainable:
                 g.release()
         return
     if is_transformers_model(module):
-        _save_transformers_layout(module, save_dir, dtype, is_writer, max_shard_size)
+        _save_transformers_layout(module, save_dir, dtype, is_writer, max_shard_size, comm)
         return
     if groups:
         _save_sharded_stage3(module, save_dir, dtype, is_writer, max_shard_size)
         return
-    if is_writer:
-        _save_pretrained(module, save_dir, dtype)
+    with rank_local_step(comm or Collectives(None), f"writing the model to {save_dir}"):
+        if is_writer:
+            _save_pretrained(module, save_dir, dtype)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +58,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _save_transformers_layout(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
-                              max_shard_size: int | str) -> None:
+                              max_shard_size: int | str, comm: Optional[Collectives]) -> None:
     entries = module.state_dict(keep_vars=True)   # parameters and persistent buffers, tied names included
     shapes = {n: true_shape(t) for n, t in entries.items()}
     dtypes = {n: dtype if t.is_floating_point() else t.dtype for n, t in entries.items()}
@@ -74,10 +79,11 @@ def _save_transformers_layout(module: torch.nn.Module, save_dir: Path, dtype: to
             for group in groups.values():
                 group.release()
 
-    if is_writer:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_shards(save_dir, set(layout.plan.filename_to_tensors))
-    layout.write(save_dir, values_for, dtype, is_writer)
+    with rank_local_step(comm or Collectives(None), f"preparing {save_dir}"):
+        if is_writer:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_shards(save_dir, set(layout.plan.filename_to_tensors))
+    layout.write(save_dir, values_for, dtype, is_writer, comm)
 
 
 def _remove_stale_shards(save_dir: Path, keep: set[str]) -> None:

@@ -24,6 +24,7 @@ import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from hf_zero.checkpoint.safetensors_io import write_safetensors
+from hf_zero.comm import Collectives, agree_on_failure
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +76,30 @@ class HfLayout:
         return {key: reverted[key].contiguous() for key in self.plan.filename_to_tensors[filename]}
 
     def write(self, out_dir: Path, values_for: Callable[[list[str]], Optional[dict[str, torch.Tensor]]],
-              dtype: torch.dtype, is_writer: bool = True) -> None:
+              dtype: torch.dtype, is_writer: bool = True, comm: Optional[Collectives] = None) -> None:
         """Write every file; ``values_for(names)`` returns those tensors (None on non-writing ranks,
-        which still call it: stage 3 gathers there)."""
+        which still call it: stage 3 gathers there). A write that fails (a full disk) stops the
+        writing, not the gathering, so the other ranks are not left waiting; with ``comm`` every
+        rank then raises the same error (comm.agree_on_failure)."""
+        error: Optional[Exception] = None
         for filename in self.plan.filename_to_tensors:
             values = values_for(self.needed(filename))
-            if is_writer:
-                write_safetensors(out_dir / filename, self.file_tensors(filename, values), metadata={"format": "pt"})
+            if is_writer and error is None:
+                try:
+                    write_safetensors(out_dir / filename, self.file_tensors(filename, values),
+                                      metadata={"format": "pt"})
+                except Exception as err:   # held until every rank has taken part in every gather
+                    error = err
             del values   # one output file in memory at a time
-        if is_writer:
-            self.write_metadata(out_dir, dtype)
+        if is_writer and error is None:
+            try:
+                self.write_metadata(out_dir, dtype)
+            except Exception as err:
+                error = err
+        if comm is not None:
+            agree_on_failure(comm, error, f"writing the model to {out_dir}")
+        elif error is not None:
+            raise error
 
     def write_metadata(self, out_dir: Path, dtype: torch.dtype) -> None:
         """The index (as save_pretrained writes it), config.json and generation_config.json."""
