@@ -46,7 +46,9 @@ def _compare(ours: Path, reference: Path) -> list[str]:
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
             problems.append(f"{key}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
     for name in ("config.json", "generation_config.json"):
-        if (reference / name).is_file() and json.loads((ours / name).read_text()) != json.loads((reference / name).read_text()):
+        if not (reference / name).is_file():
+            continue
+        if json.loads((ours / name).read_text()) != json.loads((reference / name).read_text()):
             problems.append(f"{name} differs")
     return problems
 

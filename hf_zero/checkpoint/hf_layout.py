@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
@@ -149,3 +149,27 @@ def meta_model(model_class: str, config: dict) -> Optional[torch.nn.Module]:
     cfg = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         return cls._from_config(cfg)
+
+
+def conversion_indices(model: torch.nn.Module) -> Optional[list[int]]:
+    """Which of ``get_model_conversion_mapping(model)``'s transforms the model's load used (their
+    indices, for a checkpoint manifest); None for a model built from a config (nothing loaded)."""
+    used = getattr(model, "_hf_zero_conversions_used", None)   # hf_zero.from_pretrained
+    if used is not None:
+        return list(used)
+    loaded = getattr(model, "_weight_conversions", None)       # transformers' from_pretrained
+    if loaded is None:
+        return None
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    def signature(t: Any) -> tuple:
+        return (type(t).__name__, tuple(t._original_source_patterns), tuple(t._original_target_patterns),
+                t.scope_prefix)
+
+    index = {signature(t): i for i, t in enumerate(get_model_conversion_mapping(model))}
+    found = [index.get(signature(t)) for t in loaded]
+    if None in found:
+        logger.warning("hf_zero: %s was loaded with weight conversions hf_zero cannot name; consolidation "
+                       "will revert the model type's default ones", type(model).__name__)
+        return None
+    return found

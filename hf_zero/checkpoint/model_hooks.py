@@ -1,11 +1,13 @@
 """``model.save_pretrained`` and ``model.state_dict`` on a model hf_zero shards in place.
 
 Stage 3 leaves each parameter empty between uses, so transformers' ``save_pretrained`` and
-torch's ``state_dict`` would write or return ``torch.Size([0])`` tensors. The engine routes
-``model.save_pretrained(dir, is_main_process=...)`` (what ``accelerator.unwrap_model(model)
-.save_pretrained(...)`` calls on every rank) to ``engine.save_16bit_model``, which gathers one
-output file at a time and writes save_pretrained's layout from rank 0; a call with an explicit
-``state_dict=`` goes to transformers unchanged. ``state_dict()`` cannot gather (it may be
+torch's ``state_dict`` would write or return ``torch.Size([0])`` tensors. Under stage 3 the
+engine routes ``model.save_pretrained(dir, is_main_process=...)`` (what
+``accelerator.unwrap_model(model).save_pretrained(...)`` calls on every rank) to
+``engine.save_16bit_model``, which gathers one output file at a time and writes
+save_pretrained's layout from rank 0: every rank must call it, as with DeepSpeed's
+``save_16bit_model`` (a call on one rank alone waits for the others in the first gather). A
+call with an explicit ``state_dict=`` goes to transformers unchanged. ``state_dict()`` cannot gather (it may be
 called on one rank only, and every rank would need the whole model), so while any parameter is
 released it raises, saying what to call instead.
 """
@@ -52,7 +54,10 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
     """Route ``save_pretrained`` and guard ``state_dict`` on ``engine.module``; returns the undo."""
     module = engine.module
     handle = module.register_state_dict_post_hook(_refuse_released)
-    routed = hasattr(module, "save_pretrained") and getattr(module, "peft_config", None) is None
+    # Stages 0-2 hold whole parameters: transformers' own save_pretrained writes the same layout
+    # and may be called on rank 0 alone, as in a DDP script; only stage 3 needs every rank.
+    routed = engine.stage.stage == 3 and hasattr(module, "save_pretrained") and \
+        getattr(module, "peft_config", None) is None
     if routed:
         original = module.save_pretrained
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from hf_zero.checkpoint.files import (CheckpointError, fsync_dir, validate_tag, write_json_atomic,
                                       write_text_atomic)
+from hf_zero.checkpoint.hf_layout import conversion_indices
 from hf_zero.checkpoint.layout import Piece, owned_pieces, piece_key, true_shape
 from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
@@ -139,7 +140,7 @@ def _model_meta(engine: "ZeroEngine") -> dict:
     hf_model = module.get_base_model() if getattr(module, "peft_config", None) is not None else module
     if hasattr(hf_model, "base_model_prefix"):   # consolidation rebuilds it on meta for save_pretrained's layout
         meta["hf_model_class"] = type(hf_model).__name__
-        meta["hf_conversions_used"] = getattr(hf_model, "_hf_zero_conversions_used", None)
+        meta["hf_conversions_used"] = conversion_indices(hf_model)
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = _json_checked(config.to_dict(), "model config")
