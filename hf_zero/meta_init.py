@@ -14,9 +14,12 @@ from a ``ParameterSource``:
   and the unit's name. Every rank therefore computes the same values whatever order it
   builds them in, and the result does not depend on the world size. Peak: the shards
   plus one unit.
-- pretrained weights (``hf_zero.from_pretrained``): each rank reads, from the Hugging Face
-  safetensors files, only the rows covering its own slices (``safe_open(...).get_slice``).
-  Parameters missing from the files (e.g. new LoRA adapters) are initialised as above.
+- pretrained weights (``hf_zero.from_pretrained``): a ``PretrainedWeights`` plan
+  (pretrained_weights.py: transformers' own key renaming and weight conversions) says which
+  checkpoint bytes make each parameter; each rank reads only the element ranges covering its
+  own slices (experts fused at load time: only the experts its slices cover). Parameters
+  missing from the files (e.g. new LoRA adapters) are initialised as above; persistent
+  buffers the files hold are loaded.
 Stages 0-2 hold whole parameters: the source materialises each parameter in full instead.
 """
 

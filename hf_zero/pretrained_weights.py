@@ -13,9 +13,13 @@ safetensors *headers* are read to build the plan, on every rank alike:
 - a key that feeds a ``WeightConverter`` (several source tensors -> one fused parameter, or one
   -> several) is converted by the converter itself. Shapes are checked up front by running the
   conversion on meta tensors; values are produced when the first slice of one of its targets is
-  asked for: the converter's source tensors (only those) are read whole, converted, and the
-  result is kept until a parameter of another conversion is asked for. So the extra memory is
-  one converted group (e.g. one layer's experts), never a file.
+  asked for, and kept until a slice of another conversion is asked for, so the extra memory is
+  at most one converted group (e.g. one layer's experts), never a file. When the conversion
+  stacks experts (its first operation is ``MergeModulelist(dim=0)`` and the rest concatenate
+  along later dimensions, as for Mixtral's and Qwen2-MoE's experts), expert ``e`` of the
+  target depends only on expert ``e``'s sources: a slice is made by converting only the
+  experts it covers, so each rank reads just those source tensors. Otherwise the converter's
+  source tensors (only those) are read whole.
 Missing, unexpected and mismatched keys follow transformers' rules (tied weights, the model's
 ``_keys_to_ignore_on_load_*``) and are reported by transformers' own ``log_state_dict_report``:
 a warning naming every parameter left at its initialisation, and an error for a shape mismatch
@@ -71,7 +75,9 @@ class PretrainedWeights:
         self.direct: dict[str, str] = {}                      # model name -> checkpoint key
         self.conversions: list[tuple[str, str, list[tuple[str, str, str]]]] = []
         self.converted: dict[str, int] = {}                   # model name -> index in conversions
-        self._cache: tuple[int, dict[str, torch.Tensor]] = (-1, {})
+        self._experts: dict[int, int] = {}   # conversion index -> number of stacked experts (see note)
+        self._cache: tuple[tuple, dict[str, torch.Tensor]] = ((), {})
+        self.bytes_read = 0   # source bytes read for converted parameters (tests check the slicing)
         self._handles: dict[Path, SafetensorsFile] = {}
         self.report = self._plan(ignore_mismatched_sizes)
 
@@ -133,6 +139,7 @@ class PretrainedWeights:
         except Exception as err:   # transformers reports conversion failures the same way
             info.conversion_errors[first] = f"{type(err).__name__}: {err}"
             return
+        self._note_experts(index, outputs)
         for name, value in outputs.items():
             if name not in self.expected:
                 info.unexpected_keys.add(name)
@@ -143,13 +150,37 @@ class PretrainedWeights:
             else:
                 self.converted[name] = index
 
-    def _convert(self, index: int, meta: bool) -> dict[str, torch.Tensor]:
-        """Run transformers' converter over the sources of conversion ``index`` (meta: shapes only)."""
-        first, pattern, sources = self.conversions[index]
+    def _note_experts(self, index: int, outputs: dict[str, torch.Tensor]) -> None:
+        """Record conversion ``index`` as expert-stacking when its operations stack per-expert
+        sources along dim 0 and concatenate only along later dims (see the module note)."""
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+
+        operations = getattr(self._by_pattern[self.conversions[index][1]], "operations", [])
+        if not operations or type(operations[0]) is not MergeModulelist or operations[0].dim != 0:
+            return
+        if any(type(op) is not Concatenate or op.dim < 1 for op in operations[1:]):
+            return
+        counts = {len(keys) for keys in self._sources_by_pattern(index).values()}
+        if len(counts) == 1 and all(v.shape[0] == next(iter(counts)) for v in outputs.values()):
+            self._experts[index] = counts.pop()
+
+    def _sources_by_pattern(self, index: int) -> dict[str, list[tuple[str, str]]]:
+        by_pattern: dict[str, list[tuple[str, str]]] = {}
+        for renamed, key, source_pattern in self.conversions[index][2]:
+            by_pattern.setdefault(source_pattern, []).append((renamed, key))
+        return by_pattern
+
+    def _convert(self, index: int, meta: bool, experts: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
+        """Run transformers' converter over the sources of conversion ``index`` (meta: shapes
+        only); ``experts=(first, last)`` converts only those experts of a stacking conversion."""
+        first, pattern, _ = self.conversions[index]
         converter = copy.deepcopy(self._by_pattern[pattern])   # one instance per target, as transformers does
         dtype = self.expected[first].dtype
-        for renamed, key, source_pattern in sources:
-            converter.add_tensor(renamed, key, source_pattern, lambda k=key: self._source(k, dtype, meta))
+        for source_pattern, entries in self._sources_by_pattern(index).items():
+            if experts is not None:
+                entries = entries[experts[0]:experts[1] + 1]
+            for renamed, key in entries:
+                converter.add_tensor(renamed, key, source_pattern, lambda k=key: self._source(k, dtype, meta))
         outputs = converter.convert(first, model=self.model, config=getattr(self.model, "config", None))
         return {name: (value[0] if isinstance(value, list) else value) for name, value in outputs.items()}
 
@@ -159,6 +190,7 @@ class PretrainedWeights:
             return torch.empty(shape, dtype=dtype, device="meta")
         out = torch.empty(shape, dtype=stored)
         self._handle(file).read_into(key, 0, out.view(-1))
+        self.bytes_read += out.numel() * out.element_size()
         return out.to(dtype)   # transformers casts each source to the parameter's dtype first
 
     # ---- reading --------------------------------------------------------------------------
@@ -176,11 +208,15 @@ class PretrainedWeights:
             key = self.direct[name]
             self._handle(self.entries[key][0]).read_into(key, start, out)
             return
-        index = self.converted[name]
-        if self._cache[0] != index:
-            self._cache = (-1, {})   # drop the previous group first: one converted group at a time
-            self._cache = (index, self._convert(index, meta=False))
-        out.copy_(self._cache[1][name].reshape(-1).narrow(0, start, out.numel()))
+        index, offset, experts = self.converted[name], 0, None
+        if index in self._experts:   # convert just the experts this slice covers
+            per_expert = self.expected[name].numel() // self._experts[index]
+            experts = (start // per_expert, (start + max(out.numel(), 1) - 1) // per_expert)
+            offset = experts[0] * per_expert
+        if self._cache[0] != (index, experts):
+            self._cache = ((), {})   # drop the previous group first: one converted group at a time
+            self._cache = ((index, experts), self._convert(index, meta=False, experts=experts))
+        out.copy_(self._cache[1][name].reshape(-1).narrow(0, start - offset, out.numel()))
 
     def _handle(self, file: Path) -> SafetensorsFile:
         if file not in self._handles:
@@ -188,7 +224,7 @@ class PretrainedWeights:
         return self._handles[file]
 
     def close(self) -> None:
-        self._cache = (-1, {})
+        self._cache = ((), {})
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()

@@ -84,6 +84,12 @@ def _config(stage: int) -> dict:
                                   "reduce_bucket_size": 2000}}
 
 
+def _converted_source_bytes(plan) -> int:
+    """Bytes of every checkpoint tensor that feeds a weight conversion (MoE experts)."""
+    keys = {key for _, _, sources in plan.conversions for _, key, _ in sources}
+    return sum(torch.Size(plan.entries[k][2]).numel() * plan.entries[k][1].itemsize for k in keys)
+
+
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=x).logits
@@ -97,7 +103,7 @@ def load_against_transformers(rank: int, world: int, dirs: dict[str, str]) -> di
     records = _Records()
     logging.getLogger("hf_zero").addHandler(records)
     x = torch.arange(12).reshape(2, 6) % VOCAB
-    out: dict = {"diff": {}, "warnings": {}, "errors": {}}
+    out: dict = {"diff": {}, "warnings": {}, "errors": {}, "converted_bytes": {}}
     for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "gpt2_extra_key",
                  "gpt2_missing_key"):
         reference = _logits(AutoModelForCausalLM.from_pretrained(dirs[name]), x)
@@ -106,6 +112,8 @@ def load_against_transformers(rank: int, world: int, dirs: dict[str, str]) -> di
             model = hf_zero.from_pretrained(dirs[name])
             engine = hf_zero.initialize(model, _config(stage))
             out["diff"][name, stage] = (_logits(model, x) - reference).abs().max().item()
+            out["converted_bytes"][name, stage] = (model._hf_zero_weights.bytes_read,
+                                                   _converted_source_bytes(model._hf_zero_weights))
             out["warnings"][name, stage] = list(records.messages)
             engine.destroy()
     try:

@@ -25,6 +25,15 @@ def test_logits_equal_transformers_from_pretrained(results, name, stage):
         assert r["diff"][name, stage] <= 1e-6, (rank, r["diff"][name, stage])
 
 
+@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe"))
+def test_each_rank_reads_only_the_experts_its_shards_cover(results, name):
+    for r in results:
+        read_whole, total = r["converted_bytes"][name, 0]
+        assert total > 0 and read_whole == total   # stages 0-2: every expert once
+        read_sharded, _ = r["converted_bytes"][name, 3]
+        assert read_sharded <= 0.75 * total, (read_sharded, total)   # world 2: measured 0.50 (boundary experts may add)
+
+
 def test_clean_checkpoints_load_without_warnings(results):
     for r in results:
         for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe"):
