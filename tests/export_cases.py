@@ -97,4 +97,31 @@ def export_after_training(rank: int, world: int, dirs: dict[str, str], out_root:
             reloaded = AutoModelForCausalLM.from_pretrained(root / kind)
             with torch.no_grad():
                 out[name, kind, "logits"] = (reloaded(input_ids=x).logits - trained_logits).abs().max().item()
+    out["lora"] = _lora_adapter(rank, dirs["gpt2"], Path(out_root) / "lora")
     return out
+
+
+def _lora_adapter(rank: int, base_dir: str, root: Path) -> dict:
+    """A LoRA model under stage 3: model.save_pretrained on every rank writes the adapter as peft does."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(hf_zero.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["c_attn"],
+                                                                         fan_in_fan_out=True))
+    engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
+                                        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+                                        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    ids = (torch.arange(12).reshape(2, 6) * (rank + 2)) % VOCAB
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    with hf_zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.save_pretrained(root, is_main_process=rank == 0)
+    engine.destroy()
+    if rank != 0:
+        return {}
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), root)
+    got = {n: p.detach() for n, p in reloaded.named_parameters() if "lora_" in n}
+    return {"files": sorted(p.name for p in root.iterdir()),
+            "equal": set(got) == set(trained) and all(torch.equal(got[n], trained[n]) for n in trained),
+            "nonzero_b": any(v.abs().sum() > 0 for n, v in got.items() if "lora_B" in n)}

@@ -36,3 +36,9 @@ def test_reloaded_by_transformers_gives_the_trained_logits(results, name, kind):
 @pytest.mark.parametrize("name", MODELS)
 def test_state_dict_of_a_sharded_model_raises_saying_what_to_call(results, name):
     assert all(r[name, "state_dict_raised"] for r in results)
+
+
+def test_lora_model_save_pretrained_under_stage_3_writes_the_trained_adapter(results):
+    lora = results[0]["lora"]
+    assert lora["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert lora["equal"] and lora["nonzero_b"]

@@ -56,19 +56,17 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
     handle = module.register_state_dict_post_hook(_refuse_released)
     # Stages 0-2 hold whole parameters: transformers' own save_pretrained writes the same layout
     # and may be called on rank 0 alone, as in a DDP script; only stage 3 needs every rank.
-    routed = engine.stage.stage == 3 and hasattr(module, "save_pretrained") and \
-        getattr(module, "peft_config", None) is None
+    # (a peft model writes its adapter: save_16bit_model gathers the adapter and calls peft)
+    routed = engine.stage.stage == 3 and hasattr(module, "save_pretrained")
     if routed:
         original = module.save_pretrained
 
-        def save_pretrained(save_directory: Any, is_main_process: bool = True, state_dict: Any = None,
-                            max_shard_size: Any = "50GB", **kwargs: Any) -> None:
-            if state_dict is not None:   # the caller gathered: transformers writes it as given
-                return original(save_directory, is_main_process=is_main_process, state_dict=state_dict,
-                                max_shard_size=max_shard_size, **kwargs)
+        def save_pretrained(save_directory: Any, *args: Any, state_dict: Any = None, **kwargs: Any) -> None:
+            if state_dict is not None:   # the caller gathered: transformers / peft write it as given
+                return original(save_directory, *args, state_dict=state_dict, **kwargs)
             # save_function / safe_serialization do not apply: safetensors are written by rank 0
-            engine.save_16bit_model(str(save_directory), max_shard_size=max_shard_size,
-                                    is_main_process=is_main_process)
+            engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
+                                    is_main_process=kwargs.get("is_main_process", True))
 
         module.save_pretrained = save_pretrained
 
