@@ -90,6 +90,9 @@ def setup_faults(rank: int, world: int, swap_root: str) -> dict:
     nvme = {**CONFIG, "zero_optimization": {"stage": 2, "reduce_bucket_size": 4000, "offload_optimizer": {
         "device": "nvme", "nvme_path": str(swap), "buffer_count": 2}}}
     out["nvme"] = _attempt(lambda: hf_zero.initialize(tiny_gpt2(), nvme))
+    param_nvme = {**CONFIG, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme",
+                                                                                 "nvme_path": str(swap)}}}
+    out["param_nvme"] = _attempt(lambda: hf_zero.initialize(tiny_gpt2(), param_nvme))
     # ranks built different models / configs
     out["model"] = _attempt(lambda: hf_zero.initialize(tiny_gpt2(n_layer=2 + rank), CONFIG))
     bucket = {**CONFIG, "zero_optimization": {"stage": 2, "reduce_bucket_size": 4000 + rank}}

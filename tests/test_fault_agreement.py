@@ -56,8 +56,9 @@ def test_export_write_failure_on_the_writer_is_every_ranks_error(checkpoint):
     _same_error_everywhere(checkpoint, "export", "RankFailure", "rank 0", "No space left")
 
 
-def test_unusable_nvme_path_on_rank_1_is_the_same_error_on_both_ranks(setup):
-    _same_error_everywhere(setup, "nvme", "RankFailure", "rank 1", "missing", "does not exist")
+@pytest.mark.parametrize("scenario", ("nvme", "param_nvme"))   # optimizer offload, parameter offload
+def test_unusable_nvme_path_on_rank_1_is_the_same_error_on_both_ranks(setup, scenario):
+    _same_error_everywhere(setup, scenario, "RankFailure", "rank 1", "missing", "does not exist")
 
 
 def test_different_models_are_named_at_initialize(setup):
