@@ -42,3 +42,19 @@ def test_lora_model_save_pretrained_under_stage_3_writes_the_trained_adapter(res
     lora = results[0]["lora"]
     assert lora["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert lora["equal"] and lora["nonzero_b"]
+
+
+def test_consolidating_a_model_loaded_by_transformers_matches_its_save_pretrained(tmp_path):
+    """A MoE model loaded by transformers' own from_pretrained, then trained under hf_zero (one process)."""
+    import hf_zero
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "mixtral"
+    pretrained_cases.tiny_mixtral().save_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.save_pretrained(tmp_path / "reference", max_shard_size=cases.SHARD)
+    engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+                                        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    engine.save_checkpoint(tmp_path / "ckpt")
+    hf_zero.consolidate(tmp_path / "ckpt", tmp_path / "consolidated", max_shard_size=cases.SHARD)
+    assert cases._compare(tmp_path / "consolidated", tmp_path / "reference") == []
