@@ -93,6 +93,7 @@ def save_and_load(rank: int, world: int, size: str, directory: str) -> dict:
 
 CONSOLIDATE = """
 import resource, sys, hf_zero, torch, huggingface_hub, safetensors
+import transformers.models.gpt2.modeling_gpt2   # consolidation builds the model class on meta (no tensors)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 hf_zero.consolidate(sys.argv[1], sys.argv[2], max_shard_size=int(sys.argv[3]))
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

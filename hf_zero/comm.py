@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from hf_zero.device import backend_device_types
+
 
 class _DoneWork:
     """Work handle for calls that needed no communication."""
@@ -75,6 +77,14 @@ class Collectives:
     def active(self) -> bool:
         return self.world_size > 1
 
+    def small_tensor_device(self) -> torch.device:
+        """Where a flag or seed tensor must live to go through this group: the host when the
+        backend serves host tensors (gloo), else the current accelerator (NCCL serves only CUDA
+        tensors; the engine made this rank's GPU current before its first collective)."""
+        if not self.active or "cpu" in backend_device_types(dist.get_backend(self.group)):
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())   # CUDA-only branch (NCCL)
+
     def all_reduce_sum(self, tensor: torch.Tensor, async_op: bool = False):
         if not self.active:
             return _DoneWork()
@@ -124,6 +134,14 @@ class Collectives:
         work = dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
+    def all_gather_objects(self, value: object) -> list:
+        """Every rank's (small, picklable) ``value``; for agreement and diagnostics, not for tensors."""
+        if not self.active:
+            return [value]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
         if not self.active:
             return
@@ -131,3 +149,49 @@ class Collectives:
         self.stats.record("broadcast", _nbytes(tensor))
         src = dist.get_global_rank(self.group, src_rank) if self.group is not None else src_rank
         dist.broadcast(tensor, src=src, group=self.group)
+
+
+class RankFailure(RuntimeError):
+    """A rank-local step failed on at least one rank; every rank raises this same error."""
+
+
+def agree_on_failure(comm: Collectives, error: Optional[BaseException], what: str,
+                     error_class: type = RankFailure) -> None:
+    """Every rank calls this after its rank-local work: one small all-reduce of an error flag
+    and, only when some rank failed, a gather of the messages, so that every rank raises the
+    same ``error_class`` naming each failed rank and its error instead of one raising and the
+    others waiting in their next collective until the backend's timeout.
+    [Note: ranks agree on failure] in docs/checkpoints.md."""
+    if not comm.active:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=comm.small_tensor_device())
+    comm.all_reduce_max(flag)
+    if not flag.item():
+        return
+    mine = None if error is None else (type(error).__name__, str(error))
+    reports = comm.all_gather_objects(mine)
+    if error is not None and all(r is not None and r[0] == mine[0] for r in reports):
+        raise error   # the same kind of failure everywhere (e.g. a bad config): each rank's own error
+    reports = [None if r is None else f"{r[0]}: {r[1]}" for r in reports]
+    failed = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(reports) if text is not None)
+    raise error_class(f"{what} failed on rank(s) {[r for r, t in enumerate(reports) if t is not None]} "
+                      f"(every rank raises this): {failed}") from error
+
+
+class rank_local_step:  # noqa: N801 (used as a context manager, like contextlib's)
+    """``with rank_local_step(comm, "save_checkpoint"): <rank-local work>``: the exception, if
+    any, is held and every rank agrees on the outcome when the block ends."""
+
+    def __init__(self, comm: Collectives, what: str, error_class: type = RankFailure):
+        self.comm, self.what, self.error_class = comm, what, error_class
+
+    def __enter__(self) -> "rank_local_step":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None and not isinstance(error, Exception):
+            return False   # KeyboardInterrupt / SystemExit: not something to agree on
+        agree_on_failure(self.comm, error, self.what, self.error_class)
+        return True   # no error anywhere (or agree raised)

@@ -19,10 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_zero.accounting import bytes_by_category
-from hf_zero.comm import Collectives
+from hf_zero.comm import Collectives, rank_local_step
 from hf_zero.config import ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
 from hf_zero.config.compat import unresolved_autos
 from hf_zero.device import collective_device, compute_device_of, uses_cuda
+from hf_zero.fingerprint import check_same_everywhere
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
 from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optimizer_is_fresh, rebind_optimizer
 from hf_zero.optim.loss_scaler import build_loss_scaler
@@ -33,6 +34,7 @@ from hf_zero.offload import build_optimizer_offload, build_param_store
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
 from hf_zero.meta_init import has_meta_parameters
+from hf_zero.checkpoint.model_hooks import install_save_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -71,33 +73,37 @@ class ZeroEngine:
     def __init__(self, model: nn.Module, config: HfZeroConfig, optimizer: Optional[torch.optim.Optimizer],
                  lr_scheduler: Any, group: Optional[dist.ProcessGroup]):
         self.comm = Collectives(group)
-        self.config = resolve_batch_sizes(config, self.comm.world_size)
-        _check_supported(self.config)
+        # Rank-local checks come before the first collective, then the ranks agree: a failure
+        # on one rank is the same error on all (comm.agree_on_failure), never a hang.
+        with rank_local_step(self.comm, "hf_zero.initialize"):
+            self.config = resolve_batch_sizes(config, self.comm.world_size)
+            _check_supported(self.config)
+            if optimizer is not None:
+                check_optimizer_is_fresh(optimizer)
+            specs = collect_param_groups(model, optimizer)
+            if not any(spec.params for spec in specs):
+                raise ValueError("the model has no trainable parameters")
+            self.device = compute_device_of(model)   # [Note: device selection] in device.py
+            if uses_cuda(self.device):
+                # CUDA-only branch: NCCL's collectives (the agreement below included), the RNG a
+                # checkpoint saves and torch's default allocations follow the current device.
+                torch.cuda.set_device(self.device)
+            self.dtype = _model_dtype(self.config)
+            zero = self.config.zero_optimization
+            # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
+            # an NVMe path is checked here, before any work.
+            self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank,
+                                                 self.device)
+        check_same_everywhere(self.comm, model, self.config)
         if self.config.debug_collectives and self.comm.active:
             from hf_zero.diagnostics.divergence import CollectiveChecker
 
             self.comm.checker = CollectiveChecker(group, self.comm.rank, self.comm.world_size,
                                                   self.config.debug_collectives_timeout)
-        if optimizer is not None:
-            check_optimizer_is_fresh(optimizer)
-        specs = collect_param_groups(model, optimizer)
-        if not any(spec.params for spec in specs):
-            raise ValueError("the model has no trainable parameters")
 
         self.module = model
-        self.device = compute_device_of(model)   # [Note: device selection] in device.py
-        if uses_cuda(self.device):
-            # CUDA-only branch: NCCL's object collectives, the RNG a checkpoint saves and
-            # torch's default allocations follow the current device; make it this rank's GPU.
-            torch.cuda.set_device(self.device)
-        self.dtype = _model_dtype(self.config)
         if self.dtype != torch.float32:
             model.to(self.dtype)
-        zero = self.config.zero_optimization
-        # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
-        # an NVMe path is checked here, before any work.
-        self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank,
-                                             self.device)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
             zero.stage, model, specs, self.comm, bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
@@ -117,29 +123,31 @@ class ZeroEngine:
             self.stage.quantized_weights = quantized if zero.zero_quantized_weights else None
         # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
         # The offload backend (none / cpu / nvme) decides where masters and optimizer states live.
-        self.offload = build_optimizer_offload(zero, self.stage.owned_params(), self.comm.rank,
-                                               force_copy=zero.zero_quantized_weights)
-        self.masters: MasterWeights = self.offload.masters
-        for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
-            if hasattr(group, "on_shard_modified"):
-                group.on_shard_modified.append(self.offload.reload_from_params)
+        # Optimizer offload setup is rank-local (NVMe: the swap directory's checks): agreed here.
+        with rank_local_step(self.comm, "hf_zero.initialize (optimizer offload setup)"):
+            self.offload = build_optimizer_offload(zero, self.stage.owned_params(), self.comm.rank,
+                                                   force_copy=zero.zero_quantized_weights)
+            self.masters: MasterWeights = self.offload.masters
+            for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
+                if hasattr(group, "on_shard_modified"):
+                    group.on_shard_modified.append(self.offload.reload_from_params)
 
-        # Each optimizer group steps the master chunks of all its parameter groups (several
-        # at stage 3, one per unit; none for a group emptied by freezing).
-        master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
-        for spec_index, masters in zip(group_spec, self.masters.masters):
-            master_groups[spec_index].extend(masters)
-        if optimizer is None:
-            inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
-        else:
-            rebind_optimizer(optimizer, master_groups)
-            inner = optimizer
-        bind_tensor_layout(inner, self.stage, self.flat_groups, self.masters.masters)   # Lamb, Muon
-        if self.param_store.offloads:
-            # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
-            # dropped per sub-group, so no pass over the model holds all shards resident.
-            self.offload.on_params_done = self.param_store.drop_pages
-        self.offload.attach(inner)
+            # Each optimizer group steps the master chunks of all its parameter groups (several
+            # at stage 3, one per unit; none for a group emptied by freezing).
+            master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
+            for spec_index, masters in zip(group_spec, self.masters.masters):
+                master_groups[spec_index].extend(masters)
+            if optimizer is None:
+                inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
+            else:
+                rebind_optimizer(optimizer, master_groups)
+                inner = optimizer
+            bind_tensor_layout(inner, self.stage, self.flat_groups, self.masters.masters)   # Lamb, Muon
+            if self.param_store.offloads:
+                # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
+                # dropped per sub-group, so no pass over the model holds all shards resident.
+                self.offload.on_params_done = self.param_store.drop_pages
+            self.offload.attach(inner)
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
@@ -161,6 +169,8 @@ class ZeroEngine:
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
         model.no_sync = self.no_sync
         model.zero_grad = self.zero_grad
+        # model.save_pretrained gathers (stage 3); model.state_dict() refuses to return empty tensors
+        self._undo_save_hooks = install_save_hooks(self)
         self.comm.stats.reset()
 
     def _fused_update(self, inner: torch.optim.Optimizer):
@@ -309,6 +319,7 @@ class ZeroEngine:
             self.stage.unshard()
         for name in ("no_sync", "zero_grad"):
             self.module.__dict__.pop(name, None)
+        self._undo_save_hooks()
         for g in self.flat_groups:
             for p in g.params:
                 p.grad = None
@@ -337,12 +348,14 @@ class ZeroEngine:
         self.param_store.evict_all()   # NVMe-mapped shards the load wrote
         return result
 
-    def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None) -> None:
-        """Write the model in Hugging Face layout (safetensors) from rank 0; all ranks call it.
-        Stage 3 gathers one output shard at a time (see checkpoint/export.py)."""
+    def save_16bit_model(self, save_dir: str, dtype: Optional[torch.dtype] = None,
+                         max_shard_size: Union[int, str] = "50GB", is_main_process: bool = True) -> None:
+        """Write the model as ``save_pretrained`` lays it out (safetensors, config, index) from
+        rank 0; all ranks call it. Stage 3 gathers one output shard at a time (checkpoint/export.py)."""
         from hf_zero.checkpoint.export import save_model_hf
 
-        save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0)
+        save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0 and is_main_process,
+                      max_shard_size=max_shard_size, comm=self.comm)
         if self.comm.active:
             dist.barrier(group=self.comm.group)
 
@@ -400,6 +413,12 @@ def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = 
     taking the engine's optimizer (built from ``config["scheduler"]`` when omitted).
     ``group``: the data-parallel process group (default: the world; none: one process).
     """
+    if group is None and not (dist.is_available() and dist.is_initialized()) and \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} (a launcher started several processes) but "
+                           "torch.distributed has no process group: call torch.distributed.init_process_group("
+                           "backend=...) before hf_zero.initialize (accelerate and the Trainer do it for you), "
+                           "or every rank would train alone")
     config = load_config(config)
     # The one environment switch: debug mode must be reachable without editing configs.
     if os.environ.get("HF_ZERO_DEBUG_COLLECTIVES", "") not in ("", "0"):

@@ -14,9 +14,12 @@ from a ``ParameterSource``:
   and the unit's name. Every rank therefore computes the same values whatever order it
   builds them in, and the result does not depend on the world size. Peak: the shards
   plus one unit.
-- pretrained weights (``hf_zero.from_pretrained``): each rank reads, from the Hugging Face
-  safetensors files, only the rows covering its own slices (``safe_open(...).get_slice``).
-  Parameters missing from the files (e.g. new LoRA adapters) are initialised as above.
+- pretrained weights (``hf_zero.from_pretrained``): a ``PretrainedWeights`` plan
+  (pretrained_weights.py: transformers' own key renaming and weight conversions) says which
+  checkpoint bytes make each parameter; each rank reads only the element ranges covering its
+  own slices (experts fused at load time: only the experts its slices cover). Parameters
+  missing from the files (e.g. new LoRA adapters) are initialised as above; persistent
+  buffers the files hold are loaded.
 Stages 0-2 hold whole parameters: the source materialises each parameter in full instead.
 """
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import zlib
 from pathlib import Path
@@ -58,17 +60,25 @@ def pending_seed() -> int:
     return seed % (2**62)   # fits the int64 tensor it is broadcast in
 
 
-def from_pretrained(path: str | Path, model_class=None, **config_kwargs) -> nn.Module:
-    """A model whose weights ``initialize`` reads slice by slice from ``path`` (HF safetensors)."""
+def from_pretrained(path: str | Path, model_class=None, ignore_mismatched_sizes: bool = False,
+                    **config_kwargs) -> nn.Module:
+    """A model whose weights ``initialize`` reads slice by slice from ``path`` (HF safetensors).
+
+    The checkpoint is mapped onto the model by transformers' own loading rules (see
+    pretrained_weights.py): renamed and converted keys, ``base_model_prefix``, tied weights;
+    missing and unexpected keys are logged by name, a shape mismatch raises unless
+    ``ignore_mismatched_sizes`` (then the parameter keeps its initialisation)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hf_zero.pretrained_weights import PretrainedWeights, checkpoint_files
+
     path = Path(path)
-    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    checkpoint_files(path)   # a directory without weights fails before any model is built
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     with zero_init():
         model = (model_class or AutoModelForCausalLM).from_config(config)
-    model._hf_zero_weights = str(path)
+    model._hf_zero_weights = PretrainedWeights(path, model, ignore_mismatched_sizes)
+    model.eval()   # as transformers' from_pretrained leaves it (dropout off until .train())
     return model
 
 
@@ -87,51 +97,13 @@ def has_meta_parameters(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
 
 
-class _SafetensorsSlices:
-    """Element ranges of tensors in a (sharded) HF safetensors checkpoint, read straight into
-    their destination (checkpoint/safetensors_io.py: no memory map, no temporary copies)."""
-
-    def __init__(self, path: Path):
-        from hf_zero.checkpoint.safetensors_io import SafetensorsFile
-
-        self._file_class = SafetensorsFile
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            self.file_of = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            single = SafetensorsFile(path / "model.safetensors")
-            self.file_of = {k: path / "model.safetensors" for k in single.keys()}
-            single.close()
-        self._handles: dict[Path, object] = {}
-
-    def key_for(self, name: str) -> Optional[str]:
-        """The checkpoint key of a model parameter name (peft wrappers renamed stripped)."""
-        bare = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        for candidate in (name, bare):
-            if candidate in self.file_of:
-                return candidate
-        return None
-
-    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
-        file = self.file_of[key]
-        if file not in self._handles:
-            self._handles[file] = self._file_class(file)
-        self._handles[file].read_into(key, start, out)
-
-    def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-
-
 class ParameterSource:
     """Values of a meta-built model's parameters, one slice at a time (see module note)."""
 
     def __init__(self, model: nn.Module, unit_modules: list[nn.Module], seed: int,
                  device: torch.device = torch.device("cpu")):
         self.model, self.seed, self.device = model, seed, device
-        weights = getattr(model, "_hf_zero_weights", None)
-        self.files = _SafetensorsSlices(Path(weights)) if weights else None
+        self.files = getattr(model, "_hf_zero_weights", None)   # a PretrainedWeights plan, or None
         names = {id(m): n for n, m in model.named_modules()}
         self._unit_of: dict[int, tuple[str, nn.Module]] = {}
         in_unit = set()
@@ -202,6 +174,10 @@ class ParameterSource:
                                  f"module {type(module).__name__} has no transformers initializer to recompute it")
             with torch.no_grad():
                 init._init_weights(module)
+                for n in metas:   # persistent buffers the checkpoint holds are loaded, as transformers does
+                    key = self.files.key_for(f"{name}.{n}" if name else n) if self.files is not None else None
+                    if key is not None:
+                        self.files.read_into(key, 0, module._buffers[n].view(-1))
 
 
 def _nearest_initializers(model: nn.Module) -> dict[int, nn.Module]:

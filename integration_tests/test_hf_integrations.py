@@ -203,5 +203,7 @@ def test_accelerate_loop_and_state_resume(work):
     for step in map(str, range(4, 7)):
         assert again["loss"][step] == pytest.approx(expected["loss"][step], rel=RTOL)
     saved = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    unwrapped = AutoModelForCausalLM.from_pretrained(out / "model_unwrapped").state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(ref / "model").state_dict().items():
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(unwrapped[name], saved[name], rtol=0, atol=0, msg=name)

@@ -20,6 +20,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
 from hf_zero.checkpoint.files import fsync_dir, write_json_atomic
+from hf_zero.checkpoint.hf_layout import HfLayout, meta_model
 from hf_zero.checkpoint.load import checkpoint_path
 from hf_zero.checkpoint.reader import CheckpointReader
 from hf_zero.checkpoint.safetensors_io import write_safetensors
@@ -62,6 +63,37 @@ def _config_json(manifest: dict, dtype: torch.dtype) -> Optional[dict]:
     return config
 
 
+def _meta_model(manifest: dict) -> Optional[torch.nn.Module]:
+    """The trained transformers model rebuilt on meta (None for other models and old checkpoints),
+    with the weight conversions its from_pretrained used, so saving reverts the same ones."""
+    if not manifest.get("hf_model_class") or manifest.get("model_config") is None:
+        return None
+    model = meta_model(manifest["hf_model_class"], manifest["model_config"])
+    used = manifest.get("hf_conversions_used")
+    if model is not None and used is not None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        mapping = get_model_conversion_mapping(model)
+        model._weight_conversions = [mapping[i] for i in used]
+    return model
+
+
+def _write_hf_layout(reader: CheckpointReader, model: torch.nn.Module, sources: dict[str, tuple[str, str]],
+                     dtype: torch.dtype, max_shard_size: Union[int, str], out_dir: Path) -> None:
+    """save_pretrained's files (hf_layout.py), each assembled from the checkpoint's pieces."""
+    manifest = reader.manifest
+    info = {**manifest["buffers"], **manifest["params"]}
+    shapes = {key: info[src]["shape"] for key, (_, src) in sources.items()}
+    dtypes = {key: dtype if "float" in info[src]["dtype"] else getattr(torch, info[src]["dtype"].split(".")[-1])
+              for key, (_, src) in sources.items()}
+    layout = HfLayout(model, shapes, dtypes, max_shard_size)
+
+    def values_for(names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: reader.full(sources[n][0], sources[n][1], dtypes[n]) for n in names}
+
+    layout.write(out_dir, values_for, dtype)
+
+
 def consolidate(checkpoint_dir: Union[str, Path], out_dir: Union[str, Path], tag: Optional[str] = None,
                 max_shard_size: Union[int, str] = "5GB", dtype: Union[str, torch.dtype] = "fp32",
                 adapter_only: bool = False) -> Path:
@@ -83,21 +115,25 @@ def consolidate(checkpoint_dir: Union[str, Path], out_dir: Union[str, Path], tag
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()
     try:
-        for filename, keys in plan.filename_to_tensors.items():
+        model = None if adapter_only else _meta_model(reader.manifest)
+        if model is not None:
+            _write_hf_layout(reader, model, sources, dtype, max_shard_size, tmp)
+            plan = None
+        for filename, keys in (plan.filename_to_tensors.items() if plan is not None else ()):
             shard = {}
             for key in keys:
                 kind, src = sources[key]
                 shard[key] = reader.full(kind, src, dtype).contiguous()
             write_safetensors(tmp / filename, shard, metadata={"format": "pt"})
             del shard   # one output shard in memory at a time
-        if plan.is_sharded:
+        if plan is not None and plan.is_sharded:
             index = {"metadata": {**plan.metadata}, "weight_map": plan.tensor_to_filename}
             stem = "adapter_model" if adapter_only else "model"
             write_json_atomic(tmp / f"{stem}.safetensors.index.json", index)
         if adapter_only:
             adapter_config = next(iter(reader.manifest["peft"].values()))
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        else:
+        elif model is None:
             config = _config_json(reader.manifest, dtype)
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))

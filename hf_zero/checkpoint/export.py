@@ -1,25 +1,31 @@
-"""Write a live model in Hugging Face layout (``save_pretrained`` when the model has it).
+"""Write a live model in Hugging Face layout: the files ``save_pretrained`` would write.
 
-Stages 0-2 hold whole parameters on every rank: rank 0 writes. Under stage 3 the model's
-parameter groups are gathered one output shard at a time (a collective every rank takes
-part in), so no rank ever holds the whole model; peft models write their (small) adapter
-through peft's own ``save_pretrained`` with the adapter's groups gathered.
+transformers models go through ``HfLayout`` (hf_layout.py: save_pretrained's own tied-weight
+removal, weight-conversion revert and shard plan, on meta tensors); their values are gathered
+one output file at a time (a collective every rank takes part in under stage 3; a no-op at
+stages 0-2), so no rank ever holds the whole model, and rank 0 writes. peft models write their
+(small) adapter through peft's own ``save_pretrained`` with the adapter's groups gathered.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from hf_zero.checkpoint.hf_layout import HfLayout, is_transformers_model
 from hf_zero.checkpoint.layout import true_shape
+from hf_zero.checkpoint.model_hooks import released_state_dict_allowed
+from hf_zero.comm import Collectives, rank_local_step
 from hf_zero.checkpoint.safetensors_io import write_safetensors
 
 
 def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool,
-                  max_shard_size: int | str = "5GB") -> None:
+                  max_shard_size: int | str = "50GB", comm: Optional[Collectives] = None) -> None:
+    """Write ``module``; with ``comm`` a failure on the writing rank is every rank's error."""
     save_dir = Path(save_dir)
     groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
               if getattr(p, "_hf_zero_group", None) is not None}
@@ -29,25 +35,70 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
         for g in trainable:
             g.gather(g.comm)
         try:
-            if is_writer:
-                _save_pretrained(module, save_dir, dtype)
+            with rank_local_step(comm or Collectives(None), f"writing the adapter to {save_dir}"):
+                if is_writer:
+                    _save_pretrained(module, save_dir, dtype)
         finally:
             for g in trainable:
                 g.release()
         return
+    if is_transformers_model(module):
+        _save_transformers_layout(module, save_dir, dtype, is_writer, max_shard_size, comm)
+        return
     if groups:
         _save_sharded_stage3(module, save_dir, dtype, is_writer, max_shard_size)
         return
-    if is_writer:
-        _save_pretrained(module, save_dir, dtype)
+    with rank_local_step(comm or Collectives(None), f"writing the model to {save_dir}"):
+        if is_writer:
+            _save_pretrained(module, save_dir, dtype)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+
+
+def _save_transformers_layout(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
+                              max_shard_size: int | str, comm: Optional[Collectives]) -> None:
+    entries = module.state_dict(keep_vars=True)   # parameters and persistent buffers, tied names included
+    shapes = {n: true_shape(t) for n, t in entries.items()}
+    dtypes = {n: dtype if t.is_floating_point() else t.dtype for n, t in entries.items()}
+    layout = HfLayout(module, shapes, dtypes, max_shard_size)
+
+    def values_for(names: list[str]) -> dict[str, torch.Tensor] | None:
+        # gather each parameter group this file needs once, in plan order (the same on every rank)
+        groups = {}
+        for name in names:
+            group = getattr(entries[name], "_hf_zero_group", None)
+            if group is not None and not group.gathered:
+                groups[id(group)] = group
+        for group in groups.values():
+            group.gather(group.comm)
+        try:
+            return {n: _cast(entries[n], dtype).clone() for n in names} if is_writer else None
+        finally:
+            for group in groups.values():
+                group.release()
+
+    with rank_local_step(comm or Collectives(None), f"preparing {save_dir}"):
+        if is_writer:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_shards(save_dir, set(layout.plan.filename_to_tensors))
+    layout.write(save_dir, values_for, dtype, is_writer, comm)
+
+
+def _remove_stale_shards(save_dir: Path, keep: set[str]) -> None:
+    """As save_pretrained: shard files of an earlier, differently sharded save are removed."""
+    for old in save_dir.glob("model-*-of-*.safetensors"):
+        if old.name not in keep:
+            old.unlink()
 
 
 def _save_pretrained(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
 
     save_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach())
-             for k, v in module.state_dict().items()}
+    with released_state_dict_allowed():   # peft keeps only the (gathered) adapter entries
+        state = {k: _cast(v, dtype) for k, v in module.state_dict().items()}
     if hasattr(module, "save_pretrained"):
         # transformers/peft handle tied weights, weight-name conversion and adapter filtering
         module.save_pretrained(save_dir, state_dict=state, safe_serialization=True)

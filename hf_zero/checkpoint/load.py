@@ -18,6 +18,7 @@ from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
 from hf_zero.checkpoint.rng import restore_rng
 from hf_zero.optim.fused_step import new_step_counter
 from hf_zero.checkpoint.save import _persistent_buffers
+from hf_zero.comm import rank_local_step
 
 if TYPE_CHECKING:
     from hf_zero.engine import ZeroEngine
@@ -111,6 +112,21 @@ def _check_sources(reader: CheckpointReader, pieces: list[Piece], with_optimizer
             reader.check(kind, piece.name, piece.param_start, piece.length)
 
 
+def _check_module_sources(engine: "ZeroEngine", reader: CheckpointReader) -> None:
+    """As _check_sources, for what the module itself reads: stage-3 frozen shards, unsharded
+    parameters and persistent buffers."""
+    for piece in owned_pieces(_frozen_groups(engine), engine.stage.partition_rank):
+        kind = "frozen" if reader.has("frozen", piece.name) else "master"
+        reader.check(kind, piece.name, piece.param_start, piece.length)
+    grouped = {id(p) for g in [*engine.flat_groups, *_frozen_groups(engine)] for p in g.params}
+    for name, p in engine.module.named_parameters():
+        if id(p) not in grouped:
+            reader.check("frozen" if reader.has("frozen", name) else "master", name, 0, p.numel())
+    for name, b in _persistent_buffers(engine.module).items():
+        if reader.has("buffer", name):
+            reader.check("buffer", name, 0, b.numel())
+
+
 def _check_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
     meta, inner = reader.manifest["optimizer"], engine.optimizer.inner
     if meta["class"] != type(inner).__name__ or len(meta["param_groups"]) != len(inner.param_groups):
@@ -150,16 +166,21 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
                     load_module_only: bool = False, verify: bool = True) -> tuple[Path, dict]:
     """Restore parameters (and, unless disabled, optimizer, scaler, scheduler, step counters
     and this rank's RNG). Returns (checkpoint path, client_state)."""
-    path = checkpoint_path(Path(load_dir), tag)
-    reader = CheckpointReader(path, verify=verify)
-    _check_model_matches(reader, engine.module, path)
-    engine.stage.wait_for_reductions()
-    engine.stage.zero_grad()
     pieces = owned_pieces(engine.flat_groups, engine.stage.partition_rank)
     with_optimizer = load_optimizer_states and not load_module_only
-    if with_optimizer:
-        _check_optimizer(engine, reader)
-    _check_sources(reader, pieces, with_optimizer)
+    reader = None
+    # Every file and range this rank reads is checked before the first collective; the ranks
+    # then agree, so a corrupt file on one rank is the same error on all (comm.agree_on_failure).
+    with rank_local_step(engine.comm, f"load_checkpoint from {load_dir}", CheckpointError):
+        path = checkpoint_path(Path(load_dir), tag)
+        reader = CheckpointReader(path, verify=verify)
+        _check_model_matches(reader, engine.module, path)
+        if with_optimizer:
+            _check_optimizer(engine, reader)
+        _check_sources(reader, pieces, with_optimizer)
+        _check_module_sources(engine, reader)
+    engine.stage.wait_for_reductions()
+    engine.stage.zero_grad()
     with torch.no_grad():   # masters and states stream into the offload backend piece by piece
         _load_masters(engine, reader, pieces)
         if with_optimizer:

@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from hf_zero.checkpoint.files import fsync_dir, validate_tag, write_json_atomic, write_text_atomic
+from hf_zero.checkpoint.files import (CheckpointError, fsync_dir, validate_tag, write_json_atomic,
+                                      write_text_atomic)
+from hf_zero.checkpoint.hf_layout import conversion_indices
 from hf_zero.checkpoint.layout import Piece, owned_pieces, piece_key, true_shape
 from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
 from hf_zero.checkpoint.safetensors_io import Streamed, write_safetensors
+from hf_zero.comm import rank_local_step
 from hf_zero.config import config_to_dict
 
 if TYPE_CHECKING:
@@ -134,6 +137,10 @@ def _model_meta(engine: "ZeroEngine") -> dict:
     meta: dict[str, Any] = {"model_class": type(getattr(module, "base_model", module)).__name__}
     if getattr(module, "peft_config", None) is not None:
         meta["model_class"] = type(module.get_base_model()).__name__
+    hf_model = module.get_base_model() if getattr(module, "peft_config", None) is not None else module
+    if hasattr(hf_model, "base_model_prefix"):   # consolidation rebuilds it on meta for save_pretrained's layout
+        meta["hf_model_class"] = type(hf_model).__name__
+        meta["hf_conversions_used"] = conversion_indices(hf_model)
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = _json_checked(config.to_dict(), "model config")
@@ -146,65 +153,81 @@ def _model_meta(engine: "ZeroEngine") -> dict:
 
 def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[str] = None,
                     client_state: Optional[dict] = None) -> Path:
-    """Write a sharded checkpoint on every rank; returns ``save_dir / tag``."""
-    tag = validate_tag(tag if tag is not None else f"global_step{engine.global_steps}")
-    client_state = _json_checked(client_state or {}, "client_state")
-    scheduler = engine.lr_scheduler
-    scheduler_state = _json_checked(scheduler.state_dict(), "lr_scheduler.state_dict()") if scheduler else None
-    engine.stage.wait_for_reductions()
-    comm, save_dir = engine.comm, Path(save_dir)
+    """Write a sharded checkpoint on every rank; returns ``save_dir / tag``.
 
+    Each rank-local phase ends in an agreement (comm.agree_on_failure), so a failure on one
+    rank (bad input, a full disk) is the same CheckpointError on every rank, and the previous
+    checkpoint and ``latest`` stay as they were."""
+    comm, save_dir = engine.comm, Path(save_dir)
     tmp_name = None
-    if comm.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob(".*.tmp-*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp_name = f".{tag}.tmp-{uuid.uuid4().hex[:12]}"
-        (save_dir / tmp_name).mkdir()
+    with rank_local_step(comm, f"save_checkpoint to {save_dir}", CheckpointError):
+        tag = validate_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+        client_state = _json_checked(client_state or {}, "client_state")
+        scheduler = engine.lr_scheduler
+        scheduler_state = _json_checked(scheduler.state_dict(), "lr_scheduler.state_dict()") if scheduler else None
+        engine.stage.wait_for_reductions()
+        if comm.rank == 0:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            for stale in save_dir.glob(".*.tmp-*"):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            tmp_name = f".{tag}.tmp-{uuid.uuid4().hex[:12]}"
+            (save_dir / tmp_name).mkdir()
     tmp = save_dir / _broadcast_object(tmp_name, comm)
 
     file_name = f"rank_{comm.rank:05d}.safetensors"
-    tensors, index = _rank_tensors(engine)
-    entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
-    del tensors
-    _after_file_written(tmp / file_name)
-    for piece in index.values():
-        piece["file"] = file_name
-    reports = _gather_objects((comm.rank, file_name, entry, index, capture_rng()), comm)
-
-    final = save_dir / tag
-    if comm.rank == 0:
-        manifest = {
-            "format": FORMAT, "tag": tag, "world_size": comm.world_size, "stage": engine.stage.stage,
-            "model_dtype": str(engine.dtype), "global_steps": engine.global_steps,
-            "micro_steps": engine.micro_steps, "skipped_steps": engine.optimizer.num_skipped_steps,
-            "params": {n: {"shape": true_shape(p), "dtype": str(p.dtype), "trainable": p.requires_grad}
-                       for n, p in engine.module.named_parameters()},
-            "buffers": {n: {"shape": list(b.shape), "dtype": str(b.dtype)}
-                        for n, b in _persistent_buffers(engine.module).items()},
-            "files": {name: entry for _, name, entry, _, _ in reports},
-            "pieces": {k: v for _, _, _, idx, _ in reports for k, v in idx.items()},
-            "rng": {**getattr(engine, "carried_rng_states", {}),
-                    **{str(rank): rng for rank, _, _, _, rng in reports}},
-            "optimizer": _optimizer_meta(engine),
-            "loss_scaler": engine.scaler.state_dict(),
-            "lr_scheduler": scheduler_state,
-            "client_state": client_state,
-            "config": config_to_dict(engine.config),
-            **_model_meta(engine),
-        }
-        write_json_atomic(tmp / "manifest.json", manifest)
-        fsync_dir(tmp)
-        old = None
-        if final.exists():
-            old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:12]}"
-            final.rename(old)
-        tmp.rename(final)
-        fsync_dir(save_dir)
-        write_text_atomic(save_dir / "latest", tag)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    if comm.active:
-        dist.barrier(group=comm.group)
+    entry, index = None, {}
+    try:
+        with rank_local_step(comm, f"save_checkpoint writing {tmp}/rank_*.safetensors", CheckpointError):
+            tensors, index = _rank_tensors(engine)
+            entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
+            del tensors
+            _after_file_written(tmp / file_name)
+            for piece in index.values():
+                piece["file"] = file_name
+        reports = _gather_objects((comm.rank, file_name, entry, index, capture_rng()), comm)
+        final = save_dir / tag
+        with rank_local_step(comm, f"save_checkpoint publishing {final}", CheckpointError):
+            if comm.rank == 0:
+                _publish(engine, tmp, final, tag, reports, scheduler_state, client_state)
+    except CheckpointError:
+        if comm.rank == 0:   # the half-written directory goes; `latest` still names the previous one
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def _publish(engine: "ZeroEngine", tmp: Path, final: Path, tag: str, reports: list,
+             scheduler_state: Any, client_state: dict) -> None:
+    """Rank 0: manifest, then rename into place, then ``latest`` (see the module note)."""
+    comm, save_dir = engine.comm, final.parent
+    manifest = {
+        "format": FORMAT, "tag": tag, "world_size": comm.world_size, "stage": engine.stage.stage,
+        "model_dtype": str(engine.dtype), "global_steps": engine.global_steps,
+        "micro_steps": engine.micro_steps, "skipped_steps": engine.optimizer.num_skipped_steps,
+        "params": {n: {"shape": true_shape(p), "dtype": str(p.dtype), "trainable": p.requires_grad}
+                   for n, p in engine.module.named_parameters()},
+        "buffers": {n: {"shape": list(b.shape), "dtype": str(b.dtype)}
+                    for n, b in _persistent_buffers(engine.module).items()},
+        "files": {name: entry for _, name, entry, _, _ in reports},
+        "pieces": {k: v for _, _, _, idx, _ in reports for k, v in idx.items()},
+        "rng": {**getattr(engine, "carried_rng_states", {}),
+                **{str(rank): rng for rank, _, _, _, rng in reports}},
+        "optimizer": _optimizer_meta(engine),
+        "loss_scaler": engine.scaler.state_dict(),
+        "lr_scheduler": scheduler_state,
+        "client_state": client_state,
+        "config": config_to_dict(engine.config),
+        **_model_meta(engine),
+    }
+    write_json_atomic(tmp / "manifest.json", manifest)
+    fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:12]}"
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(save_dir)
+    write_text_atomic(save_dir / "latest", tag)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

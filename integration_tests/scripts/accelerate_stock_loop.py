@@ -87,6 +87,10 @@ def train(args: argparse.Namespace, clip: float, out: str, before_prepare: Optio
         accelerator.unwrap_model(model).save_pretrained(os.path.join(out, "model"), state_dict=state_dict)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f)
+    # transformers' run_clm_no_trainer.py ending, on every rank (stage 3: hf_zero gathers per file)
+    accelerator.unwrap_model(model).save_pretrained(os.path.join(out, "model_unwrapped"),
+                                                    is_main_process=accelerator.is_main_process,
+                                                    save_function=accelerator.save)
     accelerator.wait_for_everyone()
 
 
