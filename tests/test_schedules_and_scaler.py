@@ -5,6 +5,9 @@ The expected values are in tests/data/deepspeed_schedules.json, recorded from De
 by hand; CI has no DeepSpeed)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,35 @@ def test_static_and_disabled_scaling():
     assert build_loss_scaler(load_config({"fp16": {"enabled": True, "loss_scale": 128}}).fp16).scale == 128
     assert build_loss_scaler(load_config({}).fp16).scale == 1.0
     assert build_loss_scaler(load_config({"fp16": {"enabled": True}}).fp16).scale == 2.0 ** 16
+
+
+ACCELERATE_LOOP = """
+import json, sys, torch
+from accelerate import Accelerator
+from hf_zero.integrations.accelerate import prepare_accelerate
+case = json.loads(sys.argv[1])
+torch.manual_seed(0)
+config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+          "scheduler": {"type": case["type"], "params": case["params"]}}
+model, optimizer = prepare_accelerate(Accelerator(cpu=True), torch.nn.Linear(4, 4), config=config,
+                                      micro_batch_size=2)
+lrs = []
+for _ in range(len(case["lr_used_by_step"])):
+    lrs.append(optimizer.param_groups[0]["lr"])
+    model(torch.randn(2, 4)).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+print(json.dumps(lrs))
+"""
+
+
+def test_config_scheduler_steps_under_accelerate():
+    """prepare_accelerate returns no scheduler: hf_zero steps the config's after each optimizer
+    step, as DeepSpeed's engine does under accelerate (it stayed at warmup_min_lr before)."""
+    case = SCHEDULES["decay_linear"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", ACCELERATE_LOOP, json.dumps(case)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == pytest.approx([lrs[0] for lrs in case["lr_used_by_step"]], rel=1e-12, abs=1e-15)
