@@ -73,6 +73,25 @@ def test_schedule_state_saved_and_resumed_mid_run(name):
         assert _flat(got) == pytest.approx(_flat(want[k:]), rel=1e-12, abs=1e-15), (name, k)
 
 
+def test_state_from_before_the_alignment_resumes_on_deepspeeds_timing():
+    """A state saved by hf_zero's earlier schedule (lr indexed by last_epoch itself) after 5
+    steps: same keys, so it loads; the first resumed step reuses the stored lr (DeepSpeed's
+    step 7 lr, one step early), then DeepSpeed's sequence (docs/checkpoints.md)."""
+    case = SCHEDULES["warmup_log"]
+    want = case["lr_used_by_step"]
+    old_lr = want[6]   # the earlier schedule's lr after 5 steps is DeepSpeed's at iteration 5
+    old_state = {"min_lr": 0.001, "max_lr": 0.01, "warmup_steps": 10, "warmup_type": "log",
+                 "base_lrs": case["group_lrs"], "last_epoch": 5, "_step_count": 6, "_is_initial": False,
+                 "_get_lr_called_within_step": False, "_last_lr": old_lr}
+    optimizer = _optimizer(case["group_lrs"])
+    scheduler = _scheduler(case, optimizer)
+    scheduler.load_state_dict(old_state)
+    for group, lr in zip(optimizer.param_groups, old_lr):
+        group["lr"] = lr
+    got = _lrs_used(optimizer, scheduler, len(want) - 5)
+    assert _flat(got) == pytest.approx(_flat([old_lr] + want[6:]), rel=1e-12)
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_imported_deepspeed_position_continues_deepspeeds_schedule(name):
     """import-deepspeed's scheduler state for DeepSpeed's last_batch_iteration after k steps
