@@ -44,7 +44,7 @@ def resume(rank: int, world_size: int, imported: dict, plan: list) -> dict:
         model = spec.build_model(name)
         engine = hf_zero.initialize(model, hf_zero_config(name, stage, world_size), optimizer=_optimizer(model))
         engine.load_checkpoint(imported[key])
-        losses, lrs = [], []
+        losses, lrs, scales = [], [], []
         for step in range(spec.SAVE_AFTER_STEPS, spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS):
             ids = spec.rank_batch(step, rank, world_size)
             loss = engine(input_ids=ids, labels=ids).loss
@@ -52,8 +52,9 @@ def resume(rank: int, world_size: int, imported: dict, plan: list) -> dict:
             engine.step()
             losses.append(_global_mean(loss, world_size))
             lrs.append(engine.optimizer.param_groups[0]["lr"])
+            scales.append(engine.scaler.scale)
         results[(key, stage)] = {"losses": losses, "global_steps": engine.global_steps,
-                                  "lrs": lrs, "scale": engine.scaler.scale,
+                                  "lrs": lrs, "scales": scales,
                                   "skipped": engine.optimizer.num_skipped_steps}
         engine.destroy()
     return results

@@ -81,11 +81,13 @@ def _check_curve(name: str, got: list[float]) -> None:
     if dtype == "bf16":   # bit-identical at the saving world size; other sizes reduce in another order
         assert got == pytest.approx(want, rel=1e-4), name
     else:
-        # fp16: DeepSpeed's own fp16 curve leaves its fp32 and bf16 curves at the third recorded
-        # step (rel 1.4e-3) while hf_zero's continuation stays within 4e-4 of them: a difference
-        # of fp16 training between the two, not of the imported state (docs/checkpoints.md).
+        # fp16: the loss scale follows DeepSpeed's update for update (checked by the caller), but
+        # DeepSpeed 0.19.8 unscales by the scale it has just doubled, halving the gradient of a
+        # step where the scale grows (the fifth step here); hf_zero unscales by the scale the loss
+        # was multiplied with. Measured gap 1.2e-3 / 3.0e-3 at the third / fourth recorded step
+        # (with DeepSpeed's order patched in: <= 1.3e-6; docs/checkpoints.md).
         assert got[:2] == pytest.approx(want[:2], rel=1e-5), name
-        assert got == pytest.approx(want, rel=1e-2), name
+        assert got == pytest.approx(want, rel=5e-3), name
 
 
 @pytest.mark.parametrize("world", (2, 3))
@@ -97,6 +99,8 @@ def test_resume_continues_deepspeed_loss_curve(imported, world):
         assert result["global_steps"] == spec.SAVE_AFTER_STEPS + spec.RECORDED_STEPS
         # The warmup schedule continues where DeepSpeed's was (it is still rising at these steps).
         assert result["lrs"] == pytest.approx(_recorded(name, "lr_after_each_step"), rel=1e-12), name
+        # fp16: the dynamic loss scale after each step is DeepSpeed's (window 2 from 2**8).
+        assert result["scales"] == _recorded(name, "loss_scale_after_each_step"), name
     if world == 2:
         control = results[("no_moments", 2)]["losses"]
         assert control != pytest.approx(_recorded("stage2_fp32"), rel=1e-5), "the loss curve does not test moments"
@@ -126,7 +130,7 @@ def test_loss_scaler_and_scheduler_state(imported):
     # DeepSpeed's DynamicLossScaler after 3 clean steps from 2**8 with window 2 (as stored).
     assert fp16["loss_scaler"] == {"scale": 512.0, "remaining_hysteresis": 2, "iteration": 3,
                                    "last_overflow_iteration": -1}
-    assert fp16["lr_scheduler"]["last_epoch"] == 2    # DeepSpeed's last_batch_iteration
+    assert fp16["lr_scheduler"]["last_epoch"] == 3    # DeepSpeed's last_batch_iteration (2) + 1
     assert fp16["optimizer"]["scalar_state"][0]["step"]["value"] == 3.0
 
 

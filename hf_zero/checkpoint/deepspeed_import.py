@@ -170,7 +170,7 @@ def _lr_scheduler(model_states: dict, ds_config: dict, num_groups: int) -> Optio
     if "last_batch_iteration" not in state:
         return _json_or_none(state, "lr_scheduler state")
     from hf_zero.config import ConfigError, load_config
-    from hf_zero.optim.lr_schedules import build_scheduler
+    from hf_zero.optim.lr_schedules import build_scheduler, position_after
 
     problem = "no scheduler in ds_config"
     try:
@@ -185,11 +185,12 @@ def _lr_scheduler(model_states: dict, ds_config: dict, num_groups: int) -> Optio
     lr = config.optimizer.params.lr if config.optimizer is not None else 1e-3
     dummy = torch.optim.SGD([{"params": [torch.zeros(1)]} for _ in range(num_groups)], lr=lr)
     scheduler = build_scheduler(config.scheduler, dummy)
-    # After k steps DeepSpeed's last_batch_iteration is k-1 and the next step uses its value's
-    # lr; hf_zero's next step uses last_epoch's, so the two positions coincide (k >= 1).
-    position = max(0, int(state["last_batch_iteration"]))
-    scheduler.last_epoch, scheduler._step_count = position, position + 1
-    scheduler._last_lr = scheduler.get_lr()
+    # hf_zero's schedules follow DeepSpeed's step for step: last_epoch = last_batch_iteration + 1
+    # (lr_schedules.py, [Note: schedule position]).
+    position = position_after(state["last_batch_iteration"])
+    dummy.step()   # no gradients, no change; tells torch the step order is the usual one
+    scheduler.last_epoch, scheduler._step_count = position - 1, position
+    scheduler.step()   # to last_epoch = position, setting _last_lr as a torch scheduler does
     return json.loads(json.dumps(scheduler.state_dict()))
 
 

@@ -33,6 +33,41 @@ parameters the type takes, `None` defaults meaning the type's own (see docs/desi
 """
 
 
+SEMANTICS = """
+## LR schedules and fp16 loss scaling: DeepSpeed 0.19.8's, step for step
+
+`tests/test_schedules_and_scaler.py` compares both with sequences recorded from DeepSpeed
+0.19.8's own classes (`tests/data/deepspeed_schedules.json`).
+
+- **Schedules** are driven as DeepSpeed's engine drives them: built once (that sets the lr of
+  the first optimizer step), then stepped after every optimizer step that was not skipped
+  (fp16 overflow); the HF Trainer and accelerate integrations follow the same protocol. With
+  `i` = DeepSpeed's `last_batch_iteration` (-1 before the first step), optimizer step `k`
+  (1-based) uses the schedule at `i = k - 2`: `i = -1` gives `warmup_min_lr`
+  (WarmupLR/WarmupDecayLR) or 0 (WarmupCosineLR: a ratio of 0, not `warmup_min_ratio`). Warmup
+  lasts `W = max(2, warmup_num_steps)` with gamma `ln(i + 1) / ln(W)` (`log`) or `i / W`
+  (`linear`), so **the first two optimizer steps both use the minimum**; the maximum is
+  reached at step `W + 1` (`log`) or `W + 2` (`linear`). WarmupDecayLR then decays linearly
+  to 0 at `i = total_num_steps`; WarmupCosineLR decays to `cos_min_ratio` at `i = total_num_steps - 1` and stays there.
+  `warmup_max_lr` omitted: each parameter group's own lr for WarmupLR, but 0.001 for
+  WarmupDecayLR (DeepSpeed's defaults). A checkpoint stores the torch scheduler state;
+  `last_epoch` counts scheduler steps, i.e. `last_batch_iteration + 1`.
+- **Dynamic loss scale** (`fp16.loss_scale` 0): starts at `2**initial_scale_power`. Every
+  optimizer step is one update `i` (0-based); a clean update doubles the scale when
+  `stable = i - last_overflow - 1` is positive and a multiple of `loss_scale_window`, so the
+  first doubling comes after `loss_scale_window + 1` clean steps (e.g. window 2 from 256:
+  256, 256, 512, 512, 1024 after each step) and then every `loss_scale_window` clean steps.
+  An overflow skips the step everywhere (the scheduler does not step) and spends one unit of
+  `hysteresis`, or halves the scale (not below `min_loss_scale`) when one unit is left;
+  hysteresis refills when the scale grows, or after every clean step with
+  `consecutive_hysteresis`. An overflow that would halve a scale already at
+  `min_loss_scale` raises `LossScaleAtMinimumError` (DeepSpeed's ZeRO optimizers stop there
+  too). Known difference: on a step where the scale doubles, DeepSpeed 0.19.8 divides the
+  gradients by the doubled scale (it updates the scale before unscaling), halving that step's
+  gradient unless clipping binds; hf_zero divides by the scale the loss was multiplied with.
+"""
+
+
 def _type_name(hint: typing.Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     names = sorted({getattr(a, "__name__", str(a)) for a in args} - {"str"}) or ["str"]
@@ -93,7 +128,7 @@ def render() -> str:
     ignored = "\n".join(f"- `{k}`: {v}" for k, v in sorted(IGNORED_DEEPSPEED_KEYS.items()))
     return (HEADER + "\n".join(_rows(HfZeroConfig, "")) + "\n\n" + UNHONOURED + rules
             + "\n\n## DeepSpeed keys accepted and ignored (with a warning)\n\n" + ignored
-            + "\n\nAny other key is an error.\n")
+            + "\n\nAny other key is an error.\n" + SEMANTICS)
 
 
 def _when(key: str) -> str:

@@ -92,15 +92,18 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerParams:
-    warmup_min_lr: AutoFloat = _f(0.0, "WarmupLR/WarmupDecayLR: learning rate at step 0.", min=0.0, auto=True)
+    warmup_min_lr: AutoFloat = _f(0.0, "WarmupLR/WarmupDecayLR: learning rate of the first two "
+                                  "optimizer steps (DeepSpeed's schedule, see below).", min=0.0, auto=True)
     warmup_max_lr: AutoFloat = _f(None, "WarmupLR/WarmupDecayLR: learning rate after warmup "
-                                  "(default: the optimizer's lr).", min=0.0, auto=True)
+                                  "(default: each group's lr for WarmupLR, 0.001 for WarmupDecayLR, "
+                                  "as DeepSpeed).", min=0.0, auto=True)
     warmup_num_steps: AutoInt = _f(1000, "Warmup length in optimizer steps (at least 2 is used).",
                                    min=0, auto=True)
     warmup_type: str = _f("log", "Warmup curve.", choices=("log", "linear"))
     total_num_steps: AutoInt = _f(None, "WarmupDecayLR/WarmupCosineLR: total optimizer steps.",
                                   min=1, auto=True)
-    warmup_min_ratio: float = _f(0.0, "WarmupCosineLR: lr ratio at step 0.", min=0.0, max=1.0)
+    warmup_min_ratio: float = _f(0.0, "WarmupCosineLR: lr ratio of the second optimizer step "
+                                 "(the first uses 0, as DeepSpeed).", min=0.0, max=1.0)
     cos_min_ratio: float = _f(1e-4, "WarmupCosineLR: lr ratio at the end of the cosine.", min=0.0, max=1.0)
 
 
@@ -118,10 +121,13 @@ class FP16Config:
     loss_scale: float = _f(0.0, "0 selects dynamic loss scaling; a positive value is a static scale.",
                            min=0.0)
     initial_scale_power: int = _f(16, "Dynamic scaling starts at 2**initial_scale_power.", min=0, max=63)
-    loss_scale_window: int = _f(1000, "Clean steps before the scale doubles.", min=1)
-    hysteresis: int = _f(2, "Overflows tolerated before the scale halves.", min=1)
+    loss_scale_window: int = _f(1000, "The scale doubles after window + 1 clean steps, "
+                                   "then every window clean steps (DeepSpeed's count).", min=1)
+    hysteresis: int = _f(2, "Overflows that halve the scale: the first hysteresis - 1 "
+                           "only spend a unit.", min=1)
     consecutive_hysteresis: bool = _f(False, "Refill hysteresis after every clean step.")
-    min_loss_scale: float = _f(1.0, "The scale never drops below this.", gt=0.0)
+    min_loss_scale: float = _f(1.0, "The scale never drops below this; an overflow at this "
+                                "scale raises (as DeepSpeed).", gt=0.0)
     fp16_master_weights_and_grads: bool = _f(False, "DeepSpeed: fp16 master weights and gradients. Not "
                                              "honoured when true: hf_zero keeps fp32 masters (more memory, "
                                              "other numerics), so it needs allow_unhonoured_keys.")

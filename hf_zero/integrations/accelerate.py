@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -90,6 +91,7 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
     # accelerate pairs a scheduler with its optimizer through ``prepared.optimizer``
     engine.optimizer.optimizer = engine.optimizer
     install_step_hooks(engine)
+    _step_config_scheduler(engine)
     accelerator.scaler = None   # hf_zero owns fp16 loss scaling (see the note)
     scale_backward(accelerator, engine)
     time_forward_and_backward(accelerator, engine)
@@ -99,6 +101,23 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
     _route_save_and_load(accelerator, engine)
     accelerator.hf_zero_engine = engine
     return engine.module, engine.optimizer
+
+
+def _step_config_scheduler(engine: Any) -> None:
+    """A config ``scheduler`` section: the loop never sees that scheduler, so it is stepped after
+    every optimizer step that was not skipped, as DeepSpeed's engine steps its own scheduler
+    under accelerate (whose DeepSpeedSchedulerWrapper.step does nothing)."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None:
+        return
+
+    def step_schedule(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not engine.optimizer.step_was_skipped:
+            with warnings.catch_warnings():   # torch's order check sees _gate_on_sync's step: we are after it
+                warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
+                scheduler.step()
+
+    engine.optimizer.register_step_post_hook(step_schedule)
 
 
 def _gate_on_sync(accelerator: Any, engine: Any) -> None:

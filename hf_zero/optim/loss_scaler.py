@@ -23,10 +23,20 @@ class LossScaler:
         self.scale = float(state["scale"])
 
 
+class LossScaleAtMinimumError(RuntimeError):
+    """Gradients overflowed with the scale already at ``min_loss_scale`` (DeepSpeed stops too)."""
+
+
 class DynamicLossScaler(LossScaler):
-    """Starts at 2**initial_scale_power; doubles after ``window`` clean steps since the last
-    overflow; on overflow spends one unit of hysteresis, and halves (never below
-    ``min_scale``) once hysteresis is exhausted."""
+    """DeepSpeed 0.19.8's ``DynamicLossScaler``, update for update. Starts at
+    2**initial_scale_power. A clean update at iteration ``i`` (0-based, every update counts)
+    doubles the scale when ``stable = i - last_overflow_iteration - 1`` is positive and a
+    multiple of ``window``: the first doubling comes after ``window + 1`` clean updates (one
+    more than "window clean steps" suggests), and ``window`` more after each doubling. An
+    overflow spends one unit of hysteresis, or halves the scale (never below ``min_scale``)
+    when one unit is left; hysteresis refills when the scale grows, or after every clean update
+    with ``consecutive_hysteresis``. An overflow needing a halving at ``min_scale`` raises
+    LossScaleAtMinimumError, as DeepSpeed's ZeRO optimizers do."""
 
     dynamic = True
 
@@ -45,6 +55,11 @@ class DynamicLossScaler(LossScaler):
     def update(self, overflow: bool) -> None:
         if overflow:
             if self.hysteresis == 1 or self.remaining_hysteresis == 1:
+                if self.scale == self.min_scale:
+                    raise LossScaleAtMinimumError(
+                        f"fp16 gradients overflowed with the loss scale already at fp16.min_loss_scale "
+                        f"({self.min_scale}); DeepSpeed stops the run here too. Lower the learning rate, "
+                        "check the data/model for inf/nan, lower fp16.min_loss_scale, or train in bf16")
                 self.scale = max(self.scale / self.factor, self.min_scale)
             else:
                 self.remaining_hysteresis -= 1
@@ -52,7 +67,8 @@ class DynamicLossScaler(LossScaler):
         else:
             if self.consecutive_hysteresis:
                 self.remaining_hysteresis = self.hysteresis
-            if (self.iteration - self.last_overflow_iteration) % self.window == 0:
+            stable = self.iteration - self.last_overflow_iteration - 1
+            if stable > 0 and stable % self.window == 0:
                 if not self.consecutive_hysteresis:
                     self.remaining_hysteresis = self.hysteresis
                 self.scale *= self.factor
