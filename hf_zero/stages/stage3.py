@@ -236,7 +236,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         tensors = super().memory_tensors()
-        tensors["persistent_params"] = [g.full for g in self.persistent.all_groups if g.full is not None]
+        tensors["persistent_params"] = [g.full for g in self.persistent.all_groups if g.gathered]
         return tensors
 
     def parameter_groups(self) -> list[ShardedParamGroup]:
@@ -256,7 +256,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
             for p in group.params:
                 p.data = p.data.clone()
                 del p._hf_zero_group
-            group.full = None
+            group.full.untyped_storage().resize_(0)
             group.state = GatherState.RELEASED
 
 
