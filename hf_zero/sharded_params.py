@@ -66,7 +66,7 @@ class ShardedParamGroup:
         persistent set)."""
         world, rank = comm.world_size, comm.rank
         self.params, self.names, self.rank, self.comm = params, names, rank, comm
-        self.on_shard_modified: list = []   # callbacks (the engine refreshes fp32 masters)
+        self.on_shard_modified: list = []   # callback(group, ranges): the engine refreshes fp32 masters
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
         dtype = params[0].dtype
         device = source.device if source is not None else params[0].device
@@ -190,17 +190,28 @@ class ShardedParamGroup:
             works.append(self.comm.all_gather(full.narrow(0, plan.start, plan.padded_numel), mine, async_op=True))
         return works
 
-    def write_back_full(self) -> None:
-        """Copy the (edited) gathered values into this rank's shard."""
+    def write_back_full(self, edited: Optional[list[nn.Parameter]] = None) -> None:
+        """Copy the gathered values of ``edited`` (default: every parameter) into this rank's
+        shard and tell ``on_shard_modified`` callbacks which shard ranges changed, as
+        (chunk index, start, length) in the chunks of ``shard_chunks()``; the rest of the
+        shard, and whatever was derived from it (fp32 masters), stays as it was."""
         self.wait()
-        for plan, chunk in zip(self.plans, self._shard_chunks):
+        wanted = None if edited is None else {id(p) for p in edited}
+        ranges = []
+        for chunk_index, (plan, chunk) in enumerate(zip(self.plans, self._shard_chunks)):
             start, length = plan.shard(self.rank)
-            chunk.copy_(self.full.narrow(0, start, length))
+            for index, offset in zip(plan.param_indices, plan.param_offsets):
+                if wanted is not None and id(self.params[index]) not in wanted:
+                    continue
+                lo, hi = max(offset, start), min(offset + self.params[index].numel(), start + length)
+                if lo < hi:
+                    chunk.narrow(0, lo - start, hi - lo).copy_(self.full.narrow(0, lo, hi - lo))
+                    ranges.append((chunk_index, lo - start, hi - lo))
         self.storage.evict()
         self.shard_version += 1
         self._gathered_version = self.shard_version   # the gathered values are what the shard now holds
         for callback in self.on_shard_modified:
-            callback()
+            callback(self, ranges)
 
     def release(self) -> None:
         if self.state is GatherState.RELEASED:

@@ -60,4 +60,56 @@ def _measure(rank: int, bf16: bool, checkpointing) -> dict:
 
 
 def freed_storage(rank: int, world: int) -> dict:
-    return {(bf16, ckpt): _measure(rank, bf16, ckpt) for bf16 in (False, True) for ckpt in (None, False, True)}
+    out = {(bf16, ckpt): _measure(rank, bf16, ckpt) for bf16 in (False, True) for ckpt in (None, False, True)}
+    out["edit"] = gathered_edit_keeps_masters(rank)
+    return out
+
+
+def _master_values(engine) -> list[torch.Tensor]:
+    return [m.detach().clone() for group in engine.masters.masters for m in group]
+
+
+def gathered_edit_keeps_masters(rank: int) -> dict:
+    """bf16 with fp32 masters: after some steps, rank 0 edits one row of the head under
+    GatheredParameters(modifier_rank=0); only that row's masters may change."""
+    import logging
+
+    model = llama(num_layers=2, hidden=32)
+    engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": MICRO, "bf16": {"enabled": True},
+                                        "optimizer": {"params": {"lr": 1e-2}},
+                                        "zero_optimization": {"stage": 3, "reduce_bucket_size": 3000,
+                                                              "stage3_param_persistence_threshold": 0}})
+    for step in range(2):
+        x = batch(rank, step, 0)
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    before = _master_values(engine)
+    head = model.lm_head.weight
+    with hf_zero.GatheredParameters(head, modifier_rank=0):
+        if rank == 0:
+            with torch.no_grad():
+                head[3].fill_(0.25)
+    after = _master_values(engine)
+    changed = sum(int((a != b).sum()) for a, b in zip(after, before))
+    with hf_zero.GatheredParameters(head):
+        edited_everywhere = bool((head[3] == 0.25).all())
+    has_quarter = sum(int((a == 0.25).sum()) for a in after)   # this rank's share of the edited row
+    x = batch(rank, 5, 0)
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    engine.destroy()
+
+    # stages 0-2: nothing is partitioned, so the call must say it does nothing
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hf_zero.gathered").addHandler(handler)
+    plain = llama(num_layers=2, hidden=32)
+    engine2 = hf_zero.initialize(plain, {"train_micro_batch_size_per_gpu": MICRO,
+                                         "zero_optimization": {"stage": 2}})
+    with hf_zero.GatheredParameters(plain.lm_head.weight, modifier_rank=0):
+        pass
+    logging.getLogger("hf_zero.gathered").removeHandler(handler)
+    engine2.destroy()
+    return {"changed": changed, "has_quarter": has_quarter, "edited_everywhere": edited_everywhere,
+            "stage2_warned": any("does nothing" in r.getMessage() for r in records)}

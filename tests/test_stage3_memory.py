@@ -32,3 +32,20 @@ def test_saved_tensors_keep_no_released_parameter_storage(bf16, ckpt):
             assert allowed <= run["allowed"][0] + run["largest_unit_bytes"]
             assert allowed < run["model_bytes"] / 2
         assert run["saved"][0] > 0, "the walk found no saved parameter (the measurement is broken)"
+
+
+def test_gathered_edit_refreshes_only_the_edited_masters():
+    # Before: every master of the edited parameter's group was re-read from its bf16 value.
+    results = _results()
+    total_row = sum(r["edit"]["has_quarter"] for r in results)
+    for rank, r in enumerate(results):
+        edit = r["edit"]
+        assert edit["edited_everywhere"], f"rank {rank}"
+        # exactly the edited row's elements this rank owns changed, nothing else
+        assert edit["changed"] == edit["has_quarter"], f"rank {rank}: {edit}"
+    assert total_row == 32, "the edited row (hidden 32) must be owned across the ranks exactly once"
+
+
+def test_gathered_parameters_at_stage_2_says_it_does_nothing():
+    for rank, r in enumerate(_results()):
+        assert r["edit"]["stage2_warned"], f"rank {rank}"
