@@ -125,8 +125,10 @@ class OffloadParamConfig:
 class ZeroConfig:
     stage: int = _f(0, "0: data parallel; 1: + optimizer states partitioned; 2: + gradients; "
                     "3: + parameters (gathered per transformer block).", min=0, max=3)
-    reduce_bucket_size: AutoInt = _f(500_000_000, "Elements per gradient-reduction bucket.", min=1, auto=True)
-    allgather_bucket_size: AutoInt = _f(500_000_000, "Elements all-gathered at a time after the step.",
+    # 25 MiB of fp32 (DDP's bucket), not DeepSpeed's 5e8: a bucket is transient memory
+    # during the step, and 5e8 elements make one bucket of most models (docs/config.md).
+    reduce_bucket_size: AutoInt = _f(6_553_600, "Elements per gradient-reduction bucket.", min=1, auto=True)
+    allgather_bucket_size: AutoInt = _f(6_553_600, "Elements all-gathered at a time after the step.",
                                         min=1, auto=True)
     overlap_comm: bool = _f(True, "Launch gradient reductions asynchronously during backward.")
     contiguous_gradients: bool = _f(True, "Accepted for compatibility; gradients are always contiguous.")
@@ -214,7 +216,8 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "zero_optimization.load_from_fp32_weights": "master weights always load from fp32",
     "zero_optimization.ignore_unused_parameters": "unused parameters are always handled",
     "zero_optimization.cpu_offload": "use offload_optimizer.device",
-    "zero_optimization.memory_efficient_linear": "not applicable",
+    "zero_optimization.memory_efficient_linear": "not needed: stage 3 frees a released unit's storage in place, "
+                                                 "so weight views saved for backward hold no memory",
     "zero_optimization.stage3_gather_fp16_weights_on_model_save":
         "alias; use stage3_gather_16bit_weights_on_model_save",
     "bf16.immediate_grad_update": "gradients are always accumulated in place",
