@@ -17,7 +17,9 @@ the root), fp32 and bf16 (FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16)``).
 Part ``rss``: resident memory per rank sampled every millisecond by a thread during the
 last step, by phase (forward, backward, optimizer step), as growth over the resident
 memory just before that step, and the peak. DDP (bucket_cap_mb 25), hf_zero stages 0-3
-with the default bucket sizes and with 25 MiB buckets, FSDP2. glibc's dynamic mmap
+with the default bucket sizes (25 MiB of fp32 for reduce / all-gather buckets), with
+DeepSpeed's 5e8-element buckets (``_5e8``), stage 3 with a 25 MiB prefetch too (``_25mb``),
+and FSDP2. glibc's dynamic mmap
 threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) so freed large buffers leave RSS at once.
 """
 
@@ -159,10 +161,12 @@ def rss(rank: int, world: int, model_name: str, system: str, steps: int) -> dict
         forward, opt, backward = ddp, torch.optim.AdamW(model.parameters(), lr=1e-4), torch.Tensor.backward
     elif system == "fsdp2":
         (forward, opt), backward = _fsdp2(model, False), torch.Tensor.backward
-    else:   # zero<stage>[_25mb]
+    else:   # zero<stage>[_25mb|_5e8]
         stage = int(system[4])
         zero = {"reduce_bucket_size": BUCKET_25MB, "allgather_bucket_size": BUCKET_25MB,
                 "stage3_prefetch_bucket_size": BUCKET_25MB} if system.endswith("25mb") else {}
+        if system.endswith("5e8"):   # DeepSpeed's defaults (and hf_zero's before 2026-12-01)
+            zero = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
         forward, opt = _hf_zero(model, stage, False, zero)
         backward = forward.backward
     sampler = _RssSampler()
@@ -188,7 +192,7 @@ def main() -> None:
     parser.add_argument("--model", default="small", choices=sorted(MODELS))
     parser.add_argument("--parts", default="params,rss")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--systems", default="ddp,zero0,zero1,zero2,zero3,zero0_25mb,zero1_25mb,zero2_25mb,"
+    parser.add_argument("--systems", default="ddp,zero0,zero1,zero2,zero3,zero1_5e8,zero2_5e8,zero3_5e8,"
                                              "zero3_25mb,fsdp2")
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)   # inherited by the spawned ranks
