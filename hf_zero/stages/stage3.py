@@ -1,7 +1,10 @@
 """Stage 3: parameters partitioned too; gathered per unit around its forward and backward.
 
 Units, the root and the persistent set are described in stage3_units.py's [Note: stage-3
-units]; what is gathered ahead of use in prefetch.py's [Note: stage-3 prefetch].
+units]; what is gathered ahead of use in prefetch.py's [Note: stage-3 prefetch]; how a
+release frees memory that saved views still point at in sharded_params.py's [Note:
+freeing gathered storage in place]; which pass is running in stage3_pass.py's [Note:
+stage-3 pass state].
 
 [Note: stage-3 release rule]
 Forward: a block is gathered in its forward pre-hook and released in its forward hook
@@ -18,7 +21,8 @@ waits for all its calls' markers. Activation checkpointing: transformers 5 check
 layer's ``forward``, so the block's own hooks stay outside the checkpoint and its markers
 sit on the real inputs; a recompute that does run the block's hooks inside backward keeps
 the weights gathered and (reentrant: the original forward built no graph) places the
-markers itself. The end-of-backward callback is queued from the model's outputs
+markers itself. The root is re-gathered by a hook on the model's outputs if a nested no-grad pass released
+it. The end-of-backward callback is queued from the model's outputs
 (``watch_outputs`` in stages/base.py), so the nested backward of reentrant checkpointing
 does not end the step early.
 With parameter offload to NVMe (offload/param_store.py's [Note: parameter offload]) each
