@@ -135,7 +135,7 @@ def param_bytes(rank: int, world: int, model_name: str, system: str, bf16: bool,
 class _RssSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
-        self.phase, self.peaks, self._stop = None, {}, threading.Event()
+        self.phase, self.peaks, self._done = None, {}, threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     def rss(self) -> int:
@@ -143,14 +143,14 @@ class _RssSampler(threading.Thread):
             return int(f.read().split()[1]) * self._page
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             phase = self.phase
             if phase is not None:
                 self.peaks[phase] = max(self.peaks.get(phase, 0), self.rss())
             time.sleep(0.001)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
