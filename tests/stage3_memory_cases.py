@@ -26,14 +26,26 @@ def llama(num_layers: int = 4, hidden: int = 64, seed: int = 0) -> torch.nn.Modu
     return LlamaForCausalLM(config)
 
 
+def mixtral(seed: int = 0) -> torch.nn.Module:
+    """Fused MoE experts: the forward indexes ``gate_up_proj[e]``, and saves such views."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                           num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config)
+
+
 def _gathered_bytes(stage) -> int:
     """What the stage says is gathered now (every unit and the persistent set)."""
     units = stage._all_units + [stage.persistent]
     return sum(g.full_bytes for u in units for g in u.all_groups if g.gathered)
 
 
-def _measure(rank: int, bf16: bool, checkpointing) -> dict:
-    model = llama()
+def _measure(rank: int, bf16: bool, checkpointing, build=llama) -> dict:
+    model = build()
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
         model.enable_input_require_grads()
@@ -61,6 +73,7 @@ def _measure(rank: int, bf16: bool, checkpointing) -> dict:
 
 def freed_storage(rank: int, world: int) -> dict:
     out = {(bf16, ckpt): _measure(rank, bf16, ckpt) for bf16 in (False, True) for ckpt in (None, False, True)}
+    out["moe"] = _measure(rank, False, None, build=mixtral)
     out["edit"] = gathered_edit_keeps_masters(rank)
     return out
 
