@@ -5,12 +5,12 @@
 Llama-shaped model from a config (untied embeddings, no activation checkpointing), world
 size 2 on gloo, micro-batch 2, sequence 256.
 
-Part ``params``: peak bytes of *gathered parameter storage* alive during forward and
-backward, measured, not counted: every storage that held a parameter while a module ran
-(recorded by a forward pre-hook) is looked up at each sample point (every module's forward
-end and the start of every module's backward), among the storages autograd's saved tensors
-keep (diagnostics/saved_tensors.py) and those the modules' parameters point at now; the
-distinct storages' ``nbytes()`` are summed. hf_zero stage 3 (prefetch 0, persistence 0, as
+Part ``params``: peak bytes of *gathered parameter storage* allocated during forward and
+backward, measured, not counted: every storage that held a parameter while a module ran is
+recorded (a forward pre-hook; both engines keep one storage per gathered buffer and free
+it in place, diagnostics/saved_tensors.py), and at each sample point (every module's
+forward end and the start of every module's backward) the ``nbytes()`` those storages hold
+now are summed: in use, kept for backward, or gathered ahead by prefetch alike. hf_zero stage 3 (prefetch 0, persistence 0, as
 the issue measured; and its defaults) against FSDP2 (``fully_shard`` per decoder layer and
 the root), fp32 and bf16 (FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16)``).
 
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hf_zero  # noqa: E402
-from hf_zero.diagnostics.saved_tensors import ParameterStorageRecorder, saved_tensors  # noqa: E402
+from hf_zero.diagnostics.saved_tensors import ParameterStorageRecorder  # noqa: E402
 from hf_zero.testing import run_on_ranks  # noqa: E402
 
 MICRO, SEQ = 2, 256
@@ -80,33 +80,22 @@ def _hf_zero(model, stage: int, bf16: bool, zero: dict):
 
 
 class _ParamBytesProbe:
-    """Peak bytes of parameter storage alive, sampled at every module's forward end and
+    """Peak bytes held by parameter storages, sampled at every module's forward end and
     backward start (see the module docstring)."""
 
     def __init__(self, model):
-        self.model, self.recorder, self.peak, self._roots = model, ParameterStorageRecorder(model), 0, []
+        self.recorder, self.peak = ParameterStorageRecorder(model, keep=True), 0
         self._handles = [m.register_forward_hook(self._after_forward) for m in model.modules()
                          if any(True for _ in m.parameters(recurse=False))]
 
     def _sample(self) -> None:
-        sizes = {}
-        live = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        for t in [*saved_tensors(self._roots), *live]:
-            key = t.untyped_storage()._cdata
-            if key in self.recorder.keys:
-                sizes[key] = t.untyped_storage().nbytes()
-        self.peak = max(self.peak, sum(sizes.values()))
+        self.peak = max(self.peak, self.recorder.allocated_bytes())
 
     def _after_forward(self, module, args, output) -> None:
-        outputs = [t for t in (output if isinstance(output, tuple) else (output,)) if isinstance(t, torch.Tensor)]
-        self._roots = [t for t in outputs if t.grad_fn is not None] or self._roots
         self._sample()
-        for t in outputs:
-            if t.requires_grad:
+        for t in (output if isinstance(output, tuple) else (output,)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(lambda grad: (self._sample(), grad)[1])
-
-    def set_roots(self, roots) -> None:
-        self._roots = roots
 
 
 def param_bytes(rank: int, world: int, model_name: str, system: str, bf16: bool, steps: int) -> dict:
@@ -125,7 +114,6 @@ def param_bytes(rank: int, world: int, model_name: str, system: str, bf16: bool,
         probe.peak = 0
         x = _batch(rank, step)
         loss = forward(input_ids=x, labels=x).loss
-        probe.set_roots([loss])
         backward(loss)
         opt.step()
         opt.zero_grad()
@@ -198,7 +186,7 @@ def main() -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)   # inherited by the spawned ranks
     mb = 1e6
     if "params" in args.parts:
-        print(f"Peak gathered-parameter bytes alive during forward+backward, Llama {args.model}, world 2")
+        print(f"Peak gathered-parameter bytes allocated during forward+backward, Llama {args.model}, world 2")
         print("| system | dtype | peak MB | / one rank's shard | / whole model |\n|---|---|---|---|---|")
         for bf16 in (False, True):
             for system in ("zero3_issue_knobs", "zero3", "fsdp2"):

@@ -69,10 +69,16 @@ def saved_storage_bytes(roots: Iterable[torch.Tensor], among: Optional[set[int]]
 
 
 class ParameterStorageRecorder:
-    """Records the storage of every non-empty parameter as each module's forward starts."""
+    """Records the storage of every non-empty parameter as each module's forward starts.
 
-    def __init__(self, model: nn.Module):
+    ``keep=True`` also keeps the storage objects, so ``allocated_bytes()`` can sum what they
+    hold now, also while no parameter points at them (a gather in flight). Only for engines
+    that keep one storage per gathered buffer and free it in place (hf_zero stage 3, FSDP2):
+    elsewhere keeping the objects would keep released memory alive."""
+
+    def __init__(self, model: nn.Module, keep: bool = False):
         self.keys: set[int] = set()
+        self._kept: dict[int, torch.UntypedStorage] = {} if keep else None
         self._handles = [m.register_forward_pre_hook(self._record) for m in model.modules()
                          if any(True for _ in m.parameters(recurse=False))]
 
@@ -80,6 +86,12 @@ class ParameterStorageRecorder:
         for p in module.parameters(recurse=False):
             if p.numel() > 0:
                 self.keys.add(_storage_key(p))
+                if self._kept is not None:
+                    self._kept.setdefault(_storage_key(p), p.untyped_storage())
+
+    def allocated_bytes(self) -> int:
+        """Bytes the kept parameter storages hold now (``keep=True``)."""
+        return sum(storage.nbytes() for storage in self._kept.values())
 
     def remove(self) -> None:
         for handle in self._handles:
