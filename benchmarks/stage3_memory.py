@@ -12,7 +12,8 @@ it in place, diagnostics/saved_tensors.py), and at each sample point (every modu
 forward end and the start of every module's backward) the ``nbytes()`` those storages hold
 now are summed: in use, kept for backward, or gathered ahead by prefetch alike. hf_zero
 stage 3 (prefetch 0, persistence 0, as the issue measured; and its defaults) against
-FSDP2 (``fully_shard`` per decoder layer and the root), fp32 and bf16 (FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16)``).
+FSDP2 (``fully_shard`` per decoder layer and the root), fp32 and bf16
+(FSDP2: ``MixedPrecisionPolicy(param_dtype=bf16)``).
 
 Part ``rss``: resident memory per rank sampled every millisecond by a thread during the
 last step, by phase (forward, backward, optimizer step), as growth over the resident
