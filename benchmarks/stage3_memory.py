@@ -106,8 +106,11 @@ def param_bytes(rank: int, world: int, model_name: str, system: str, bf16: bool,
         forward, opt = _fsdp2(model, bf16)
         backward = torch.Tensor.backward
     else:
-        zero = {"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0} \
-            if system == "zero3_issue_knobs" else {}
+        layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        zero = {"zero3_issue_knobs": {"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0},
+                # FSDP2's settings: one layer gathered ahead, nothing persistent
+                "zero3_one_ahead": {"stage3_prefetch_bucket_size": layer, "stage3_param_persistence_threshold": 0},
+                }.get(system, {})
         forward, opt = _hf_zero(model, 3, bf16, zero)
         backward = forward.backward
     probe = _ParamBytesProbe(model)
@@ -180,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small", choices=sorted(MODELS))
     parser.add_argument("--parts", default="params,rss")
+    parser.add_argument("--param-systems", default="zero3_issue_knobs,zero3_one_ahead,zero3,fsdp2")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--systems", default="ddp,zero0,zero1,zero2,zero3,zero1_5e8,zero2_5e8,zero3_5e8,"
                                              "zero3_25mb,fsdp2")
@@ -190,7 +194,7 @@ def main() -> None:
         print(f"Peak gathered-parameter bytes allocated during forward+backward, Llama {args.model}, world 2")
         print("| system | dtype | peak MB | / one rank's shard | / whole model |\n|---|---|---|---|---|")
         for bf16 in (False, True):
-            for system in ("zero3_issue_knobs", "zero3", "fsdp2"):
+            for system in args.param_systems.split(","):
                 r = run_on_ranks(param_bytes, 2, args.model, system, bf16, args.steps, timeout_s=1800)[0]
                 print(f"| {system} | {'bf16' if bf16 else 'fp32'} | {r['peak'] / mb:.2f} | "
                       f"{r['peak'] / r['shard']:.2f} | {r['peak'] / r['whole']:.3f} |", flush=True)
