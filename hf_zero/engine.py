@@ -130,7 +130,7 @@ class ZeroEngine:
             self.masters: MasterWeights = self.offload.masters
             for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
                 if hasattr(group, "on_shard_modified"):
-                    group.on_shard_modified.append(self.offload.reload_from_params)
+                    group.on_shard_modified.append(self._reload_masters)
 
             # Each optimizer group steps the master chunks of all its parameter groups (several
             # at stage 3, one per unit; none for a group emptied by freezing).
@@ -206,6 +206,24 @@ class ZeroEngine:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to differentiate: x loss scale (fp16) / gradient accumulation steps."""
         return loss.float() * (self.scaler.scale / self.gradient_accumulation_steps)
+
+    def _reload_masters(self, group, ranges: list[tuple[int, int, int]]) -> None:
+        """Shard ranges of ``group`` were edited outside the optimizer (GatheredParameters with
+        modifier_rank): re-read the master elements there whose parameter value no longer
+        equals the master rounded to the parameter's dtype. Every other master element stays
+        bit-identical (re-reading it from a bf16 parameter would drop its low bits)."""
+        if not self.masters.keeps_copy:
+            return   # the parameter chunk is the master itself
+        group_index = self.flat_groups.index(group)
+        chunks = self.masters.owned_params[group_index]
+
+        def fill(offset: int, part: torch.Tensor, chunk: torch.Tensor, start: int) -> None:
+            edited = chunk.narrow(0, start + offset, part.numel())
+            part.copy_(torch.where(part.to(edited.dtype) == edited, part, edited.to(part.dtype)))
+
+        for chunk, start, length in ranges:
+            self.offload.write_state("master", group_index, chunk, start, length,
+                                     lambda offset, part, c=chunks[chunk], s=start: fill(offset, part, c, s))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the scaled loss; reductions are deferred until the boundary micro-step."""

@@ -2,17 +2,23 @@
 
 Every rank must enter the block (gathering is a collective). With ``modifier_rank=r``, the
 values rank ``r`` holds when the block exits are broadcast and written back into every
-rank's shard (and fp32 master), so an in-place edit on one rank takes effect everywhere.
-Parameters that are not partitioned (stages 0-2, frozen parameters) are left as they are.
+rank's shard, for the parameters passed only; the fp32 masters of exactly those elements
+are re-read once (engine._reload_masters), every other master stays bit-identical.
+Parameters that are not partitioned (stages 0-2, frozen parameters outside stage 3) are
+left as they are: there ``modifier_rank`` warns that the edit reaches neither the other
+ranks nor the optimizer's masters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def _groups_of(params: Iterable[torch.Tensor]) -> list:
@@ -25,12 +31,23 @@ def _groups_of(params: Iterable[torch.Tensor]) -> list:
     return groups
 
 
+def _warn_not_partitioned(params: list[torch.Tensor], modifier_rank: int) -> None:
+    if any(getattr(p, "_hf_zero_group", None) is None for p in params):
+        logger.warning("hf_zero.GatheredParameters(modifier_rank=%d): %d of %d parameters are not partitioned "
+                       "(ZeRO stage 0-2, or not managed by hf_zero); for them the call does nothing: an edit made "
+                       "on rank %d is not broadcast and does not reach the optimizer's fp32 masters. Edit them on "
+                       "every rank before hf_zero.initialize, or load the values with a checkpoint",
+                       modifier_rank, sum(getattr(p, "_hf_zero_group", None) is None for p in params), len(params),
+                       modifier_rank)
+
+
 @contextlib.contextmanager
 def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modifier_rank: Optional[int] = None,
                        enabled: bool = True) -> Iterator[None]:  # noqa: N802 (DeepSpeed's name)
-    if isinstance(params, torch.Tensor):
-        params = [params]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
     groups = _groups_of(params) if enabled else []
+    if enabled and modifier_rank is not None:
+        _warn_not_partitioned(params, modifier_rank)
     newly = [g for g in groups if not g.gathered]
     for group in newly:
         group.gather(group.comm)
@@ -44,6 +61,6 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
                         group_ = group.comm.group
                         src = dist.get_global_rank(group_, modifier_rank) if group_ else modifier_rank
                         dist.broadcast(group.full, src=src, group=group.comm.group)
-                    group.write_back_full()
+                    group.write_back_full([p for p in params if getattr(p, "_hf_zero_group", None) is group])
         for group in newly:
             group.release()

@@ -5,9 +5,23 @@ but the full flat buffer exists only between ``gather()`` and ``release()``; at 
 ``param.data`` is an empty tensor and ``param.ds_shape`` / ``param.ds_numel`` give the true
 shape (the attribute names peft and other DeepSpeed-aware code read).
 
-A gather is split in two so that stage 3 can prefetch: ``start_gather()`` allocates the
-full buffer and launches the bucket all-gathers asynchronously, ``wait()`` completes them
-and points every ``param.data`` at its view. No collective is issued anywhere else.
+A gather is split in two so that stage 3 can prefetch: ``start_gather()`` gives the
+full buffer its storage back and launches the bucket all-gathers asynchronously, ``wait()``
+completes them and points every ``param.data`` at its view. No collective is issued
+anywhere else.
+
+[Note: freeing gathered storage in place]
+Modules save views of their weights for backward (``nn.Linear`` saves ``weight.t()``,
+MoE experts save ``weight[e]``): tensors of their own that share the gathered storage.
+Pointing ``param.data`` elsewhere would not free that storage; it would stay allocated
+until the block's backward, and the backward gather would allocate a second copy. So each
+group owns one ``full`` tensor for its whole life: ``release()`` frees its *storage*
+(``untyped_storage().resize_(0)``), which frees the bytes under every saved view too, and
+the next gather resizes the same storage back and all-gathers into it, so the saved views
+read the refilled values when backward uses them (FSDP2 does the same). The release rule
+(stages/stage3.py) guarantees a unit is gathered again before any of its saved views is
+read. Each gather records the shard version it was made from; a gather of a unit still
+holding values from an older shard version raises instead of reusing them.
 
 Where the shard itself lives (accelerator, host memory or a mapped NVMe file) is the
 ``ParamStore``'s choice (offload/param_store.py's [Note: parameter offload]); the gather
@@ -40,8 +54,9 @@ class ShardedParamGroup:
     names: list[str]
     plans: list[BucketPlan]
     shard: torch.Tensor             # 1D, model dtype: this rank's chunk of every bucket, in plan order
-    full: Optional[torch.Tensor]    # 1D, model dtype, padded; only while gathering / gathered
+    full: torch.Tensor              # 1D, model dtype, padded; its storage is empty while RELEASED
     state: GatherState
+    shard_version: int              # bumped whenever ``shard`` changes (optimizer step, edits)
 
     def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives,
                  source=None, store: Optional[ParamStore] = None, keep_in_memory: bool = False):
@@ -51,7 +66,7 @@ class ShardedParamGroup:
         persistent set)."""
         world, rank = comm.world_size, comm.rank
         self.params, self.names, self.rank, self.comm = params, names, rank, comm
-        self.on_shard_modified: list = []   # callbacks (the engine refreshes fp32 masters)
+        self.on_shard_modified: list = []   # callback(group, ranges): the engine refreshes fp32 masters
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
         dtype = params[0].dtype
         device = source.device if source is not None else params[0].device
@@ -80,9 +95,11 @@ class ShardedParamGroup:
             p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()
             p._hf_zero_group = self   # lets GatheredParameters find what to gather
         self.storage.evict()
-        self.full = None
+        self.full = torch.empty(self.full_numel, dtype=dtype, device=device)
         self._works: list = []
         self._empty = torch.empty(0, dtype=dtype, device=device)
+        self.shard_version = 0
+        self._gathered_version = 0   # shard version the gathered values were made from
         self.state = GatherState.GATHERED
         self.release()
 
@@ -101,7 +118,7 @@ class ShardedParamGroup:
     def storage_tensors(self) -> list[torch.Tensor]:
         """Resident storage (a shard mapped from a swap file is reported by the store instead)."""
         shard = [] if self.storage.offloaded else [self.shard]
-        return shard + ([self.full] if self.full is not None else [])
+        return shard + ([self.full] if self.gathered else [])
 
     def broadcast_tensors(self) -> list[torch.Tensor]:
         return []   # built from parameters already broadcast before sharding
@@ -114,16 +131,31 @@ class ShardedParamGroup:
         """Per bucket: this rank's chunk (views of ``shard``), what the optimizer updates."""
         return self._shard_chunks
 
+    @property
+    def stale(self) -> bool:
+        """Gathered values made from an older shard than the current one."""
+        return self.gathered and self._gathered_version != self.shard_version
+
+    def mark_shard_modified(self) -> None:
+        """The shard changed (optimizer step, load): gathered values, if any, are now stale."""
+        self.shard_version += 1
+
     def start_gather(self) -> None:
         """Launch the all-gathers of the full parameters (asynchronously); no-op unless released."""
         if self.state is not GatherState.RELEASED:
+            if self.stale:
+                raise RuntimeError(
+                    f"hf_zero stage 3: parameters {self.names[:3]}... are still gathered from before their shard "
+                    "changed (an optimizer step or load while they were gathered); release them first "
+                    "(this is a bug in hf_zero's pass bookkeeping, please report it)")
             return
-        # [Note: stage-3 copy-in on CUDA] (offload/param_store.py): a host shard is copied in
-        # and all-gathered on side streams; elsewhere this is the plain current-stream path.
-        self.full = self.storage.copy_in.empty(self.full_numel, self.dtype, self.device,
-                                               from_host=self.shard.device != self.device)
+        # The same storage saved views point at ([Note: freeing gathered storage in place]);
+        # [Note: stage-3 copy-in on CUDA] (offload/param_store.py): with a host shard on CUDA
+        # it is regrown from the all-gather stream's pool; elsewhere a plain resize.
+        self.storage.copy_in.regrow(self.full, self.full_bytes, from_host=self.shard.device != self.device)
         self._works = self._all_gather_into(self.full)
         self.storage.evict()   # the shard was copied into ``full``
+        self._gathered_version = self.shard_version
         self.state = GatherState.GATHERING
 
     def wait(self) -> None:
@@ -152,6 +184,7 @@ class ShardedParamGroup:
             work.wait()
         self.storage.copy_in.consumed(self.full)
         self.storage.evict()
+        self._gathered_version = self.shard_version
 
     def _all_gather_into(self, full: torch.Tensor) -> list:
         mine = [full.narrow(0, plan.shard(self.rank)[0], plan.shard(self.rank)[1]) for plan in self.plans]
@@ -161,15 +194,28 @@ class ShardedParamGroup:
                     for plan, m in zip(self.plans, mine)]
         return self.storage.copy_in.run(list(zip(mine, self._shard_chunks)), issue)
 
-    def write_back_full(self) -> None:
-        """Copy the (edited) gathered values into this rank's shard."""
+    def write_back_full(self, edited: Optional[list[nn.Parameter]] = None) -> None:
+        """Copy the gathered values of ``edited`` (default: every parameter) into this rank's
+        shard and tell ``on_shard_modified`` callbacks which shard ranges changed, as
+        (chunk index, start, length) in the chunks of ``shard_chunks()``; the rest of the
+        shard, and whatever was derived from it (fp32 masters), stays as it was."""
         self.wait()
-        for plan, chunk in zip(self.plans, self._shard_chunks):
+        wanted = None if edited is None else {id(p) for p in edited}
+        ranges = []
+        for chunk_index, (plan, chunk) in enumerate(zip(self.plans, self._shard_chunks)):
             start, length = plan.shard(self.rank)
-            chunk.copy_(self.full.narrow(0, start, length))
+            for index, offset in zip(plan.param_indices, plan.param_offsets):
+                if wanted is not None and id(self.params[index]) not in wanted:
+                    continue
+                lo, hi = max(offset, start), min(offset + self.params[index].numel(), start + length)
+                if lo < hi:
+                    chunk.narrow(0, lo - start, hi - lo).copy_(self.full.narrow(0, lo, hi - lo))
+                    ranges.append((chunk_index, lo - start, hi - lo))
         self.storage.evict()
+        self.shard_version += 1
+        self._gathered_version = self.shard_version   # the gathered values are what the shard now holds
         for callback in self.on_shard_modified:
-            callback()
+            callback(self, ranges)
 
     def release(self) -> None:
         if self.state is GatherState.RELEASED:
@@ -177,5 +223,7 @@ class ShardedParamGroup:
         self.wait()   # never free a buffer an all-gather is still writing into
         for p in self.params:
             set_parameter_tensor(p, self._empty)
-        self.full = None
+        # Free the bytes, not just our reference: views autograd saved share this storage
+        # ([Note: freeing gathered storage in place]).
+        self.full.untyped_storage().resize_(0)
         self.state = GatherState.RELEASED

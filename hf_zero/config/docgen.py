@@ -21,9 +21,17 @@ gradient_accumulation_steps x data-parallel world size`. A missing one is derive
 the other two; only the micro batch given means accumulation 1; giving neither
 `train_batch_size` nor `train_micro_batch_size_per_gpu` is an error.
 
-Defaults chosen on purpose: `gradient_clipping` is 1.0 (as DeepSpeed 0.19); bucket sizes
-are DeepSpeed's 5e8 elements (on CPU/gloo a few million elements overlaps better, see
-docs/performance.md); optimizer type `Adam` means AdamW unless `adam_w_mode` is false.
+Defaults chosen on purpose: `gradient_clipping` is 1.0 (as DeepSpeed 0.19); optimizer type
+`Adam` means AdamW unless `adam_w_mode` is false. `reduce_bucket_size` and
+`allgather_bucket_size` default to 6,553,600 elements (25 MiB of fp32, DDP's bucket), not
+DeepSpeed's 5e8: a bucket is transient memory during the step (stage 2 stages gradients
+into it before the reduce-scatter; stages 1-2 all-gather that much after the step), and 5e8
+elements make one bucket of any model below 500M parameters, so the step's peak would grow
+with the model (measured in docs/performance.md, "What the step really holds"). A value
+set explicitly, DeepSpeed's included, is used as given (0, as DeepSpeed allows: one parameter per
+bucket). Stage 3's
+`stage3_prefetch_bucket_size` (5e7) and `stage3_max_live_parameters` (1e9) keep DeepSpeed's
+defaults: they bound the gathered parameters by a fixed number of elements.
 Optimizer types: DeepSpeed's names in any case, `optimizer.params` holding only the
 parameters the type takes, `None` defaults meaning the type's own (see docs/design.md,
 "Optimizers", for the formulas and what Lamb and Muon cost on shards).

@@ -188,9 +188,11 @@ class ZeroConfig:
     stage: AutoInt = _f(0, "0: data parallel; 1: + optimizer states partitioned; 2: + gradients; "
                         "3: + parameters (gathered per transformer block). 'auto': filled by accelerate's "
                         "DeepSpeed plugin.", min=0, max=3, auto=True)
-    reduce_bucket_size: AutoInt = _f(500_000_000, "Elements per gradient-reduction bucket (0, as DeepSpeed "
+    # 25 MiB of fp32 (DDP's bucket), not DeepSpeed's 5e8: a bucket is transient memory
+    # during the step, and 5e8 elements make one bucket of most models (docs/config.md).
+    reduce_bucket_size: AutoInt = _f(6_553_600, "Elements per gradient-reduction bucket (0, as DeepSpeed "
                                      "allows: every parameter reduced on its own).", min=0, auto=True)
-    allgather_bucket_size: AutoInt = _f(500_000_000, "Elements all-gathered at a time after the step (0: one "
+    allgather_bucket_size: AutoInt = _f(6_553_600, "Elements all-gathered at a time after the step (0: one "
                                         "bucket at a time).", min=0, auto=True)
     overlap_comm: bool = _f(True, "Launch gradient reductions asynchronously during backward.")
     contiguous_gradients: bool = _f(True, "Accepted for compatibility; gradients are always contiguous.")
@@ -285,7 +287,8 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "zero_optimization.elastic_checkpoint": "checkpoints always reshard",
     "zero_optimization.load_from_fp32_weights": "master weights always load from fp32",
     "zero_optimization.ignore_unused_parameters": "unused parameters are always handled",
-    "zero_optimization.memory_efficient_linear": "not applicable",
+    "zero_optimization.memory_efficient_linear": "not needed: stage 3 frees a released unit's storage in place, "
+                                                 "so weight views saved for backward hold no memory",
     "bf16.immediate_grad_update": "gradients are always accumulated in place",
     "fp16.auto_cast": "inputs are not cast",
     # Keys of DeepSpeed features outside ZeRO data parallelism, or tuning of its own kernels.

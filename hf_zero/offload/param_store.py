@@ -56,7 +56,7 @@ class ShardCopyIn:
     without ``non_blocking`` waits) and could not start before the compute already queued
     there ends, so a prefetch would not overlap anything. As FSDP2 does, two side streams:
 
-    - the gathered buffer is allocated from the all-gather stream's pool (``empty``), so
+    - the gathered buffer's storage is regrown from the all-gather stream's pool (``regrow``), so
       neither side stream has to wait on the compute stream for memory it did not use (the
       copy-in stream waits on the all-gather stream, whose pool it writes into);
     - the copy-in stream copies the (pinned) host shard into this rank's slots of the
@@ -90,12 +90,14 @@ class ShardCopyIn:
     def _off_stream(dst: torch.Tensor, src: torch.Tensor) -> bool:
         return dst.device.type == "cuda" and src.device.type == "cpu"
 
-    def empty(self, numel: int, dtype: torch.dtype, device: torch.device, from_host: bool) -> torch.Tensor:
-        """The gathered buffer; ``from_host``: the shard it will receive is in host memory."""
-        if not (from_host and device.type == "cuda"):
-            return torch.empty(numel, dtype=dtype, device=device)
-        with torch.cuda.stream(self._cuda_streams(device)[1]):
-            return torch.empty(numel, dtype=dtype, device=device)
+    def regrow(self, full: torch.Tensor, nbytes: int, from_host: bool) -> None:
+        """Give the released gathered buffer ``full`` its storage back (``nbytes``);
+        ``from_host``: the shard it will receive is in host memory."""
+        if not (from_host and full.device.type == "cuda"):
+            full.untyped_storage().resize_(nbytes)
+            return
+        with torch.cuda.stream(self._cuda_streams(full.device)[1]):   # CUDA-only branch
+            full.untyped_storage().resize_(nbytes)
 
     def run(self, copies: list[tuple[torch.Tensor, torch.Tensor]], issue) -> list:
         """``dst.copy_(src)`` for every pair, then ``issue()`` (which starts the collectives

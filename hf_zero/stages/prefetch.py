@@ -14,7 +14,9 @@ backward) and at the end of the trace: never across an optimizer step, which wou
 stale weights. On the first disagreement prefetching stops for the rest of the pass and
 the new order is recorded, so a changed forward path costs only the overlap, never
 correctness. Every decision depends only on the trace and unit sizes, which are the same
-on every rank, so all ranks issue the same collectives in the same order.
+on every rank, so all ranks issue the same collectives in the same order. A no-grad
+pass nested between a training forward and its backward (stage3_pass.py) sets the
+training pass aside and resumes it afterwards, so the backward still follows its trace.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ class PrefetchPlanner:
         self._current = []
         self._following = False
         self._ahead.clear()
+
+    def suspend(self) -> tuple:
+        """Set the running pass aside (a nested no-grad pass runs before its backward)."""
+        state = (self._kind, self._current, self._following, set(self._ahead))
+        self._current, self._following = [], False
+        self._ahead.clear()
+        return state
+
+    def resume(self, state: tuple) -> None:
+        """End the nested pass (recording its order) and continue the one set aside."""
+        self.end_pass()
+        self._kind, self._current, self._following, ahead = state
+        self._ahead = ahead
 
     def on_request(self, unit: int) -> None:
         """Record a request; stop following the trace when it departs from it."""

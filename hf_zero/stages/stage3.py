@@ -1,7 +1,10 @@
 """Stage 3: parameters partitioned too; gathered per unit around its forward and backward.
 
 Units, the root and the persistent set are described in stage3_units.py's [Note: stage-3
-units]; what is gathered ahead of use in prefetch.py's [Note: stage-3 prefetch].
+units]; what is gathered ahead of use in prefetch.py's [Note: stage-3 prefetch]; how a
+release frees memory that saved views still point at in sharded_params.py's [Note:
+freeing gathered storage in place]; which pass is running in stage3_pass.py's [Note:
+stage-3 pass state].
 
 [Note: stage-3 release rule]
 Forward: a block is gathered in its forward pre-hook and released in its forward hook
@@ -18,7 +21,8 @@ waits for all its calls' markers. Activation checkpointing: transformers 5 check
 layer's ``forward``, so the block's own hooks stay outside the checkpoint and its markers
 sit on the real inputs; a recompute that does run the block's hooks inside backward keeps
 the weights gathered and (reentrant: the original forward built no graph) places the
-markers itself. The end-of-backward callback is queued from the model's outputs
+markers itself. The root is re-gathered by a hook on the model's outputs if a nested no-grad pass released
+it. The end-of-backward callback is queued from the model's outputs
 (``watch_outputs`` in stages/base.py), so the nested backward of reentrant checkpointing
 does not end the step early.
 With parameter offload to NVMe (offload/param_store.py's [Note: parameter offload]) each
@@ -32,6 +36,7 @@ model bytes (less the root's second gather, plus persistent parameters' refresh)
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Optional
 
 import torch
@@ -41,6 +46,7 @@ from hf_zero.offload.param_store import ParamStore
 from hf_zero.sharded_params import GatherState, ShardedParamGroup
 from hf_zero.stages.base import output_tensors
 from hf_zero.stages.prefetch import PrefetchPlanner
+from hf_zero.stages.stage3_pass import INTERRUPTED, PassPhase, PassState
 from hf_zero.stages.stage2 import PartitionedGradientStage
 from hf_zero.stages.stage3_units import Unit, build_units
 
@@ -69,15 +75,20 @@ class PartitionedParameterStage(PartitionedGradientStage):
         self._unit_of = {id(p): u for u in self._all_units + [persistent] for g in u.groups for p in g.params}
         owner = {id(p): u for u in self._all_units for g in u.all_groups for p in g.params}
         self._finish_queued_from_output = False
+        self.pass_state = PassState()        # stage3_pass.py's [Note: stage-3 pass state]
+        self._kept_by_nested: set[int] = set()   # units gathered when a nested no-grad pass began
+        self._suspended_trace = None         # the training pass's planner state during a nested pass
         persistent.gather()
         self._module_handles = [
             model.register_forward_pre_hook(self._root_pre_forward),
-            model.register_forward_hook(self._root_post_forward),
+            model.register_forward_hook(self._root_post_forward, always_call=True),
         ]
         for unit in units:
             self._module_handles.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit),
                                                                               with_kwargs=True))
-            self._module_handles.append(unit.module.register_forward_hook(self._make_post_forward(unit)))
+            # always_call: a block that raises is released and its forward depth restored
+            self._module_handles.append(unit.module.register_forward_hook(self._make_post_forward(unit),
+                                                                          always_call=True))
             for name, sub in unit.module.named_modules():
                 direct = list(sub.parameters(recurse=False))
                 if sub is not unit.module and direct and all(owner.get(id(p)) is unit for p in direct):
@@ -123,16 +134,63 @@ class PartitionedParameterStage(PartitionedGradientStage):
             unit.reset_backward()   # unpins first: nothing may stay gathered across an optimizer step
             unit.release()
 
+    def _end_pass(self) -> None:
+        """Release every unit, clear per-pass counters, back to IDLE (stage3_pass.py's note)."""
+        if self.pass_state.phase is PassPhase.NESTED_NO_GRAD:
+            self.planner.resume(self._suspended_trace)
+        self._release_all()
+        self.planner.end_pass()
+        self.pass_state.reset()
+
     # ---- forward / backward hooks ---------------------------------------------------
     def _root_pre_forward(self, module, args) -> None:
-        self.planner.start_pass("train" if torch.is_grad_enabled() else "no_grad")
-        self._read_ahead_started.clear()
+        state = self.pass_state
+        if state.phase in INTERRUPTED:   # the previous forward raised before returning
+            logger.debug("hf_zero stage 3: a forward did not return (%s); its pass is ended", state.phase.value)
+            self._end_pass()
+        if state.phase is PassPhase.BACKWARD and not _in_backward():   # a backward that raised
+            self._end_pass()
+        grad = torch.is_grad_enabled()
+        if state.phase is PassPhase.AWAITING_BACKWARD and not grad:
+            state.enter(PassPhase.NESTED_NO_GRAD)
+            self._kept_by_nested = {u.index for u in self._all_units if u.state is not GatherState.RELEASED}
+            self._suspended_trace = self.planner.suspend()
+            self.planner.start_pass("no_grad")
+        elif state.phase is PassPhase.AWAITING_BACKWARD:
+            state.enter(PassPhase.FORWARD)   # a second forward of the same training pass
+        else:
+            state.enter(PassPhase.FORWARD if grad else PassPhase.NO_GRAD)
+            self.planner.start_pass("train" if grad else "no_grad")
+            self._read_ahead_started.clear()
         self._request(self.root)
 
     def _root_post_forward(self, module, args, output) -> None:
-        if not torch.is_grad_enabled():
-            self._release_all()
-            self.planner.end_pass()
+        state = self.pass_state
+        if _raised(output):   # the forward raised (an always_call hook runs anyway)
+            self._end_pass()
+            return
+        if state.phase is PassPhase.NESTED_NO_GRAD:
+            for unit in self._all_units:   # release only what the nested pass gathered itself
+                if unit.index not in self._kept_by_nested:
+                    unit.release()
+            self.planner.resume(self._suspended_trace)
+            state.enter(PassPhase.AWAITING_BACKWARD)
+        elif state.phase is PassPhase.NO_GRAD:
+            self._end_pass()
+        else:
+            state.enter(PassPhase.AWAITING_BACKWARD)
+            for t in output_tensors(output):
+                if t.requires_grad:
+                    t.register_hook(self._root_pre_backward)
+
+    def _root_pre_backward(self, grad):
+        # The first gradient reaching the model's outputs starts the backward. The root was
+        # gathered for the whole forward, but a nested no-grad pass may have released it.
+        if self.pass_state.phase is PassPhase.AWAITING_BACKWARD:
+            self.pass_state.enter(PassPhase.BACKWARD)
+        if self.root.state is GatherState.RELEASED:
+            self._request(self.root)
+        return grad
 
     def _make_pre_forward(self, unit: Unit):
         def hook(module, args, kwargs):
@@ -184,6 +242,8 @@ class PartitionedParameterStage(PartitionedGradientStage):
     def _make_post_forward(self, unit: Unit):
         def hook(module, args, output):
             unit.in_forward -= 1
+            if _raised(output):   # the block raised: its pass ends at the root's hook
+                return
             if _in_backward():   # activation-checkpoint recompute: backward still needs the weights
                 unit.hooked_backward = True
                 return
@@ -197,7 +257,9 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def _make_pre_backward(self, unit: Unit):
         def hook(grad):
-            if not unit.hooked_backward:
+            if self.pass_state.phase is PassPhase.AWAITING_BACKWARD:   # outputs hooked outside the model
+                self.pass_state.enter(PassPhase.BACKWARD)
+            if not unit.hooked_backward or unit.state is GatherState.RELEASED:
                 unit.hooked_backward = True
                 self._request(unit)
             return grad
@@ -221,22 +283,28 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def _finish_backward(self) -> None:
         super()._finish_backward()
-        self._release_all()
-        self.planner.end_pass()
+        self._end_pass()
 
     # ---- what the optimizer sees ------------------------------------------------------
     def owned_params(self) -> list[list[torch.Tensor]]:
         return [g.shard_chunks() for g in self.groups]
 
     def after_step(self) -> None:
-        """Refresh the kept-gathered persistent parameters; the next forward gathers the rest."""
+        """The shards changed: end any pass still open (a forward never backpropagated), so
+        nothing gathered before the step survives it, and refresh the persistent parameters."""
+        for group in self.groups:
+            group.mark_shard_modified()
+        if self.pass_state.phase is not PassPhase.IDLE:
+            logger.debug("hf_zero stage 3: optimizer step during pass phase %s; the pass is ended",
+                         self.pass_state.phase.value)
+        self._end_pass()
         for group in self.persistent.groups:
             group.refresh()
         self.store.evict_all()   # shards the optimizer wrote (NVMe offload)
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         tensors = super().memory_tensors()
-        tensors["persistent_params"] = [g.full for g in self.persistent.all_groups if g.full is not None]
+        tensors["persistent_params"] = [g.full for g in self.persistent.all_groups if g.gathered]
         return tensors
 
     def parameter_groups(self) -> list[ShardedParamGroup]:
@@ -256,8 +324,14 @@ class PartitionedParameterStage(PartitionedGradientStage):
             for p in group.params:
                 p.data = p.data.clone()
                 del p._hf_zero_group
-            group.full = None
+            group.full.untyped_storage().resize_(0)
             group.state = GatherState.RELEASED
+
+
+def _raised(output: Any) -> bool:
+    """In an ``always_call`` forward hook: whether the forward raised instead of returning
+    (torch then calls the hook from its exception handler, with no output)."""
+    return output is None and sys.exc_info()[1] is not None
 
 
 def _needs_grad(value: Any) -> bool:

@@ -3,8 +3,13 @@
 [Note: stage-3 units]
 A *unit* is a set of parameters gathered and released together:
 - every outermost instance of the model's ``_no_split_modules`` classes (transformer
-  blocks, as FSDP wraps them), with all the parameters registered below it;
-- the *root* unit: every other parameter (embeddings, final norm, a tied head), gathered
+  blocks, as FSDP wraps them), or of classes marked with ``set_z3_leaf_modules``, with
+  all the parameters registered below it;
+- the input embeddings and the output embeddings (the head), each a unit of its own when
+  it lies outside every block: on a small-hidden, large-vocabulary model they are most of
+  the parameters, and a root unit would hold them through the whole pass. A head tied to
+  the embeddings is registered under both, so the shared weight goes to the root;
+- the *root* unit: every other parameter (the final norm, a tied embedding), gathered
   for the whole forward and backward pass;
 - the *persistent* set: parameters with at most ``stage3_param_persistence_threshold``
   elements (biases, norms), gathered once and kept gathered; they are still partitioned
@@ -19,12 +24,16 @@ rank, never communicated after the first gather).
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Iterable, Optional
 
 from torch import nn
 
 from hf_zero.comm import Collectives
 from hf_zero.sharded_params import GatherState, ShardedParamGroup
+
+
+logger = logging.getLogger(__name__)
 
 
 class Unit:
@@ -82,23 +91,68 @@ class Unit:
         self.in_forward = 0
 
 
-def find_unit_modules(model: nn.Module) -> list[nn.Module]:
-    """Outermost instances of the model's ``_no_split_modules`` classes."""
+def set_z3_leaf_modules(model: nn.Module, leaf_module_classes: Iterable[type]) -> list[nn.Module]:
+    """Mark every instance of ``leaf_module_classes`` in ``model`` as a stage-3 unit of its
+    own, gathered and released as one (DeepSpeed's ``deepspeed.utils.set_z3_leaf_modules``;
+    e.g. an MoE block whose experts must be gathered together). Call before
+    ``hf_zero.initialize``. A leaf inside a ``_no_split_modules`` block is gathered with
+    that block (the outermost unit wins). Returns the marked modules."""
+    classes = tuple(leaf_module_classes)
+    marked = [m for m in model.modules() if isinstance(m, classes)]
+    if not marked:
+        raise ValueError(f"set_z3_leaf_modules: no module of {[c.__name__ for c in classes]} in the model")
+    for module in marked:
+        module._z3_leaf = True
+    return marked
+
+
+def _no_split_names(model: nn.Module) -> set[str]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     if not names:
         base = getattr(model, "get_base_model", None)   # peft models keep the list on the base model
         names = set(getattr(base(), "_no_split_modules", None) or ()) if callable(base) else set()
+    return names
+
+
+def find_unit_modules(model: nn.Module) -> list[nn.Module]:
+    """Outermost instances of the model's ``_no_split_modules`` classes and of modules
+    marked by ``set_z3_leaf_modules``."""
+    names = _no_split_names(model)
     found: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
-            if type(child).__name__ in names:
+            if type(child).__name__ in names or getattr(child, "_z3_leaf", False):
                 found.append(child)
             else:
                 visit(child)
 
     visit(model)
+    if not found:
+        logger.warning("hf_zero stage 3: %s names no _no_split_modules block (and no module is marked with "
+                       "hf_zero.set_z3_leaf_modules): only its embeddings and head are gathered on their own, "
+                       "every other parameter is in the root unit, gathered for the whole forward and backward. "
+                       "Mark the repeated block class with hf_zero.set_z3_leaf_modules(model, [BlockClass]) "
+                       "to bound what is gathered at once", type(model).__name__)
     return found
+
+
+def _embedding_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """([input embeddings], [head]) when the model has them outside every block and they
+    share no parameter (tied weights stay in the root, gathered whenever either runs)."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        usable = isinstance(module, nn.Module) and id(module) not in inside and any(True for _ in module.parameters())
+        found.append([module] if usable else [])
+    (embedding,), (head,) = found if all(found) else ([None], [None])
+    if embedding is not None and {id(p) for p in embedding.parameters()} & {id(p) for p in head.parameters()}:
+        return [], []   # tied: the shared weight belongs to the root
+    return found[0], found[1]
 
 
 ROOT, PERSISTENT = -1, -2   # pseudo unit indices while assigning parameters
@@ -132,7 +186,9 @@ def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: 
     Returns (block units, root, persistent set, trainable groups in gradient-ready order,
     optimizer spec index of each trainable group).
     """
-    unit_modules = find_unit_modules(model)
+    blocks = find_unit_modules(model)
+    embedding, head = _embedding_modules(model, blocks)
+    unit_modules = embedding + blocks + head   # build order below reverses this: backward order
     assignment = assign_units(model, unit_modules, persistence_threshold, persist_frozen)
     name_of = {id(p): n for n, p in model.named_parameters()}
     trainable_ids = {id(p) for spec in specs for p in spec.params}
