@@ -3,9 +3,10 @@ Trainer at world 2, inside the spawned gloo group of test_optimizers.py (one spa
 
 fp32 (their "auto" precision resolves to off): the same Trainer run without hf_zero (DDP,
 torch's AdamW) is the reference. Two of the configs carry DeepSpeed's ``WarmupLR`` with
-"auto" values, which the Trainer fills with warmup_steps=0 -> 1 (hf_zero, as DeepSpeed, warms
-up over at least 2 steps, log-shaped: lr 0 at the first step, the full lr from the second);
-their reference gets that schedule as a torch LambdaLR."""
+"auto" values, which the Trainer fills with warmup_steps=0 -> 1 (hf_zero, as DeepSpeed 0.19,
+warms up over at least 2 steps, log-shaped, and optimizer step k uses the schedule at k - 2:
+lr 0 at the first two steps, the full lr from the third); their reference gets that schedule
+as a torch LambdaLR."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _train(config_name: str | None, warmup: bool = False) -> tuple[list[float], 
             warnings.simplefilter("always")
             if config_name is None:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.0)
-                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0 if warmup and s == 0 else 1.0)
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0 if warmup and s < 2 else 1.0)
                 trainer = Trainer(model=model, args=hf_zero.ZeroTrainingArguments(**kwargs),
                                   train_dataset=TokenWindows(), optimizers=(optimizer, schedule))
             else:
