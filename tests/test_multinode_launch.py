@@ -220,6 +220,7 @@ def test_lost_rank_is_named(monkeypatch):
     monkeypatch.setattr(fault, "STALE_AFTER", 0.2)
     with pytest.raises(fault.LostRankError, match=r"rank 0 of 3: lost peer rank 2 \(pid \d+ on .*, exited\)"):
         fault.reraise_naming_lost_rank(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
+    assert [text.split(" (")[0] for text in liveness.lost_ranks(wait=False)] == ["rank 2"]   # the SIGTERM path
     liveness.roster[2] = ("another-host", 1)   # remote: judged by its heartbeat
     liveness.store.add("beat/2", 1)
     with pytest.raises(fault.LostRankError, match=r"lost peer rank 2 \(on another-host, no heartbeat"):

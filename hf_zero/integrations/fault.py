@@ -82,13 +82,19 @@ class _Liveness:
     def _beats(self, ranks: list[int]) -> dict[int, int]:
         return {rank: self.store.add(f"beat/{rank}", 0) for rank in ranks}
 
-    def lost_ranks(self) -> list[str]:
+    def lost_ranks(self, wait: bool = True) -> list[str]:
         """Descriptions of the peers that are gone; [] when none can be shown to be. Waits up to
         ``STALE_AFTER``: a killed process closes its sockets a moment before /proc shows it
         exited, and a remote heartbeat needs that long to be seen missing. If the store stops
-        answering, rank 0 (whose launcher or process hosts it) is named unless seen alive."""
+        answering, rank 0 (whose launcher or process hosts it) is named unless seen alive.
+        ``wait=False`` (on SIGTERM, sent to all the survivors at once): this host's peers only,
+        looked at once, so that survivors exiting together are not named."""
         if self.store is None:
             return []
+        if not wait:
+            here = socket.gethostname()
+            return [f"rank {rank} (pid {pid} on {host}, exited)" for rank, (host, pid) in self.roster.items()
+                    if rank != self.rank and host == here and not _process_alive(pid)]
         here = socket.gethostname()
         peers = {rank: who for rank in range(self.world) if rank != self.rank and (who := self.roster.get(rank))}
         local = {rank: who for rank, who in peers.items() if who[0] == here}
@@ -134,8 +140,8 @@ def _process_alive(pid: int) -> bool:
             return True
 
 
-def lost_rank_message(cause: str) -> Optional[str]:
-    lost = _bounded(_LIVENESS.lost_ranks, STALE_AFTER + 2.0) or []
+def lost_rank_message(cause: str, wait: bool = True) -> Optional[str]:
+    lost = _bounded(lambda: _LIVENESS.lost_ranks(wait), STALE_AFTER + 2.0) or []
     if not lost:
         return None
     return (f"hf_zero: rank {_LIVENESS.rank} of {_LIVENESS.world}: lost peer {', '.join(lost)}; {cause}. With "
@@ -176,7 +182,7 @@ def install() -> None:
 
 def _on_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the launcher may repeat it: finish this line first
-    message = lost_rank_message("stopped by the launcher (SIGTERM)")
+    message = lost_rank_message("stopped by the launcher (SIGTERM)", wait=False)
     if message:
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
