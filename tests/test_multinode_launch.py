@@ -215,7 +215,8 @@ def test_lost_rank_is_named(monkeypatch):
     dead.wait()
     liveness = fault._Liveness()
     liveness.store, liveness.rank, liveness.world = dist.HashStore(), 0, 3
-    liveness.roster = {1: (here, os.getpid()), 2: (here, dead.pid)}
+    for rank, pid in ((1, os.getpid()), (2, dead.pid)):   # published, not yet read by the beat thread
+        liveness.store.set(f"who/{rank}", json.dumps([here, pid]))
     monkeypatch.setattr(fault, "_LIVENESS", liveness)
     monkeypatch.setattr(fault, "STALE_AFTER", 0.2)
     with pytest.raises(fault.LostRankError, match=r"rank 0 of 3: lost peer rank 2 \(pid \d+ on .*, exited\)"):

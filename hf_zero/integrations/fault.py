@@ -64,20 +64,23 @@ class _Liveness:
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             store.set(f"who/{self.rank}", json.dumps([socket.gethostname(), os.getpid()]))
             self.store = store
-            for rank in range(self.world):   # known here even if the store goes (its host died)
-                store.wait([f"who/{rank}"])
-                self._who(rank)
+            everyone = [f"who/{rank}" for rank in range(self.world)]
             while True:
                 store.add(f"beat/{self.rank}", 1)
+                if len(self.roster) < self.world and store.check(everyone):   # kept: usable if the store goes
+                    self.roster = {rank: (host, int(pid)) for rank, (host, pid) in
+                                   enumerate(json.loads(value) for value in store.multi_get(everyone))}
                 time.sleep(BEAT_SECONDS)
         except Exception:   # the store is gone (launcher stopping): nothing left to report to
             return
 
-    def _who(self, rank: int) -> Optional[tuple[str, int]]:
-        if rank not in self.roster and self.store is not None and self.store.check([f"who/{rank}"]):
-            host, pid = json.loads(self.store.get(f"who/{rank}"))
-            self.roster[rank] = (host, int(pid))
-        return self.roster.get(rank)
+    def _refresh_roster(self) -> None:
+        """The ranks published so far (a failure soon after start can come before the beat
+        thread has read them all)."""
+        for rank in range(self.world):
+            if rank not in self.roster and self.store.check([f"who/{rank}"]):
+                host, pid = json.loads(self.store.get(f"who/{rank}"))
+                self.roster[rank] = (host, int(pid))
 
     def _beats(self, ranks: list[int]) -> dict[int, int]:
         return {rank: self.store.add(f"beat/{rank}", 0) for rank in ranks}
@@ -91,6 +94,10 @@ class _Liveness:
         looked at once, so that survivors exiting together are not named."""
         if self.store is None:
             return []
+        try:
+            self._refresh_roster()
+        except Exception:   # the store is gone: what was read before is all there is
+            pass
         if not wait:
             here = socket.gethostname()
             return [f"rank {rank} (pid {pid} on {host}, exited)" for rank, (host, pid) in self.roster.items()
@@ -184,8 +191,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the launcher may repeat it: finish this line first
     message = lost_rank_message("stopped by the launcher (SIGTERM)", wait=False)
     if message:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
+        os.write(2, (message + "\n").encode())   # not sys.stderr: the main thread may be inside its write
     os._exit(128 + signum)   # as the default action would: no cleanup that could wait on the dead peer
 
 
