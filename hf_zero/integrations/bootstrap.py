@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         fault.reraise_naming_lost_rank(err)   # a dead peer: say which rank
         raise
     status = guard.check_at_exit()
+    fault.stop()
     _destroy_process_group()
     if status:
         raise SystemExit(status)

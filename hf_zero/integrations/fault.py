@@ -5,8 +5,10 @@ group, which resumes from the last complete checkpoint.
 When a rank dies, its sockets close and a survivor's next gloo / NCCL call raises a generic
 error ("Connection closed by peer [10.0.0.2]:38401") or, on a silent network loss, times out
 after the process group's timeout. Neither names the rank. So every rank of the bootstrap
-publishes ``(host, pid)`` and a heartbeat counter in the process group's own store (the
-launcher's: torchrun's agent hosts it, so it outlives a dead worker) from a daemon thread,
+publishes ``(host, pid)`` and a heartbeat counter in the process group's own store from a
+daemon thread (torchrun's agent hosts that store by default; with a store per restart
+attempt, which ``hf-zero launch --max-restarts`` asks for, rank 0's process does, so a store
+that stops answering names rank 0),
 and a survivor whose collective fails (or that the launcher stops with SIGTERM, which
 torchrun sends the rest of the group once one worker died) looks: a peer on this host is
 lost when its process is gone (``/proc``), a peer elsewhere when its heartbeat stopped over
@@ -49,13 +51,16 @@ class _Liveness:
         self.rank = 0
         self.world = 1
         self.roster: dict[int, tuple[str, int]] = {}
+        self.stopping = threading.Event()
+        self.thread: Optional[threading.Thread] = None
 
     def run(self) -> None:
         """Daemon thread: wait for the script's process group, publish this rank, then beat."""
         import torch.distributed as dist
 
         while not (dist.is_available() and dist.is_initialized()):
-            time.sleep(0.2)
+            if self.stopping.wait(0.2):
+                return
         try:
             from torch.distributed.distributed_c10d import _get_default_store
 
@@ -65,12 +70,12 @@ class _Liveness:
             store.set(f"who/{self.rank}", json.dumps([socket.gethostname(), os.getpid()]))
             self.store = store
             everyone = [f"who/{rank}" for rank in range(self.world)]
-            while True:
+            while not self.stopping.is_set():
                 store.add(f"beat/{self.rank}", 1)
                 if len(self.roster) < self.world and store.check(everyone):   # kept: usable if the store goes
                     self.roster = {rank: (host, int(pid)) for rank, (host, pid) in
                                    enumerate(json.loads(value) for value in store.multi_get(everyone))}
-                time.sleep(BEAT_SECONDS)
+                self.stopping.wait(BEAT_SECONDS)
         except Exception:   # the store is gone (launcher stopping): nothing left to report to
             return
 
@@ -182,9 +187,19 @@ def install() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     warn_shared_store_restarts()
-    threading.Thread(target=_LIVENESS.run, name="hf_zero-liveness", daemon=True).start()
+    _LIVENESS.thread = threading.Thread(target=_LIVENESS.run, name="hf_zero-liveness", daemon=True)
+    _LIVENESS.thread.start()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def stop() -> None:
+    """End the heartbeat before the process group and the interpreter go: a daemon thread
+    caught inside a store call while the interpreter shuts down can abort the process (a
+    SIGABRT after a successful restarted run was seen once here before this was added)."""
+    _LIVENESS.stopping.set()
+    if _LIVENESS.thread is not None:
+        _LIVENESS.thread.join(timeout=5.0)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
