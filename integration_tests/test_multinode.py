@@ -95,7 +95,8 @@ def test_two_nodes_run_one_stock_trainer_script_like_ddp(tmp_path, config_file):
         assert {s["world_size"] for s in summaries} == {4} and {s["stage"] for s in summaries} == {3}, err[-4000:]
         ranks.append(sorted(s["rank"] for s in summaries))
     assert ranks == [[0, 1], [2, 3]]   # one group of 4 over both "nodes", sharded by hf_zero
-    _run("DDP reference (torchrun, 4 processes)", [BIN / "torchrun", "--standalone", "--nproc_per_node", "4", script,
+    _run("DDP reference (torchrun, 4 processes)", [BIN / "torchrun", "--standalone", "--nproc_per_node", "4",
+                                                   SCRIPTS / "run_and_teardown.py", script,
                                                    "--output_dir", tmp_path / "ddp", "--save_strategy", "no",
                                                    *TRAINER_ARGS])
     got, expected = _losses(tmp_path / "node0"), _losses(tmp_path / "ddp")

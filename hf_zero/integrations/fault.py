@@ -194,9 +194,9 @@ def install() -> None:
 
 
 def stop() -> None:
-    """End the heartbeat before the process group and the interpreter go: a daemon thread
-    caught inside a store call while the interpreter shuts down can abort the process (a
-    SIGABRT after a successful restarted run was seen once here before this was added)."""
+    """End the heartbeat before the process group and the interpreter go, so that no thread of
+    ours is inside a store call during teardown (torch's own shutdown can already abort with
+    SIGABRT when threads are left running: bootstrap.py's ``_destroy_process_group``)."""
     _LIVENESS.stopping.set()
     if _LIVENESS.thread is not None:
         _LIVENESS.thread.join(timeout=5.0)
