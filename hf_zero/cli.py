@@ -89,21 +89,24 @@ def _env(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     from hf_zero.integrations.launch import DEEPSPEED_UNSUPPORTED, launch
+    from hf_zero.integrations.multinode import NodeOptions
 
     unsupported = [f"--{name}" for name, value in vars(args).items()
                    if f"--{name}" in DEEPSPEED_UNSUPPORTED and value is not None]
     if unsupported:
         print(f"hf-zero launch: {', '.join(unsupported)} (a `deepspeed` launcher option) is not supported: hf-zero "
-              f"launch starts --nproc processes on this machine (torchrun --standalone). For several nodes run "
-              f"`torchrun --nnodes ... -m hf_zero.integrations.bootstrap --config CONFIG script.py` on each node",
-              file=sys.stderr)
+              f"launch runs on every node (torchrun's rendezvous): start it on each node with --nnodes N "
+              f"--node-rank I --master-addr HOST (or under srun), see docs/multinode.md", file=sys.stderr)
         return 2
     if args.config is not None and args.deepspeed is not None and args.config != args.deepspeed:
         print("hf-zero launch: --config and --deepspeed differ; give one", file=sys.stderr)
         return 2
+    nodes = NodeOptions(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                        master_port=args.master_port, rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint,
+                        rdzv_id=args.rdzv_id, max_restarts=args.max_restarts)
     try:
         return launch(args.config or args.deepspeed, args.nproc, args.script, args.script_args,
-                      dry_run=args.dry_run, allow_unsharded=args.allow_unsharded)
+                      dry_run=args.dry_run, allow_unsharded=args.allow_unsharded, nodes=nodes)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"hf-zero launch: {err}", file=sys.stderr)
         return 2
@@ -123,12 +126,34 @@ def _add_launch(commands: argparse._SubParsersAction) -> None:
                         "--num_gpus is the `deepspeed` launcher's spelling, --num_processes accelerate's")
     launch.add_argument("--allow-unsharded", action="store_true", help="let the script train without any model "
                         "sharded by hf_zero (otherwise every rank reports an error and the launch fails)")
-    launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it (under "
+                        "SLURM: the command of every node)")
+    _add_node_options(launch)
     for option in DEEPSPEED_UNSUPPORTED:   # named so that the error can say why, not "unrecognized"
         launch.add_argument(option, default=None, nargs="?", const="", help=argparse.SUPPRESS)
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
     launch.set_defaults(run=_launch)
+
+
+def _add_node_options(launch: argparse.ArgumentParser) -> None:
+    """torchrun's multi-node options, in its spellings (and DeepSpeed's where they differ)."""
+    nodes = launch.add_argument_group("several nodes (torchrun's options; default under SLURM: from the job)")
+    nodes.add_argument("--nnodes", "--num_nodes", dest="nnodes", default=None,
+                       help="nodes, or MIN:MAX for an elastic job (--num_nodes: DeepSpeed's spelling)")
+    nodes.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
+                       help="this node's rank (static rendezvous)")
+    nodes.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None,
+                       help="node 0's address (static rendezvous)")
+    nodes.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
+                       help="node 0's port (torchrun's default 29500)")
+    nodes.add_argument("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", default=None,
+                       help="e.g. c10d (with --rdzv-endpoint and --rdzv-id; no --node-rank needed)")
+    nodes.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", default=None, help="HOST:PORT")
+    nodes.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id", default=None, help="the job's rendezvous id")
+    nodes.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=None,
+                       help="restart the whole group up to this many times after a rank fails; with checkpoints the "
+                       "Trainer resumes from the last complete one (docs/multinode.md)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,12 @@ its ``DeepSpeedPlugin`` reads (``accelerate/utils/launch.py``, ``utils/dataclass
 - ``deepspeed_config_file``: that JSON is the config (the keys above must then be absent,
   as accelerate requires); absent ``gradient_accumulation_steps`` there is ``"auto"``.
 - ``zero3_init_flag`` (not applied: the model is sharded at ``prepare``) and
-  ``deepspeed_moe_layer_cls_names``: one warning each; the multi-node keys are ignored on
-  one machine and ``num_machines > 1`` is refused.
+  ``deepspeed_moe_layer_cls_names``: one warning each.
+- ``num_machines > 1`` (with ``machine_rank``, ``main_process_ip``, ``main_process_port``) is
+  handed to accelerate's torchrun launcher: ``hf-zero launch`` runs on every node, as
+  ``accelerate launch`` with ``deepspeed_multinode_launcher: standard`` does; the pdsh-style
+  keys (``deepspeed_hostfile``, ``deepspeed_{inclusion,exclusion}_filter``, another
+  ``deepspeed_multinode_launcher``) start nothing here and warn (docs/multinode.md).
 
 The full table is in docs/integrations.md.
 
@@ -81,9 +85,11 @@ def translate_deepspeed_yaml(path: Path, data: dict) -> tuple[dict, dict, dict]:
     if unknown:
         raise ValueError(f"{path}: deepspeed_config.{unknown[0]} is not a key accelerate knows "
                          f"(known: {', '.join(_KNOWN)})")
-    if int(data.get("num_machines", 1) or 1) > 1:
-        raise ValueError(f"{path}: num_machines > 1: hf-zero launch starts one machine's processes; run it on "
-                         f"each node with torchrun's rendezvous instead (see docs/integrations.md)")
+    remote_starters = [key for key in _MULTINODE_ONLY if ds.get(key) not in (None, "", "standard")]
+    if int(data.get("num_machines", 1) or 1) > 1 and remote_starters:
+        warnings.warn(f"{path}: deepspeed_config.{remote_starters[0]} is ignored: hf-zero launch does not start "
+                      f"the other nodes; run it on each node (srun, or --node-rank N there; docs/multinode.md)",
+                      stacklevel=2)
     env: dict[str, str] = {}
     if ds.get("gradient_accumulation_steps") not in (None, "auto"):
         env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(int(ds["gradient_accumulation_steps"]))
@@ -102,7 +108,8 @@ def translate_deepspeed_yaml(path: Path, data: dict) -> tuple[dict, dict, dict]:
     if ds.get("deepspeed_moe_layer_cls_names"):
         warnings.warn(f"{path}: deepspeed_config.deepspeed_moe_layer_cls_names is ignored (hf_zero gathers per "
                       f"module as usual)", stacklevel=2)
-    data["distributed_type"] = "MULTI_GPU" if int(data.get("num_processes", 1) or 1) > 1 else "NO"
+    several = int(data.get("num_processes", 1) or 1) > 1 or int(data.get("num_machines", 1) or 1) > 1
+    data["distributed_type"] = "MULTI_GPU" if several else "NO"
     return data, config, env
 
 
@@ -137,14 +144,15 @@ def _config_from_keys(ds: dict) -> dict:
             "zero_optimization": zero}
 
 
-def accelerate_launch_config(data: dict, nproc: Optional[int], env: dict, cuda: bool) -> dict:
+def accelerate_launch_config(data: dict, nproc: Optional[int], env: dict, cuda: bool,
+                             multi_node: bool = False) -> dict:
     """The yaml handed to ``accelerate launch``: multi-process CPU runs go through accelerate's
     torchrun launcher with ``ACCELERATE_USE_CPU=true`` (accelerate 1.15 starts several CPU
     processes only through ``mpirun`` otherwise)."""
     data = dict(data)
     if nproc is not None:
-        data["num_processes"] = nproc
-    multi = int(data.get("num_processes", 1) or 1) > 1
+        data["num_processes"] = nproc * int(data.get("num_machines", 1) or 1)   # accelerate counts all machines
+    multi = multi_node or int(data.get("num_processes", 1) or 1) > 1
     on_cpu = bool(data.get("use_cpu")) or not cuda
     if multi and on_cpu and data.get("distributed_type") in ("MULTI_CPU", "MULTI_GPU", "NO") and not data.get(
             "mpirun_hostfile"):

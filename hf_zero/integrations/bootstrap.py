@@ -16,6 +16,8 @@ the deepspeed package to honour it); ``HF_ZERO_CONFIG`` is then set for the patc
 - ``accelerate.Accelerator.prepare`` shards the model it is given with its optimizer
   (accelerate.py's ``install_prepare_patch``).
 - guard.py checks that some model really was sharded (non-zero exit otherwise).
+- fault.py: a survivor of a dead peer exits with an error naming the lost rank, and after a
+  torchrun restart (``--max-restarts``) the Trainer resumes from the last complete checkpoint.
 - Without CUDA, a multi-process rank gets ``ACCELERATE_USE_CPU=true`` (common.py's
   ``set_cpu_multiprocess``), so ``accelerate launch`` / ``torchrun`` of this module on a
   CPU machine form one gloo group as ``hf-zero launch`` does.
@@ -39,13 +41,14 @@ def install() -> type:
     import transformers
     import transformers.trainer
 
+    from hf_zero.integrations.fault import ResumeAfterRestartMixin
     from hf_zero.integrations.trainer import HfZeroTrainerMixin
 
     original = transformers.trainer.Trainer
     if issubclass(original, HfZeroTrainerMixin):
         return original
-    patched = type("Trainer", (HfZeroTrainerMixin, original), {"__module__": original.__module__,
-                                                                "__doc__": original.__doc__})
+    patched = type("Trainer", (ResumeAfterRestartMixin, HfZeroTrainerMixin, original),
+                   {"__module__": original.__module__, "__doc__": original.__doc__})
     transformers.trainer.Trainer = patched
     transformers.Trainer = patched
     return patched
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         set_cpu_multiprocess(os.environ, torch.cuda.is_available())
-    from hf_zero.integrations import guard
+    from hf_zero.integrations import fault, guard
     from hf_zero.integrations.accelerate import install_prepare_patch
 
+    fault.install()
     install()
     install_prepare_patch()
     guard.install()
@@ -109,7 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as exit_:   # the script's own sys.exit(): a failure wins, success is checked
         if exit_.code not in (None, 0):
             raise
+    except Exception as err:
+        fault.reraise_naming_lost_rank(err)   # a dead peer: say which rank
+        raise
     status = guard.check_at_exit()
+    fault.stop()
     _destroy_process_group()
     if status:
         raise SystemExit(status)
