@@ -356,8 +356,7 @@ class ZeroEngine:
 
         save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0 and is_main_process,
                       max_shard_size=max_shard_size, comm=self.comm)
-        if self.comm.active:
-            dist.barrier(group=self.comm.group)
+        self.comm.barrier()
 
     # ---- setup helpers ------------------------------------------------------------------
     def _parameter_groups(self) -> list:

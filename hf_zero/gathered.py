@@ -12,7 +12,6 @@ import contextlib
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
-import torch.distributed as dist
 
 
 def _groups_of(params: Iterable[torch.Tensor]) -> list:
@@ -40,10 +39,7 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
         if modifier_rank is not None:
             with torch.no_grad():
                 for group in groups:
-                    if group.comm.active:
-                        group_ = group.comm.group
-                        src = dist.get_global_rank(group_, modifier_rank) if group_ else modifier_rank
-                        dist.broadcast(group.full, src=src, group=group.comm.group)
+                    group.comm.broadcast(group.full, src_rank=modifier_rank)
                     group.write_back_full()
         for group in newly:
             group.release()
