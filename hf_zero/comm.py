@@ -201,7 +201,7 @@ def agree_on_failure(comm: Collectives, error: Optional[BaseException], what: st
         return
     mine = None if error is None else (type(error).__name__, str(error))
     reports = comm.all_gather_objects(mine)
-    if error is not None and all(r is not None and r[0] == mine[0] for r in reports):
+    if error is not None and mine is not None and all(r is not None and r[0] == mine[0] for r in reports):
         raise error   # the same kind of failure everywhere (e.g. a bad config): each rank's own error
     reports = [None if r is None else f"{r[0]}: {r[1]}" for r in reports]
     failed = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(reports) if text is not None)

@@ -14,6 +14,7 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ class CollectiveDivergenceError(RuntimeError):
 
 def _caller() -> str:
     """The innermost hf_zero frame outside comm/diagnostics, and the first user frame."""
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     inner = user = None
     while frame is not None:
         name = frame.f_code.co_filename

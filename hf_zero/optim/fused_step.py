@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_zero_kernels import fused_adamw_, sumsq_and_nonfinite
+from hf_zero_kernels import Backend, fused_adamw_, sumsq_and_nonfinite
 
 
 def fused_supported(inner: torch.optim.Optimizer) -> bool:
@@ -25,7 +25,7 @@ def fused_supported(inner: torch.optim.Optimizer) -> bool:
                for g in inner.param_groups)
 
 
-def norm_inputs(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
+def norm_inputs(grads: list[torch.Tensor], backend: Backend) -> torch.Tensor:
     """A 2-element fp32 tensor [sum of squares, number of non-finite elements] in one pass;
     one all-reduce (SUM) of it gives the global norm input and the overflow signal."""
     device = grads[0].device if grads else torch.device("cpu")
@@ -46,7 +46,7 @@ def new_step_counter(group: dict, master: torch.Tensor) -> torch.Tensor:
 
 class FusedAdamW:
     def __init__(self, inner: torch.optim.Optimizer, owned_params: list[list[torch.Tensor]],
-                 keeps_copy: bool, backend: str):
+                 keeps_copy: bool, backend: Backend):
         self.inner = inner
         self.owned_params = owned_params
         self.keeps_copy = keeps_copy   # masters are separate from the parameter chunks

@@ -20,7 +20,7 @@ import abc
 import contextlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -46,7 +46,7 @@ class Bucket:
 
 @dataclass
 class _Pending:
-    work: object                    # torch Work (or a done stand-in)
+    work: Any                       # torch Work (or a done stand-in): has .wait()
     on_done: Callable[[], None]     # runs after the wait (copy out, free buffers)
 
 
