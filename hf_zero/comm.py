@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pickle
 
@@ -25,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 from hf_zero.device import backend_device_types
+
+if TYPE_CHECKING:
+    from hf_zero.diagnostics.divergence import CollectiveChecker
 
 
 class _DoneWork:
@@ -73,7 +76,7 @@ class Collectives:
         initialized = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if initialized else 1
         self.rank = dist.get_rank(group) if initialized else 0
-        self.checker = None   # diagnostics.divergence.CollectiveChecker in debug mode
+        self.checker: Optional[CollectiveChecker] = None   # in debug mode (config debug_collectives)
 
     def _check(self, kind: str, tensor: Optional[torch.Tensor] = None) -> None:
         """``tensor`` is None for object collectives and barriers (no shape to compare)."""

@@ -77,7 +77,7 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Stream
                 if isinstance(value, torch.Tensor) and value.numel() == master.numel() and value.numel() > 1:
                     add(f"state.{key}", piece.name, piece.param_start, _streamed(engine, key, piece, value.dtype))
     # Stage 3 shards frozen parameters too: each rank writes the pieces its shard holds.
-    frozen_groups = getattr(engine.stage, "frozen_groups", [])
+    frozen_groups = engine.stage.frozen_groups
     for piece in owned_pieces(frozen_groups, engine.stage.partition_rank):
         chunk = frozen_groups[piece.group].shard_chunks()[piece.chunk]
         add("frozen", piece.name, piece.param_start, chunk.narrow(0, piece.chunk_start, piece.length))

@@ -20,8 +20,9 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
     stage = 2
     keeps_full_grads = False
 
-    def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, **kwargs):
-        self.allgather_bucket_numel = allgather_bucket_numel
+    def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, quantized_gradients=None,
+                 quantized_weights=None, **kwargs):
+        self._set_partition_options(allgather_bucket_numel, quantized_gradients, quantized_weights)
         self._grad_shards: list[torch.Tensor] | None = None   # allocated by the first backward
         self._staging: dict[tuple[int, int], torch.Tensor] = {}   # (group, bucket start) -> 1D bucket
         self._shard_has_grad: set[tuple[int, int]] = set()
