@@ -61,7 +61,9 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         bucket = self._where[(group_index, index)]
         offset = bucket.plan.param_offsets[bucket.plan.param_indices.index(index)] - bucket.plan.start
         staging = self._staging_for(bucket)
-        staging.narrow(0, offset, param.grad.numel()).add_(param.grad.reshape(-1))
+        grad = param.grad   # just accumulated (the hook fires only then)
+        assert grad is not None
+        staging.narrow(0, offset, grad.numel()).add_(grad.reshape(-1))
         param.grad = None
 
     def _prepare_unused(self, bucket: Bucket) -> None:
