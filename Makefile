@@ -28,8 +28,9 @@ gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py
 
 lint: install
-	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/python -m pip install --quiet ruff mypy
 	$(BIN)/python -m ruff check hf_zero hf_zero_kernels tests benchmarks integration_tests
+	$(BIN)/python -m mypy   # files and settings: pyproject.toml [tool.mypy]
 
 clean:
 	rm -rf $(VENV) out *.egg-info

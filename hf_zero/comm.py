@@ -5,6 +5,10 @@
 stated in: ``all_reduce`` counts 2x the tensor (a ring all-reduce is a reduce-scatter plus
 an all-gather), ``reduce_scatter`` counts its input, ``all_gather`` its output and
 ``broadcast`` and ``all_to_all`` their (input) tensor. So one step of stage 0-2 counts 2x the model bytes, stage 3 3x.
+Object collectives (checkpoint agreement, fingerprints) count their pickled payload and
+``barrier`` counts a call of zero bytes: they are rare and small, but no collective is missed.
+A test (tests/test_collective_guard.py) fails if any other hf_zero module calls
+``torch.distributed``'s collectives directly.
 
 With a world of one (no process group) every call is a local no-op that counts nothing.
 """
@@ -13,12 +17,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+import pickle
 
 import torch
 import torch.distributed as dist
 
 from hf_zero.device import backend_device_types
+
+if TYPE_CHECKING:
+    from hf_zero.diagnostics.divergence import CollectiveChecker
 
 
 class _DoneWork:
@@ -67,9 +76,10 @@ class Collectives:
         initialized = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if initialized else 1
         self.rank = dist.get_rank(group) if initialized else 0
-        self.checker = None   # diagnostics.divergence.CollectiveChecker in debug mode
+        self.checker: Optional[CollectiveChecker] = None   # in debug mode (config debug_collectives)
 
-    def _check(self, kind: str, tensor: torch.Tensor) -> None:
+    def _check(self, kind: str, tensor: Optional[torch.Tensor] = None) -> None:
+        """``tensor`` is None for object collectives and barriers (no shape to compare)."""
         if self.checker is not None:
             self.checker.check(kind, tensor)
 
@@ -138,17 +148,39 @@ class Collectives:
         """Every rank's (small, picklable) ``value``; for agreement and diagnostics, not for tensors."""
         if not self.active:
             return [value]
-        out = [None] * self.world_size
+        self._check("all_gather_object")
+        out: list = [None] * self.world_size
         dist.all_gather_object(out, value, group=self.group)
+        self.stats.record("all_gather_object", sum(len(pickle.dumps(v)) for v in out))
         return out
 
+    def broadcast_object(self, value: object, src_rank: int = 0) -> object:
+        """Group rank ``src_rank``'s (small, picklable) ``value`` on every rank."""
+        if not self.active:
+            return value
+        self._check("broadcast_object")
+        box = [value]
+        dist.broadcast_object_list(box, src=self._global_rank(src_rank), group=self.group)
+        self.stats.record("broadcast_object", len(pickle.dumps(box[0])))
+        return box[0]
+
+    def barrier(self) -> None:
+        if not self.active:
+            return
+        self._check("barrier")
+        self.stats.record("barrier", 0)
+        dist.barrier(group=self.group)
+
     def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
+        """``tensor`` on every rank takes group rank ``src_rank``'s values."""
         if not self.active:
             return
         self._check("broadcast", tensor)
         self.stats.record("broadcast", _nbytes(tensor))
-        src = dist.get_global_rank(self.group, src_rank) if self.group is not None else src_rank
-        dist.broadcast(tensor, src=src, group=self.group)
+        dist.broadcast(tensor, src=self._global_rank(src_rank), group=self.group)
+
+    def _global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
 
 
 class RankFailure(RuntimeError):
@@ -172,7 +204,7 @@ def agree_on_failure(comm: Collectives, error: Optional[BaseException], what: st
         return
     mine = None if error is None else (type(error).__name__, str(error))
     reports = comm.all_gather_objects(mine)
-    if error is not None and all(r is not None and r[0] == mine[0] for r in reports):
+    if error is not None and mine is not None and all(r is not None and r[0] == mine[0] for r in reports):
         raise error   # the same kind of failure everywhere (e.g. a bad config): each rank's own error
     reports = [None if r is None else f"{r[0]}: {r[1]}" for r in reports]
     failed = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(reports) if text is not None)

@@ -19,52 +19,17 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_zero.accounting import bytes_by_category
-from hf_zero.comm import Collectives, rank_local_step
-from hf_zero.config import ConfigError, HfZeroConfig, load_config, resolve_batch_sizes
-from hf_zero.config.compat import unresolved_autos
-from hf_zero.device import collective_device, compute_device_of, uses_cuda
-from hf_zero.fingerprint import check_same_everywhere
+from hf_zero.checkpoint.model_hooks import install_save_hooks
+from hf_zero.comm import Collectives
+from hf_zero.config import HfZeroConfig, load_config
 from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
-from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optimizer_is_fresh, rebind_optimizer
+from hf_zero.engine_build import (agree_on_model, build_update, check_and_place, resolve_scheduler, shard_model,
+                                  stage_services)
 from hf_zero.optim.loss_scaler import build_loss_scaler
-from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.optim.zero_optimizer import ZeroOptimizer
-from hf_zero.offload import build_optimizer_offload, build_param_store
-from hf_zero.param_groups import collect_param_groups
-from hf_zero.stages import build_groups_and_stage
-from hf_zero.meta_init import has_meta_parameters
-from hf_zero.checkpoint.model_hooks import install_save_hooks
 
 logger = logging.getLogger(__name__)
-
-
-def _check_supported(config: HfZeroConfig) -> None:
-    """Refuse, before any tensor work, what this build cannot run yet or cannot resolve."""
-    problems = unresolved_autos(config)   # first: the checks below read these values
-    if problems:
-        raise ConfigError(problems)
-    zero = config.zero_optimization
-    if zero.stage == 3 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
-        problems.append(("zero_optimization.zero_quantized_weights", "not implemented for stage 3 yet"))
-    if zero.offload_param.device != "none" and zero.stage != 3:
-        problems.append(("zero_optimization.offload_param.device", "parameter offload needs stage 3"))
-    if zero.offload_optimizer.device != "none" and zero.stage == 0:
-        problems.append(("zero_optimization.offload_optimizer.device", "optimizer offload needs stage 1, 2 or 3"))
-    if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
-        problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
-    if config.fp16.enabled is True and config.bf16.enabled is True:
-        problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
-    if problems:
-        raise ConfigError(problems)
-
-
-def _model_dtype(config: HfZeroConfig) -> torch.dtype:
-    if config.bf16.enabled is True:
-        return torch.bfloat16
-    if config.fp16.enabled is True:
-        return torch.float16
-    return torch.float32
 
 
 class ZeroEngine:
@@ -72,98 +37,28 @@ class ZeroEngine:
 
     def __init__(self, model: nn.Module, config: HfZeroConfig, optimizer: Optional[torch.optim.Optimizer],
                  lr_scheduler: Any, group: Optional[dist.ProcessGroup]):
+        # The phases of engine_build.py, in order; each returns what it built.
         self.comm = Collectives(group)
-        # Rank-local checks come before the first collective, then the ranks agree: a failure
-        # on one rank is the same error on all (comm.agree_on_failure), never a hang.
-        with rank_local_step(self.comm, "hf_zero.initialize"):
-            self.config = resolve_batch_sizes(config, self.comm.world_size)
-            _check_supported(self.config)
-            if optimizer is not None:
-                check_optimizer_is_fresh(optimizer)
-            specs = collect_param_groups(model, optimizer)
-            if not any(spec.params for spec in specs):
-                raise ValueError("the model has no trainable parameters")
-            self.device = compute_device_of(model)   # [Note: device selection] in device.py
-            if uses_cuda(self.device):
-                # CUDA-only branch: NCCL's collectives (the agreement below included), the RNG a
-                # checkpoint saves and torch's default allocations follow the current device.
-                torch.cuda.set_device(self.device)
-            self.dtype = _model_dtype(self.config)
-            zero = self.config.zero_optimization
-            # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
-            # an NVMe path is checked here, before any work.
-            self.param_store = build_param_store(zero, model, self.dtype, self.comm.world_size, self.comm.rank,
-                                                 self.device)
-        check_same_everywhere(self.comm, model, self.config)
-        if self.config.debug_collectives and self.comm.active:
-            from hf_zero.diagnostics.divergence import CollectiveChecker
-
-            self.comm.checker = CollectiveChecker(group, self.comm.rank, self.comm.world_size,
-                                                  self.config.debug_collectives_timeout)
-
+        placed = check_and_place(self.comm, model, config, optimizer)
+        self.config, self.device, self.dtype = placed.config, placed.device, placed.dtype
+        self.param_store = placed.param_store
+        agree_on_model(self.comm, model, self.config)
         self.module = model
-        if self.dtype != torch.float32:
-            model.to(self.dtype)
-        source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
-        self.stage, self.flat_groups, group_spec = build_groups_and_stage(
-            zero.stage, model, specs, self.comm, bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
-            overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
-            stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
-                                max_live_numel=zero.stage3_max_live_parameters,
-                                persistence_threshold=zero.stage3_param_persistence_threshold,
-                                persist_frozen=zero.stage3_persist_frozen_params,
-                                source=source, store=self.param_store))
-        self.stage.watch_outputs(model)
-        self._broadcast_model()
-        if zero.zero_quantized_gradients or zero.zero_quantized_weights:
-            from hf_zero.quantized_comm import QuantizedCollectives
-
-            quantized = QuantizedCollectives(self.comm)
-            self.stage.quantized_gradients = quantized if zero.zero_quantized_gradients else None
-            self.stage.quantized_weights = quantized if zero.zero_quantized_weights else None
-        # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
-        # The offload backend (none / cpu / nvme) decides where masters and optimizer states live.
-        # Optimizer offload setup is rank-local (NVMe: the swap directory's checks): agreed here.
-        with rank_local_step(self.comm, "hf_zero.initialize (optimizer offload setup)"):
-            self.offload = build_optimizer_offload(zero, self.stage.owned_params(), self.comm.rank,
-                                                   force_copy=zero.zero_quantized_weights)
-            self.masters: MasterWeights = self.offload.masters
-            for group in self.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
-                if hasattr(group, "on_shard_modified"):
-                    group.on_shard_modified.append(self._reload_masters)
-
-            # Each optimizer group steps the master chunks of all its parameter groups (several
-            # at stage 3, one per unit; none for a group emptied by freezing).
-            master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
-            for spec_index, masters in zip(group_spec, self.masters.masters):
-                master_groups[spec_index].extend(masters)
-            if optimizer is None:
-                inner = build_optimizer(self.config.optimizer, master_groups, [s.options for s in specs])
-            else:
-                rebind_optimizer(optimizer, master_groups)
-                inner = optimizer
-            bind_tensor_layout(inner, self.stage, self.flat_groups, self.masters.masters)   # Lamb, Muon
-            if self.param_store.offloads:
-                # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are
-                # dropped per sub-group, so no pass over the model holds all shards resident.
-                self.offload.on_params_done = self.param_store.drop_pages
-            self.offload.attach(inner)
+        self.timers = StepTimers(self.device) if self.config.wall_clock_breakdown else None
+        self.stage, self.flat_groups, group_spec = shard_model(
+            self, model, placed.specs, stage_services(self.comm, self.config, self.timers))
+        self.offload, inner = build_update(self, placed.specs, group_spec, optimizer)
+        self.masters: MasterWeights = self.offload.masters
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
-                                       float(self.config.gradient_clipping), self._fused_update(inner))
-        if lr_scheduler is None and self.config.scheduler is not None:
-            lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
-        elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
-            lr_scheduler = lr_scheduler(self.optimizer)
-        self.lr_scheduler = lr_scheduler
+                                       float(self.config.gradient_clipping))
+        self.lr_scheduler = resolve_scheduler(lr_scheduler, self.config, self.optimizer)
 
         self.gradient_accumulation_steps: int = self.config.gradient_accumulation_steps
         self.micro_steps = 0
         self.global_steps = 0
         self.carried_rng_states: dict[str, dict] = {}   # RNG of ranks a loaded checkpoint had and this run lacks
-        self.timers = StepTimers(self.device) if self.config.wall_clock_breakdown else None
-        self.stage.timers = self.timers
         self.last_report: dict[str, float] = {}   # the latest per-step report (integrations log it)
         self._bytes_at_report = 0
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
@@ -172,22 +67,6 @@ class ZeroEngine:
         # model.save_pretrained gathers (stage 3); model.state_dict() refuses to return empty tensors
         self._undo_save_hooks = install_save_hooks(self)
         self.comm.stats.reset()
-
-    def _fused_update(self, inner: torch.optim.Optimizer):
-        """hf_zero_kernels' one-pass AdamW, only when asked for (``fused_kernels: "triton"``).
-        "auto" keeps the inner torch optimizer (fused AdamW on CUDA and CPU) until the Triton
-        kernels have passed ``make gpu-check`` on a device (docs/kernels.md, docs/gpu.md)."""
-        from hf_zero.optim.fused_step import FusedAdamW, fused_supported
-
-        if self.config.fused_kernels != "triton":
-            return None
-        if not fused_supported(inner):
-            raise ValueError(f"fused_kernels='triton' needs torch.optim.AdamW without amsgrad/maximize, "
-                             f"got {type(inner).__name__}")
-        if not self.offload.updates_on_device:
-            raise ValueError("fused_kernels='triton' runs the update on the device; offload_optimizer runs it "
-                             "on the CPU (use 'auto' or 'off')")
-        return FusedAdamW(inner, self.masters.owned_params, keeps_copy=self.masters.keeps_copy, backend="triton")
 
     # ---- training loop ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -298,7 +177,7 @@ class ZeroEngine:
         """This rank's resident bytes by category (persistent_params, params, grads, master_params,
         optimizer_states, comm_buffers, offload_buffers, total), each storage counted once; plus
         where the optimizer masters/states are (offload_host, offload_nvme; see docs/offload.md)."""
-        groups = self._parameter_groups()
+        groups = self.stage.parameter_groups()
         grouped = {id(p) for g in groups for p in g.params}
         other_params = [p for p in self.module.parameters() if id(p) not in grouped]
         stage_tensors = self.stage.memory_tensors()
@@ -333,7 +212,7 @@ class ZeroEngine:
         fit one rank (save it first with ``save_16bit_model`` or ``save_checkpoint``)."""
         self.stage.wait_for_reductions()
         self.stage.remove_hooks()
-        if unshard and hasattr(self.stage, "unshard"):
+        if unshard:
             self.stage.unshard()
         for name in ("no_sync", "zero_grad"):
             self.module.__dict__.pop(name, None)
@@ -374,50 +253,7 @@ class ZeroEngine:
 
         save_model_hf(self.module, save_dir, dtype or self.dtype, is_writer=self.comm.rank == 0 and is_main_process,
                       max_shard_size=max_shard_size, comm=self.comm)
-        if self.comm.active:
-            dist.barrier(group=self.comm.group)
-
-    # ---- setup helpers ------------------------------------------------------------------
-    def _parameter_groups(self) -> list:
-        """Every group that owns parameter storage: trainable, plus stage 3's frozen groups."""
-        return list(self.flat_groups) + list(getattr(self.stage, "frozen_groups", []))
-
-    def _meta_source(self, model: nn.Module, stage: int):
-        """Values for a model built under ``zero_init`` (see meta_init.py's note): stage 3
-        reads them shard by shard; stages 0-2 materialise every parameter whole here."""
-        from hf_zero.stages.stage3_units import find_unit_modules
-        from hf_zero.meta_init import ParameterSource, pending_seed, set_parameter_tensor
-
-        # The seed crosses ranks on a device the group's backend serves (NCCL: this rank's
-        # GPU, gloo: the host); a host tensor on an NCCL-only group raises.
-        where = (collective_device(dist.get_backend(self.comm.group), self.device) if self.comm.active
-                 else torch.device("cpu"))
-        seed = torch.tensor([pending_seed()], dtype=torch.int64, device=where)
-        self.comm.broadcast(seed)   # rank 0's seed: every rank computes identical values
-        source = ParameterSource(model, find_unit_modules(model), int(seed.item()), self.device)
-        source.materialise_buffers()
-        if stage == 3:
-            return source
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                set_parameter_tensor(p, source.full(name, p))
-        source.close()
-        return None
-
-    def _broadcast_model(self) -> None:
-        """Start every rank from rank 0's weights and buffers, as DDP does."""
-        if not self.comm.active:
-            return
-        trainable = {id(p) for g in self._parameter_groups() for p in g.params}
-        with torch.no_grad():
-            for g in self.flat_groups:
-                for tensor in g.broadcast_tensors():
-                    self.comm.broadcast(tensor)
-            for p in self.module.parameters():
-                if id(p) not in trainable:
-                    self.comm.broadcast(p.data)
-            for b in self.module.buffers():
-                self.comm.broadcast(b)
+        self.comm.barrier()
 
 
 def initialize(model: nn.Module, config: Union[HfZeroConfig, dict, str, None] = None,

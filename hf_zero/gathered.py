@@ -16,7 +16,6 @@ import logging
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
-import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +56,7 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
         if modifier_rank is not None:
             with torch.no_grad():
                 for group in groups:
-                    if group.comm.active:
-                        group_ = group.comm.group
-                        src = dist.get_global_rank(group_, modifier_rank) if group_ else modifier_rank
-                        dist.broadcast(group.full, src=src, group=group.comm.group)
+                    group.comm.broadcast(group.full, src_rank=modifier_rank)
                     group.write_back_full([p for p in params if getattr(p, "_hf_zero_group", None) is group])
         for group in newly:
             group.release()

@@ -29,7 +29,7 @@ def collect_param_groups(model: nn.Module, optimizer: Optional[torch.optim.Optim
     trainable = [p for _, p in named if p.requires_grad]
 
     if optimizer is None:
-        raw_groups = [({}, trainable)]
+        raw_groups: list[tuple[dict, list[nn.Parameter]]] = [({}, trainable)]
     else:
         raw_groups = []
         for group in optimizer.param_groups:

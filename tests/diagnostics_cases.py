@@ -45,6 +45,20 @@ def skipped_collective(rank: int, world: int) -> str:
     return "no error"
 
 
+def object_collectives_counted_and_checked(rank: int, world: int) -> tuple[dict, str]:
+    """Barriers and object collectives are counted in comm_stats and seen by the detector."""
+    comm = _checked_comm(rank, world)
+    assert comm.broadcast_object(f"from {rank}") == "from 0"
+    assert comm.all_gather_objects(rank) == list(range(world))
+    comm.barrier()
+    counted = comm.stats.snapshot()
+    try:
+        comm.barrier() if rank == 0 else comm.all_gather_objects(rank)   # #4 diverges
+    except CollectiveDivergenceError as err:
+        return counted, str(err)
+    return counted, "no error"
+
+
 def estimator_vs_measured(rank: int, world: int) -> dict:
     """Predicted model-state bytes against engine.memory_breakdown() for stages 0-2."""
     from hf_zero.diagnostics.estimator import model_state_bytes

@@ -54,9 +54,9 @@ def run(device: str, swap: str, steps: int = 2, sub_group_size: int = 5_000_000,
     update_times: list[float] = []
     backend_step = offload.step
 
-    def timed_update(grads, coefficient):
+    def timed_update(grads, coefficient, *overflow):
         start = time.perf_counter()
-        backend_step(grads, coefficient)
+        backend_step(grads, coefficient, *overflow)
         update_times.append(time.perf_counter() - start)
 
     offload.step = timed_update   # the whole update: gradient pass, Adam, write-back

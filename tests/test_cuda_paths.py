@@ -71,16 +71,16 @@ def test_the_zero_init_seed_goes_through_the_group_backend_device(monkeypatch):
     """The engine asks ``collective_device`` with the group's backend for the seed tensor (the
     old code created it on the CPU whatever the backend); checked by recording the tensor
     the broadcast receives, with a group that reports NCCL and a model on 'meta'."""
-    import hf_zero.engine as engine_module
+    import hf_zero.engine_build as engine_build
 
     seen = {}
     engine = SimpleNamespace(device=META, comm=SimpleNamespace(active=True, group=None,
                                                                broadcast=lambda t: seen.setdefault("t", t)))
-    monkeypatch.setattr(engine_module.dist, "get_backend", lambda group: "nccl")
+    monkeypatch.setattr(engine_build.dist, "get_backend", lambda group: "nccl")
     with hf_zero.zero_init(seed=3):
         model = tiny_gpt2()
     with pytest.raises(Exception):   # materialising on 'meta' fails after the broadcast; only the seed matters
-        engine_module.ZeroEngine._meta_source(engine, model, 1)
+        engine_build.meta_source(engine, model, 1)
     assert seen["t"].device == META and seen["t"].dtype == torch.int64
 
 
@@ -125,16 +125,13 @@ def test_rng_of_older_checkpoints_restores_the_current_device_entry(monkeypatch)
 def test_auto_keeps_torch_fused_adamw_on_cuda():
     """fused_kernels 'auto' with parameters on CUDA: no Triton update (it has only run in the
     interpreter); 'triton' opts in."""
-    from hf_zero.engine import ZeroEngine
+    from hf_zero.engine_build import fused_update
 
     inner = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])
-    fake = SimpleNamespace(flat_groups=[SimpleNamespace(device=CUDA0)],
-                           offload=SimpleNamespace(updates_on_device=True),
-                           masters=SimpleNamespace(owned_params=[[torch.zeros(4)]], keeps_copy=False))
-    fake.config = SimpleNamespace(fused_kernels="auto")
-    assert ZeroEngine._fused_update(fake, inner) is None
-    fake.config = SimpleNamespace(fused_kernels="triton")
-    assert ZeroEngine._fused_update(fake, inner).backend == "triton"
+    offload = SimpleNamespace(updates_on_device=True,
+                              masters=SimpleNamespace(owned_params=[[torch.zeros(4)]], keeps_copy=False))
+    assert fused_update("auto", inner, offload) is None
+    assert fused_update("triton", inner, offload).backend == "triton"
 
 
 def test_the_step_counter_is_placed_as_torch_places_it():

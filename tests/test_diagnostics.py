@@ -31,6 +31,14 @@ def test_a_missing_rank_is_named_instead_of_a_hang():
     assert 4 <= float(seconds) < 30
 
 
+def test_object_collectives_and_barriers_are_counted_and_checked():
+    for counted, message in run_on_ranks(dc.object_collectives_counted_and_checked, 2, timeout_s=120):
+        assert {k: v["calls"] for k, v in counted.items()} == \
+            {"broadcast_object": 1, "all_gather_object": 1, "barrier": 1}, counted
+        assert counted["all_gather_object"]["bytes"] > 0 and counted["broadcast_object"]["bytes"] > 0
+        assert "diverge at #4" in message and "barrier" in message and "all_gather_object" in message, message
+
+
 def test_debug_mode_is_transparent_to_training():
     seqs = run_on_ranks(dc.engine_debug_mode_trains, 2, timeout_s=300)
     assert seqs[0] == seqs[1] > 4

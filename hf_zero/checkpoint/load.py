@@ -77,7 +77,7 @@ def _load_masters(engine: "ZeroEngine", reader: CheckpointReader, pieces: list[P
 
 
 def _frozen_groups(engine: "ZeroEngine") -> list:
-    return getattr(engine.stage, "frozen_groups", [])
+    return list(engine.stage.frozen_groups)
 
 
 def _load_frozen_shards(engine: "ZeroEngine", reader: CheckpointReader) -> None:

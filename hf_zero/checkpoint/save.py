@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from hf_zero.checkpoint.files import (CheckpointError, fsync_dir, validate_tag, write_json_atomic,
                                       write_text_atomic)
 from hf_zero.checkpoint.hf_layout import conversion_indices
@@ -47,22 +46,6 @@ def _json_checked(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} must be JSON-serialisable (checkpoints never pickle): {err}") from None
-
-
-def _broadcast_object(value: Any, comm) -> Any:
-    if not comm.active:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(comm.group, 0) if comm.group else 0, group=comm.group)
-    return box[0]
-
-
-def _gather_objects(value: Any, comm) -> list:
-    if not comm.active:
-        return [value]
-    out = [None] * comm.world_size
-    dist.all_gather_object(out, value, group=comm.group)
-    return out
 
 
 def _streamed(engine: "ZeroEngine", kind: str, piece: Piece, dtype: torch.dtype) -> Streamed:
@@ -94,7 +77,7 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Stream
                 if isinstance(value, torch.Tensor) and value.numel() == master.numel() and value.numel() > 1:
                     add(f"state.{key}", piece.name, piece.param_start, _streamed(engine, key, piece, value.dtype))
     # Stage 3 shards frozen parameters too: each rank writes the pieces its shard holds.
-    frozen_groups = getattr(engine.stage, "frozen_groups", [])
+    frozen_groups = engine.stage.frozen_groups
     for piece in owned_pieces(frozen_groups, engine.stage.partition_rank):
         chunk = frozen_groups[piece.group].shard_chunks()[piece.chunk]
         add("frozen", piece.name, piece.param_start, chunk.narrow(0, piece.chunk_start, piece.length))
@@ -173,7 +156,7 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
                     shutil.rmtree(stale, ignore_errors=True)
             tmp_name = f".{tag}.tmp-{uuid.uuid4().hex[:12]}"
             (save_dir / tmp_name).mkdir()
-    tmp = save_dir / _broadcast_object(tmp_name, comm)
+    tmp = save_dir / comm.broadcast_object(tmp_name)
 
     file_name = f"rank_{comm.rank:05d}.safetensors"
     entry, index = None, {}
@@ -185,7 +168,7 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
             _after_file_written(tmp / file_name)
             for piece in index.values():
                 piece["file"] = file_name
-        reports = _gather_objects((comm.rank, file_name, entry, index, capture_rng()), comm)
+        reports = comm.all_gather_objects((comm.rank, file_name, entry, index, capture_rng()))
         final = save_dir / tag
         with rank_local_step(comm, f"save_checkpoint publishing {final}", CheckpointError):
             if comm.rank == 0:

@@ -113,7 +113,7 @@ def main() -> None:
         model.save_pretrained(out / "adapter")
         model.merge_and_unload().save_pretrained(out / "model")
         print(f"saved the LoRA adapter to {out / 'adapter'} and the merged model to {out / 'model'}")
-    dist.barrier()
+    engine.comm.barrier()   # rank 0 finished writing before any rank leaves
     dist.destroy_process_group()
 
 

@@ -14,6 +14,8 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +30,7 @@ class CollectiveDivergenceError(RuntimeError):
 
 def _caller() -> str:
     """The innermost hf_zero frame outside comm/diagnostics, and the first user frame."""
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     inner = user = None
     while frame is not None:
         name = frame.f_code.co_filename
@@ -51,9 +53,11 @@ class CollectiveChecker:
         self.timeout = timedelta(seconds=timeout_s)
         self.seq = 0
 
-    def check(self, kind: str, tensor: torch.Tensor) -> None:
+    def check(self, kind: str, tensor: Optional[torch.Tensor] = None) -> None:
+        """``tensor`` is None for object collectives and barriers: only the kind is compared."""
         self.seq += 1
-        mine = {"kind": kind, "shape": list(tensor.shape), "dtype": str(tensor.dtype), "caller": _caller()}
+        shape, dtype = ([], "object") if tensor is None else (list(tensor.shape), str(tensor.dtype))
+        mine = {"kind": kind, "shape": shape, "dtype": dtype, "caller": _caller()}
         self.store.set(f"{self.seq}/{self.rank}", json.dumps(mine))
         self.store.set(f"last/{self.rank}", json.dumps({"seq": self.seq, **mine}))
         for other in range(self.world_size):

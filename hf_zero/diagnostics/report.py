@@ -16,7 +16,8 @@ def model_shape(config) -> ModelShape:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    seen, total, largest = set(), 0, 0
+    seen: set[int] = set()
+    total, largest = 0, 0
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for p in own)

@@ -30,7 +30,8 @@ class StepTimers:
         self.tokens = 0
         self.steps = 0
         self.cuda = device.type == "cuda"
-        self._events: list[tuple[str, object, object]] = []   # CUDA: (phase, start, end) not yet read
+        # CUDA: (phase, start, end) not yet read
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._last = time.perf_counter()
 
     @contextlib.contextmanager

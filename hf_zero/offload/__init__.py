@@ -19,22 +19,24 @@ from hf_zero.offload.swapper import SwapIOError
 
 
 def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tensor]], rank: int,
-                            force_copy: bool = False) -> OptimizerOffload:
+                            force_copy: bool = False, on_params_done=None) -> OptimizerOffload:
     """The backend for ``zero.offload_optimizer.device``, holding the masters of ``owned_params``
     (per group, per bucket: this rank's 1D chunks). Call ``attach(inner)`` once the inner
-    optimizer over ``backend.masters.masters`` exists."""
+    optimizer over ``backend.masters.masters`` exists. ``on_params_done``: see
+    ``OptimizerOffload.on_params_done`` (the in-memory backend has no sub-groups to call it for)."""
     cfg = zero.offload_optimizer
     # 0 is DeepSpeed's "one parameter per sub-group"; the closest here is one chunk's worth.
     sub_group_size = zero.sub_group_size or max((p.numel() for g in owned_params for p in g), default=1)
     if cfg.device == "cpu":
         from hf_zero.offload.cpu import CpuOffload
 
-        return CpuOffload(owned_params, sub_group_size, cfg.pin_memory, force_copy=force_copy)
+        return CpuOffload(owned_params, sub_group_size, cfg.pin_memory, force_copy=force_copy,
+                          on_params_done=on_params_done)
     if cfg.device == "nvme":
         from hf_zero.offload.nvme import NvmeOffload
 
         return NvmeOffload(owned_params, sub_group_size, cfg.nvme_path, cfg.buffer_count, cfg.pin_memory,
-                           rank, force_copy=force_copy)
+                           rank, force_copy=force_copy, on_params_done=on_params_done)
     return NoOffload(owned_params, force_copy=force_copy)
 
 

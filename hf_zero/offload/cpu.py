@@ -24,8 +24,8 @@ class CpuOffload(SubGroupOffload):
     location = "cpu"
 
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, pin_memory: bool,
-                 force_copy: bool = False):
-        super().__init__(owned_params, sub_group_size, force_copy)
+                 force_copy: bool = False, on_params_done=None):
+        super().__init__(owned_params, sub_group_size, force_copy, on_params_done)
         self.pin = pin_memory and self.on_accelerator   # CUDA parameters only: a CPU run pins nothing
         if self.pin and self.masters.keeps_copy:
             self.masters.masters = [[_pinned(m, True) for m in g] for g in self.masters.masters]

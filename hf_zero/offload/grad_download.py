@@ -38,7 +38,7 @@ from hf_zero.offload.subgroups import SubGroup, max_sub_group_numel
 class _Slot:
     def __init__(self) -> None:
         self.buffers: dict[torch.dtype, torch.Tensor] = {}   # dtype -> 1D, one sub-group long
-        self.event = None                                    # CUDA event of the last copy into it
+        self.event: Optional[torch.cuda.Event] = None        # CUDA event of the last copy into it
 
     def buffer(self, dtype: torch.dtype, numel: int, pin: bool) -> torch.Tensor:
         if dtype not in self.buffers:

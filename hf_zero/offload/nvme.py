@@ -56,8 +56,8 @@ class NvmeOffload(SubGroupOffload):
     allocates_masters = False   # a full fp32 copy in memory, even briefly, is what nvme avoids
 
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, nvme_path: Optional[str],
-                 buffer_count: int, pin_memory: bool, rank: int, force_copy: bool = False):
-        super().__init__(owned_params, sub_group_size, force_copy)
+                 buffer_count: int, pin_memory: bool, rank: int, force_copy: bool = False, on_params_done=None):
+        super().__init__(owned_params, sub_group_size, force_copy, on_params_done)
         self.nvme_path, self.rank = nvme_path, rank
         self.num_slots = max(2, buffer_count)
         self.pin = pin_memory and self.on_accelerator   # CUDA parameters only: a CPU run pins nothing
@@ -82,8 +82,8 @@ class NvmeOffload(SubGroupOffload):
 
 
     # ---- setup --------------------------------------------------------------------------
-    def attach(self, inner: torch.optim.Optimizer) -> None:
-        super().attach(inner)
+    def attach(self, inner: torch.optim.Optimizer, update=None) -> None:
+        super().attach(inner, update)
         needed = sum(self._file_bytes(sg) for sg in self.plan)
         root = check_swap_dir(self.nvme_path, needed, KEY)
         self.swap_dir = SwapDir(root, self.rank)

@@ -5,7 +5,9 @@ An offload backend owns where the fp32 master chunks and the optimizer states li
 one optimizer update walks over them. Three implementations sit behind this one protocol:
 
 - ``none`` (this file): masters and states next to the parameters; the inner torch
-  optimizer steps whole chunks (any elementwise optimizer; Triton kernels on CUDA).
+  optimizer steps whole chunks (any elementwise optimizer), or, with
+  ``fused_kernels: "triton"``, hf_zero_kernels' one-pass AdamW (``optim/fused_step.py``) is
+  its update strategy, given to ``attach``.
 - ``cpu`` (cpu.py): masters and Adam states in host memory (pinned when an accelerator
   exists); the update runs on the CPU in sub-groups (subgroups.py) and the updated weights
   are copied back to the parameters while the next sub-group is updated (step_loop.py).
@@ -35,11 +37,14 @@ optimizer state in memory; nothing in hf_zero materialises NVMe-held state.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 
 from hf_zero.optim.master_weights import MasterWeights
+
+if TYPE_CHECKING:
+    from hf_zero.optim.fused_step import FusedAdamW
 
 
 class OptimizerOffload(abc.ABC):
@@ -49,19 +54,36 @@ class OptimizerOffload(abc.ABC):
     updates_on_device: bool    # True when device kernels (hf_zero_kernels' fused AdamW) may run the update
     masters: MasterWeights     # the masters the inner optimizer steps (torch's param_groups point at them)
     # Called with parameter slices the backend is done reading or writing, off the step's
-    # critical path (set by the engine when stage-3 shards are mapped NVMe files, so their
-    # pages are dropped as soon as a sub-group is done; backends without sub-groups leave it
-    # to the end-of-step eviction).
-    on_params_done = None
+    # critical path (given to the constructor when stage-3 shards are mapped NVMe files, so
+    # their pages are dropped as soon as a sub-group is done; backends without sub-groups
+    # leave it to the end-of-step eviction).
+    on_params_done: Optional[Callable[[list[torch.Tensor]], None]] = None
 
-    def attach(self, inner: torch.optim.Optimizer) -> None:
-        """Called once the inner optimizer over ``masters`` exists (creates / swaps out states)."""
+    update: Optional["FusedAdamW"] = None   # a device update strategy replacing inner.step (none only)
+
+    def attach(self, inner: torch.optim.Optimizer, update: Optional["FusedAdamW"] = None) -> None:
+        """Called once the inner optimizer over ``masters`` exists (creates / swaps out states).
+        ``update``: hf_zero_kernels' fused AdamW over ``inner`` (``fused_kernels: "triton"``);
+        only a backend that updates on the device takes one."""
+        if update is not None and not self.updates_on_device:
+            raise ValueError("fused_kernels='triton' runs the update on the device; offload_optimizer runs it "
+                             "on the CPU (use 'auto' or 'off')")
         self.inner = inner
+        self.update = update
+
+    @property
+    def norm_backend(self):
+        """The hf_zero_kernels backend that computes the gradient norm (the update strategy's,
+        so the norm's non-finite flag comes from the same pass); None: torch."""
+        return None if self.update is None else self.update.backend
 
     @abc.abstractmethod
-    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor,
+             overflow: Optional[torch.Tensor] = None) -> None:
         """Update masters from ``grads * coefficient`` and write the new weights into the
-        parameters; ``grads`` is laid out like ``masters.masters``."""
+        parameters; ``grads`` is laid out like ``masters.masters``. ``overflow``: a device
+        flag (dynamic loss scaling) that a device update strategy reads to skip the update
+        without a host sync; the host has already skipped the step when it is set."""
 
     # ---- streamed access ([Note: streamed optimizer state]) ------------------------------
     def _resident_tensor(self, kind: str, group: int, chunk: int) -> torch.Tensor:
@@ -86,8 +108,7 @@ class OptimizerOffload(abc.ABC):
             self._master_to_param(group, chunk, start, part)
 
     def _master_to_param(self, group: int, chunk: int, start: int, part: torch.Tensor) -> None:
-        if self.masters.keeps_copy:   # else the parameter chunk is the master itself
-            self.masters.owned_params[group][chunk].narrow(0, start, part.numel()).copy_(part)
+        self.masters.write_param(group, chunk, start, part)
 
     def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:
         """Before loading a checkpoint holding the elementwise states ``keys``: give every master
@@ -133,7 +154,11 @@ class NoOffload(OptimizerOffload):
     def __init__(self, owned_params: list[list[torch.Tensor]], force_copy: bool = False):
         self.masters = MasterWeights(owned_params, force_copy=force_copy)
 
-    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor,
+             overflow: Optional[torch.Tensor] = None) -> None:
+        if self.update is not None:   # one pass per chunk: unscale/clip, AdamW, write the parameter
+            self.update.step(grads, coefficient.to(torch.float32), overflow)
+            return
         self.masters.load_grads(grads, coefficient)
         self.inner.step()
         self.masters.finish_step()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -46,7 +47,9 @@ class SubGroupOffload(OptimizerOffload):
     fold_coefficient = True    # False: always a separate multiply pass ([Note: folding the coefficient])
     stage_downloads = None     # True: host gradients go through GradDownload too (tests run its schedule on CPU)
 
-    def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, force_copy: bool = False):
+    def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, force_copy: bool = False,
+                 on_params_done: Optional[Callable[[list[torch.Tensor]], None]] = None):
+        self.on_params_done = on_params_done
         self.masters = MasterWeights(owned_params, force_copy=force_copy, device=self.host,
                                      allocate=self.allocates_masters)
         self.plan: list[SubGroup] = plan_sub_groups([[m.numel() for m in g] for g in self.masters.masters],
@@ -57,9 +60,9 @@ class SubGroupOffload(OptimizerOffload):
         self.write_back = WriteBack(self.on_accelerator, max_sub_group_numel(self.plan))
         self.failed: BaseException | None = None
 
-    def attach(self, inner: torch.optim.Optimizer) -> None:
+    def attach(self, inner: torch.optim.Optimizer, update=None) -> None:
         check_offloadable(inner)
-        super().attach(inner)
+        super().attach(inner, update)
         self.state_keys = state_keys(inner)
         for group in inner.param_groups:
             for master in group["params"]:
@@ -97,7 +100,8 @@ class SubGroupOffload(OptimizerOffload):
                                f"({self.failed}); restart from the last checkpoint") from self.failed
 
     @torch.no_grad()
-    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+    def step(self, grads: list[list[torch.Tensor]], coefficient: torch.Tensor,
+             overflow: Optional[torch.Tensor] = None) -> None:
         self._check_healthy()
         try:
             self._step(grads, coefficient)
@@ -143,9 +147,9 @@ class SubGroupOffload(OptimizerOffload):
                             {key: [views.states[key][k] for k in ks] for key in self.state_keys}, step[gi],
                             grad_divisor=divisor)
             copies = []
-            if masters.keeps_copy:
-                for k, s in enumerate(sub_group.slices):
-                    dst = masters.owned_params[s.group][s.chunk].narrow(0, s.start, s.length)
+            for k, s in enumerate(sub_group.slices):
+                dst = masters.param_target(s.group, s.chunk, s.start, s.length)
+                if dst is not None:
                     copies.append((dst, views.masters[k]))
             self._release(sub_group, self.write_back.submit(copies, self.on_params_done))
         self._finish()

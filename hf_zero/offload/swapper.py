@@ -46,7 +46,7 @@ def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
 
 
 def _memoryview(buffer: torch.Tensor) -> memoryview:
-    return memoryview(buffer.numpy()).cast("B")
+    return memoryview(buffer.numpy()).cast("B")   # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's stubs lack __buffer__
 
 
 class _Transfer:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_zero_kernels import fused_adamw_, sumsq_and_nonfinite
+from hf_zero.optim.master_weights import MasterWeights
+from hf_zero_kernels import Backend, fused_adamw_, sumsq_and_nonfinite
 
 
 def fused_supported(inner: torch.optim.Optimizer) -> bool:
@@ -25,7 +26,7 @@ def fused_supported(inner: torch.optim.Optimizer) -> bool:
                for g in inner.param_groups)
 
 
-def norm_inputs(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
+def norm_inputs(grads: list[torch.Tensor], backend: Backend) -> torch.Tensor:
     """A 2-element fp32 tensor [sum of squares, number of non-finite elements] in one pass;
     one all-reduce (SUM) of it gives the global norm input and the overflow signal."""
     device = grads[0].device if grads else torch.device("cpu")
@@ -45,11 +46,14 @@ def new_step_counter(group: dict, master: torch.Tensor) -> torch.Tensor:
 
 
 class FusedAdamW:
-    def __init__(self, inner: torch.optim.Optimizer, owned_params: list[list[torch.Tensor]],
-                 keeps_copy: bool, backend: str):
+    """The in-memory offload backend's update strategy for ``fused_kernels: "triton"``
+    (offload/protocol.py): one kernel pass per chunk unscales and clips the gradient, runs
+    AdamW on the fp32 master and writes the bf16/fp16 parameter; step counters in torch's layout."""
+
+    def __init__(self, inner: torch.optim.Optimizer, masters: MasterWeights, backend: Backend):
         self.inner = inner
-        self.owned_params = owned_params
-        self.keeps_copy = keeps_copy   # masters are separate from the parameter chunks
+        self.masters = masters
+        self.keeps_copy = masters.keeps_copy   # masters are separate from the parameter chunks
         self.backend = backend
         # The kernel takes the step as a Python int; reading a device counter costs a host
         # sync, so its value is cached per counter tensor and re-read only when something else
@@ -69,9 +73,10 @@ class FusedAdamW:
 
     def step(self, grads: list[list[torch.Tensor]], grad_scale: torch.Tensor,
              overflow: torch.Tensor | None) -> None:
-        for group, group_grads, params in zip(self.inner.param_groups, grads, self.owned_params):
+        for gi, (group, group_grads) in enumerate(zip(self.inner.param_groups, grads)):
             beta1, beta2 = group["betas"]
-            for master, grad, param in zip(group["params"], group_grads, params):
+            for ci, (master, grad) in enumerate(zip(group["params"], group_grads)):
+                param = self.masters.owned_params[gi][ci]
                 state = self.inner.state[master]
                 lowp = self.keeps_copy and param.dtype in (torch.bfloat16, torch.float16)
                 if not state:
@@ -84,5 +89,5 @@ class FusedAdamW:
                              step=done + 1, grad_scale=grad_scale, overflow=overflow,
                              out_lowp=param if lowp else None, backend=self.backend)
                 self._advance(state["step"], done)
-                if self.keeps_copy and not lowp:   # fp32 parameters with a separate master copy
-                    param.copy_(master)
+                if not lowp:   # fp32 parameters with a separate master copy (the kernel wrote low-precision ones)
+                    self.masters.write_param(gi, ci, 0, master)

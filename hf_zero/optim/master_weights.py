@@ -7,6 +7,8 @@ the owned chunks; gradients are upcast once per step and updated weights cast ba
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -42,11 +44,25 @@ class MasterWeights:
 
     def finish_step(self) -> None:
         """Drop the gradients and write updated masters back into the model dtype chunks."""
-        for masters, params in zip(self.masters, self.owned_params):
-            for master, param in zip(masters, params):
+        for gi, masters in enumerate(self.masters):
+            for ci, master in enumerate(masters):
                 master.grad = None
-                if self.keeps_copy:
-                    param.copy_(master)
+                self.write_param(gi, ci, 0, master)
+
+    def param_target(self, group: int, chunk: int, start: int, numel: int) -> Optional[torch.Tensor]:
+        """The parameter elements [start, start + numel) of chunk (group, chunk) that master
+        values must be written into, or None when the chunk is the master itself."""
+        if not self.keeps_copy:
+            return None
+        return self.owned_params[group][chunk].narrow(0, start, numel)
+
+    def write_param(self, group: int, chunk: int, start: int, values: torch.Tensor) -> None:
+        """Write master ``values`` (1D, fp32) into their parameter elements, cast to the model
+        dtype: the one synchronous master -> parameter write (the offload step loop hands the
+        same ``param_target`` to its background write-back)."""
+        target = self.param_target(group, chunk, start, values.numel())
+        if target is not None:
+            target.copy_(values)
 
     def reload_from_params(self) -> None:
         """Parameters were edited outside the optimizer: make the masters match them."""

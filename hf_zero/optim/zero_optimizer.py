@@ -10,13 +10,12 @@ unscale x clip multiply, the inner update, write-back and the all-gather of part
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from hf_zero.comm import Collectives
-from hf_zero.optim.fused_step import FusedAdamW, norm_inputs
+from hf_zero.optim.fused_step import FusedAdamW
 from hf_zero.optim.grad_norm import clip_coefficient, global_grad_norm
 from hf_zero.optim.loss_scaler import LossScaler
 from hf_zero.stages.base import ZeroStage
@@ -32,8 +31,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """True when the last step() skipped the update (fp16 overflow on any rank)."""
 
     def __init__(self, inner: torch.optim.Optimizer, stage: ZeroStage, offload: "OptimizerOffload",
-                 scaler: LossScaler, comm: Collectives, gradient_clipping: float,
-                 fused: Optional[FusedAdamW] = None):
+                 scaler: LossScaler, comm: Collectives, gradient_clipping: float):
         super().__init__([{"params": []}], dict(inner.defaults))
         # Share, don't copy: schedulers and users edit these very dicts.
         self.param_groups = inner.param_groups
@@ -45,11 +43,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.scaler = scaler
         self.comm = comm
         self.gradient_clipping = gradient_clipping
-        self.fused = fused
         self.step_was_skipped = False
         self.num_skipped_steps = 0
         self._last_norm: Optional[torch.Tensor] = None   # device scalar; read lazily (no host sync)
         self._norm_cache: Optional[tuple] = None   # (stage.grads_version, (norm, overflow flag))
+
+    @property
+    def fused(self) -> Optional[FusedAdamW]:
+        """hf_zero_kernels' fused AdamW when it is the update strategy (``fused_kernels: "triton"``)."""
+        return self.offload.update
 
     @property
     def last_grad_norm(self) -> Optional[float]:
@@ -67,7 +69,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._last_norm = norm
         if self.scaler.dynamic:
             # The one host read of the step: the scale for the next backward depends on it.
-            overflow = not math.isfinite(norm.item()) or bool(overflow_flag is not None and overflow_flag.item())
+            overflow = bool((~torch.isfinite(norm) | (overflow_flag > 0)).item())
             self.scaler.update(overflow)
             if overflow:
                 self.step_was_skipped = True
@@ -77,10 +79,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 return None
         self.step_was_skipped = False
         coefficient = clip_coefficient(norm, self.gradient_clipping) / scale
-        if self.fused is not None:
-            self.fused.step(grads, coefficient.to(torch.float32), overflow_flag if self.scaler.dynamic else None)
-        else:
-            self.offload.step(grads, coefficient)
+        self.offload.step(grads, coefficient, overflow_flag if self.scaler.dynamic else None)
         self.stage.after_step()
         self.stage.zero_grad()
         return None
@@ -91,8 +90,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         it while no backward or ``zero_grad`` intervened, so asking costs no second pass."""
         return self._norm_and_overflow()[0]
 
-    def _norm_and_overflow(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(fp32 norm, non-finite count or None), computed once per gradient version."""
+    def _norm_and_overflow(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 norm, fp32 non-finite flag), computed once per gradient version."""
         self.stage.wait_for_reductions()
         version = self.stage.grads_version
         if self._norm_cache is not None and self._norm_cache[0] == version:
@@ -101,13 +100,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Owned gradients hold (rank-averaged gradient) x grad_divisor x loss_scale
         # (stages/base.py): dividing by ``scale`` gives the true gradient.
         scale = self.stage.grad_divisor * self.scaler.scale
-        if self.fused is not None:
-            stats = norm_inputs(flat_grads, self.fused.backend)       # [sumsq, non-finite count]
-            if self.stage.partitions_optimizer:
-                self.comm.all_reduce_sum(stats)
-            result = (stats[0:1].sqrt() / scale, stats[1:2])
-        else:
-            result = (global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer) / scale, None)
+        norm, nonfinite = global_grad_norm(flat_grads, self.comm, self.stage.partitions_optimizer,
+                                           self.offload.norm_backend)
+        result = (norm / scale, nonfinite)
         self._norm_cache = (version, result)
         return result
 

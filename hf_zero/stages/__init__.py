@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
 from hf_zero.comm import Collectives
 from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.stages.base import ZeroStage
+
+if TYPE_CHECKING:
+    from hf_zero.diagnostics.step_report import StepTimers
+    from hf_zero.quantized_comm import QuantizedCollectives
+
+
+@dataclass(frozen=True)
+class StageServices:
+    """What a stage is given besides its groups: phase timers (``wall_clock_breakdown``) and
+    ZeRO++ int8 collectives (``zero_quantized_gradients`` / ``zero_quantized_weights``, stages 1-2)."""
+
+    timers: Optional["StepTimers"] = None
+    quantized_gradients: Optional["QuantizedCollectives"] = None
+    quantized_weights: Optional["QuantizedCollectives"] = None
 
 
 def partition_world_for(stage: int, world_size: int) -> int:
@@ -13,7 +30,8 @@ def partition_world_for(stage: int, world_size: int) -> int:
 
 
 def build_groups_and_stage(stage: int, model, specs: list, comm: Collectives, *, bucket_numel: int,
-                           overlap_comm: bool, allgather_bucket_numel: int, stage3_options: dict):
+                           overlap_comm: bool, allgather_bucket_numel: int, stage3_options: dict,
+                           services: StageServices = StageServices()):
     """Lay out the trainable parameters for ``stage`` and build the stage.
 
     Returns (stage object, parameter groups, index of the optimizer group of each).
@@ -22,32 +40,34 @@ def build_groups_and_stage(stage: int, model, specs: list, comm: Collectives, *,
     if stage == 3:
         from hf_zero.stages.stage3 import build_stage3
 
-        return build_stage3(model, specs, comm, bucket_numel=bucket_numel, overlap_comm=overlap_comm,
-                            allgather_bucket_numel=allgather_bucket_numel, **stage3_options)
+        built = build_stage3(model, specs, comm, bucket_numel=bucket_numel, overlap_comm=overlap_comm,
+                             allgather_bucket_numel=allgather_bucket_numel, **stage3_options)
+        # build_stage3 takes no timers yet (stage 3 refuses quantization: engine_build.check_supported).
+        built[0].timers = services.timers
+        return built
     world = partition_world_for(stage, comm.world_size)
     indexed = [(i, s) for i, s in enumerate(specs) if s.params]
     groups = [FlatParamGroup(s.params, s.names, bucket_numel, world) for _, s in indexed]
-    return (build_stage(stage, groups, comm, overlap_comm=overlap_comm, allgather_bucket_numel=allgather_bucket_numel),
+    return (build_stage(stage, groups, comm, overlap_comm=overlap_comm, allgather_bucket_numel=allgather_bucket_numel,
+                        services=services),
             groups, [i for i, _ in indexed])
 
 
 def build_stage(stage: int, groups: list[FlatParamGroup], comm: Collectives, *, overlap_comm: bool,
-                allgather_bucket_numel: int) -> ZeroStage:
+                allgather_bucket_numel: int, services: StageServices = StageServices()) -> ZeroStage:
     if stage == 0:
         from hf_zero.stages.stage0 import AllReduceStage
 
-        return AllReduceStage(groups, comm, overlap_comm=overlap_comm)
-    if stage == 1:
+        return AllReduceStage(groups, comm, overlap_comm=overlap_comm, timers=services.timers)
+    if stage in (1, 2):
         from hf_zero.stages.stage1 import PartitionedOptimizerStage
-
-        return PartitionedOptimizerStage(groups, comm, overlap_comm=overlap_comm,
-                                         allgather_bucket_numel=allgather_bucket_numel)
-    if stage == 2:
         from hf_zero.stages.stage2 import PartitionedGradientStage
 
-        return PartitionedGradientStage(groups, comm, overlap_comm=overlap_comm,
-                                        allgather_bucket_numel=allgather_bucket_numel)
+        kind = PartitionedOptimizerStage if stage == 1 else PartitionedGradientStage
+        return kind(groups, comm, overlap_comm=overlap_comm, allgather_bucket_numel=allgather_bucket_numel,
+                    quantized_gradients=services.quantized_gradients, quantized_weights=services.quantized_weights,
+                    timers=services.timers)
     raise ValueError(f"zero_optimization.stage must be 0-3, got {stage}")
 
 
-__all__ = ["ZeroStage", "build_groups_and_stage", "build_stage", "partition_world_for"]
+__all__ = ["StageServices", "ZeroStage", "build_groups_and_stage", "build_stage", "partition_world_for"]

@@ -20,12 +20,12 @@ import abc
 import contextlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from hf_zero.comm import Collectives
-from hf_zero.diagnostics.step_report import timed
+from hf_zero.diagnostics.step_report import StepTimers, timed
 from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.partition import BucketPlan
 
@@ -46,7 +46,7 @@ class Bucket:
 
 @dataclass
 class _Pending:
-    work: object                    # torch Work (or a done stand-in)
+    work: Any                       # torch Work (or a done stand-in): has .wait()
     on_done: Callable[[], None]     # runs after the wait (copy out, free buffers)
 
 
@@ -57,12 +57,15 @@ class ZeroStage(abc.ABC):
     partitions_optimizer: bool      # each rank updates only its chunk of every bucket
     keeps_full_grads: bool          # a full-size gradient buffer exists between steps
 
-    timers = None   # diagnostics.step_report.StepTimers when wall_clock_breakdown is on
+    # Groups of frozen parameters that the stage shards too (stage 3); none below stage 3.
+    frozen_groups: Sequence[FlatParamGroup] = ()
 
-    def __init__(self, groups: list[FlatParamGroup], comm: Collectives, overlap_comm: bool = True):
+    def __init__(self, groups: list[FlatParamGroup], comm: Collectives, overlap_comm: bool = True,
+                 timers: Optional[StepTimers] = None):
         self.groups = groups
         self.comm = comm
         self.overlap_comm = overlap_comm
+        self.timers = timers   # phase timers when wall_clock_breakdown is on
         self.partition_world = groups[0].plans[0].world
         self.partition_rank = comm.rank if self.partition_world > 1 else 0
         self.buckets = self._ordered_buckets()
@@ -223,6 +226,15 @@ class ZeroStage(abc.ABC):
 
     def after_step(self) -> None:
         """Make every rank's full parameters current after the optimizer updated its chunks."""
+
+    def parameter_groups(self) -> list[FlatParamGroup]:
+        """Every group that owns parameter storage: trainable, plus frozen ones (stage 3)
+        (storage accounting, the initial broadcast, checkpoints)."""
+        return list(self.groups) + list(self.frozen_groups)
+
+    def unshard(self) -> None:
+        """Give every parameter its own whole tensor again (``engine.destroy``); stages 0-2
+        never took it away."""
 
     @abc.abstractmethod
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:

@@ -29,8 +29,10 @@ class FullGradStage(ZeroStage):
 
     def _accept_grad(self, group: FlatParamGroup, index: int, param: torch.Tensor) -> None:
         view = self._grad_views[self._group_index[id(group)]][index]
-        if param.grad is not view:
-            view.add_(param.grad)
+        grad = param.grad   # just accumulated (the hook fires only then)
+        if grad is not view:
+            assert grad is not None
+            view.add_(grad)
             param.grad = view
 
     def zero_grad(self) -> None:

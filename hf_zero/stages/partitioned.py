@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 
 from hf_zero.diagnostics.step_report import timed
 from hf_zero.stages.base import ZeroStage
+
+if TYPE_CHECKING:
+    from hf_zero.quantized_comm import QuantizedCollectives
 
 
 def _nothing() -> None:
@@ -17,8 +22,13 @@ class PartitionedMixin:
 
     partitions_optimizer = True
     allgather_bucket_numel: int
-    quantized_gradients = None   # QuantizedCollectives when zero_quantized_gradients is on
-    quantized_weights = None     # QuantizedCollectives when zero_quantized_weights is on
+    quantized_gradients: Optional[QuantizedCollectives] = None   # when zero_quantized_gradients is on
+    quantized_weights: Optional[QuantizedCollectives] = None     # when zero_quantized_weights is on
+
+    def _set_partition_options(self, allgather_bucket_numel: int, quantized_gradients: Optional[QuantizedCollectives],
+                               quantized_weights: Optional[QuantizedCollectives]) -> None:
+        self.allgather_bucket_numel = allgather_bucket_numel
+        self.quantized_gradients, self.quantized_weights = quantized_gradients, quantized_weights
 
     def _reduce_scatter(self: ZeroStage, output: torch.Tensor, input: torch.Tensor):
         """Start a bucket's reduce-scatter; returns (work, finish) with finish() run after the wait."""

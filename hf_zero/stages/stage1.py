@@ -13,8 +13,9 @@ from hf_zero.stages.partitioned import PartitionedMixin
 class PartitionedOptimizerStage(PartitionedMixin, FullGradStage):
     stage = 1
 
-    def __init__(self, *args, allgather_bucket_numel: int, **kwargs):
-        self.allgather_bucket_numel = allgather_bucket_numel
+    def __init__(self, *args, allgather_bucket_numel: int, quantized_gradients=None, quantized_weights=None,
+                 **kwargs):
+        self._set_partition_options(allgather_bucket_numel, quantized_gradients, quantized_weights)
         super().__init__(*args, **kwargs)
 
     def _launch(self, group: FlatParamGroup, bucket: Bucket):

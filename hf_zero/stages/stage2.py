@@ -20,8 +20,9 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
     stage = 2
     keeps_full_grads = False
 
-    def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, **kwargs):
-        self.allgather_bucket_numel = allgather_bucket_numel
+    def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, quantized_gradients=None,
+                 quantized_weights=None, **kwargs):
+        self._set_partition_options(allgather_bucket_numel, quantized_gradients, quantized_weights)
         self._grad_shards: list[torch.Tensor] | None = None   # allocated by the first backward
         self._staging: dict[tuple[int, int], torch.Tensor] = {}   # (group, bucket start) -> 1D bucket
         self._shard_has_grad: set[tuple[int, int]] = set()
@@ -60,7 +61,9 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
         bucket = self._where[(group_index, index)]
         offset = bucket.plan.param_offsets[bucket.plan.param_indices.index(index)] - bucket.plan.start
         staging = self._staging_for(bucket)
-        staging.narrow(0, offset, param.grad.numel()).add_(param.grad.reshape(-1))
+        grad = param.grad   # just accumulated (the hook fires only then)
+        assert grad is not None
+        staging.narrow(0, offset, grad.numel()).add_(grad.reshape(-1))
         param.grad = None
 
     def _prepare_unused(self, bucket: Bucket) -> None:
