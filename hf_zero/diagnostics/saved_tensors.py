@@ -29,7 +29,7 @@ def _tensors_in(value) -> Iterator[torch.Tensor]:
     saved-tensors hook packed: an activation checkpoint's holder holds none), lists, tuples."""
     if isinstance(value, torch._C._autograd.SavedTensor):
         try:
-            value = value.data
+            value = value.data   # type: ignore[attr-defined]  # SavedTensor.data is not in torch's stubs
         except RuntimeError:   # already freed by a backward
             return
     if isinstance(value, torch.Tensor):
@@ -54,7 +54,7 @@ def saved_tensors(roots: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
                     yield from _tensors_in(getattr(node, name))
                 except RuntimeError:   # already freed by a backward
                     continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
 
 
 def saved_storage_bytes(roots: Iterable[torch.Tensor], among: Optional[set[int]] = None) -> int:
@@ -78,7 +78,7 @@ class ParameterStorageRecorder:
 
     def __init__(self, model: nn.Module, keep: bool = False):
         self.keys: set[int] = set()
-        self._kept: dict[int, torch.UntypedStorage] = {} if keep else None
+        self._kept: Optional[dict[int, torch.UntypedStorage]] = {} if keep else None
         self._handles = [m.register_forward_pre_hook(self._record) for m in model.modules()
                          if any(True for _ in m.parameters(recurse=False))]
 
@@ -91,7 +91,8 @@ class ParameterStorageRecorder:
 
     def allocated_bytes(self) -> int:
         """Bytes the kept parameter storages hold now (``keep=True``)."""
-        return sum(storage.nbytes() for storage in self._kept.values())
+        assert self._kept is not None, "allocated_bytes needs ParameterStorages(model, keep=True)"
+        return sum(int(storage.nbytes()) for storage in self._kept.values())
 
     def remove(self) -> None:
         for handle in self._handles:

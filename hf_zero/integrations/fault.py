@@ -34,7 +34,10 @@ import socket
 import sys
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:   # torch is imported lazily here: the bootstrap loads this module first
+    import torch.distributed
 
 BEAT_SECONDS = 0.5
 STALE_AFTER = 3 * BEAT_SECONDS
@@ -47,7 +50,7 @@ class LostRankError(RuntimeError):
 
 class _Liveness:
     def __init__(self) -> None:
-        self.store = None
+        self.store: Optional["torch.distributed.Store"] = None   # this attempt's PrefixStore once the group is up
         self.rank = 0
         self.world = 1
         self.roster: dict[int, tuple[str, int]] = {}
@@ -82,12 +85,14 @@ class _Liveness:
     def _refresh_roster(self) -> None:
         """The ranks published so far (a failure soon after start can come before the beat
         thread has read them all)."""
+        assert self.store is not None, "called only once the store is up"
         for rank in range(self.world):
             if rank not in self.roster and self.store.check([f"who/{rank}"]):
                 host, pid = json.loads(self.store.get(f"who/{rank}"))
                 self.roster[rank] = (host, int(pid))
 
     def _beats(self, ranks: list[int]) -> dict[int, int]:
+        assert self.store is not None, "called only once the store is up"
         return {rank: self.store.add(f"beat/{rank}", 0) for rank in ranks}
 
     def lost_ranks(self, wait: bool = True) -> list[str]:
@@ -126,7 +131,7 @@ class _Liveness:
             after = self._beats(remote) if before is not None else None
         except Exception:
             after = None
-        if after is None:
+        if after is None or before is None:
             if 0 in remote or (self.rank != 0 and 0 not in peers):
                 lost.append("rank 0 (the process group's store, hosted with it, stopped answering)")
             return lost

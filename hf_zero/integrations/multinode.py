@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Mapping, Optional
 
 DEFAULT_MASTER_PORT = 29500   # torchrun's and accelerate's default
 RESTART_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -142,14 +142,15 @@ def _expand_host(item: str) -> list[str]:
     return [prefix + value + tail for value in values for tail in _expand_host(rest)]
 
 
-def slurm_hosts(env: dict) -> list[str]:
+def slurm_hosts(env: Mapping[str, str]) -> list[str]:
     return expand_nodelist(env["SLURM_JOB_NODELIST"])
 
 
-def from_slurm(options: NodeOptions, env: Optional[dict] = None) -> tuple[NodeOptions, list[str]]:
+def from_slurm(options: NodeOptions, env: Optional[Mapping[str, str]] = None) -> tuple[NodeOptions, list[str]]:
     """(options with SLURM's values filled in, the job's hosts) when under a multi-node SLURM
     job and ``--nnodes`` was not given; the options unchanged and [] otherwise."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     if options.nnodes is not None or not env.get("SLURM_JOB_NODELIST") or int(env.get("SLURM_NNODES", "1")) <= 1:
         return options, []
     hosts = slurm_hosts(env)

@@ -102,7 +102,7 @@ def set_z3_leaf_modules(model: nn.Module, leaf_module_classes: Iterable[type]) -
     if not marked:
         raise ValueError(f"set_z3_leaf_modules: no module of {[c.__name__ for c in classes]} in the model")
     for module in marked:
-        module._z3_leaf = True
+        setattr(module, "_z3_leaf", True)   # read by the unit planner (nn.Module typing forbids plain attributes)
     return marked
 
 
@@ -150,7 +150,8 @@ def _embedding_modules(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[
         usable = isinstance(module, nn.Module) and id(module) not in inside and any(True for _ in module.parameters())
         found.append([module] if usable else [])
     (embedding,), (head,) = found if all(found) else ([None], [None])
-    if embedding is not None and {id(p) for p in embedding.parameters()} & {id(p) for p in head.parameters()}:
+    if embedding is not None and head is not None and (
+            {id(p) for p in embedding.parameters()} & {id(p) for p in head.parameters()}):
         return [], []   # tied: the shared weight belongs to the root
     return found[0], found[1]
 
