@@ -8,7 +8,8 @@ under ``hf_zero.zero_init`` (meta device: no rank ever holds the whole model; ea
 materialises one block at a time and keeps its shard), shards it under ZeRO stage 3 on 2
 gloo processes with the optimizer state offloaded as ``--offload`` says and the parameter
 shards as ``--offload-param`` says (nvme for both by default; cpu; none), and runs one full step
-(forward, backward, optimizer, with activation checkpointing) on a short sequence. Trials
+(forward, backward, optimizer; with activation checkpointing unless
+``--no-activation-checkpointing``) on a short sequence. Trials
 go up the ``--sizes`` list (billions of parameters; the shape is scaled like Llama:
 hidden h, 2.7h MLP, h/128 heads, layers from the size) and stop at the first failure. A
 watchdog kills a trial whose processes together exceed ``--ram-budget-gib`` of resident
@@ -53,7 +54,7 @@ def _rss_gib(field: str = "VmRSS") -> float:
 
 
 def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str = "nvme",
-          offload_param: str = "none") -> dict:
+          offload_param: str = "none", checkpointing: bool = True) -> dict:
     import resource
 
     import torch
@@ -70,7 +71,8 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str 
     param_block = {"device": offload_param, "max_in_cpu": 0}
     if offload_param == "nvme":
         param_block.update(nvme_path=swap)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = hf_zero.initialize(model, {
         "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
@@ -96,14 +98,16 @@ def trial(rank: int, world: int, shape: dict, swap: str, seq: int, offload: str 
 
 
 def run_trial(billions: float, swap: str, seq: int, budget_gib: float, timeout_s: float, offload: str,
-              offload_param: str) -> dict:
+              offload_param: str, checkpointing: bool = True) -> dict:
     """One trial in a child process (2 ranks), killed if the ranks' RSS exceeds the budget."""
     import psutil
 
     code = ("import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r); import largest_model as lm; "
             "from hf_zero.testing import run_on_ranks; "
-            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, %r, %r, timeout_s=%r)))"
-            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, offload, offload_param, timeout_s)
+            "print('RESULT', json.dumps(run_on_ranks(lm.trial, 2, lm.llama_shape(%r), %r, %d, %r, %r, %r, "
+            "timeout_s=%r)))"
+            ) % (str(ROOT), str(ROOT / "benchmarks"), billions, swap, seq, offload, offload_param, checkpointing,
+                 timeout_s)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     parent, peak = psutil.Process(child.pid), 0.0
@@ -141,15 +145,17 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--offload", choices=("nvme", "cpu", "none"), default="nvme")
     parser.add_argument("--offload-param", choices=("nvme", "cpu", "none"), default="nvme")
+    parser.add_argument("--no-activation-checkpointing", dest="checkpointing", action="store_false",
+                        help="keep every block's activations (and whatever the blocks save for backward)")
     args = parser.parse_args()
     print(f"offload_optimizer: {args.offload}; offload_param: {args.offload_param}; stage 3, 2 processes, bf16, "
-          f"seq {args.seq}, zero_init")
+          f"seq {args.seq}, zero_init, activation checkpointing {'on' if args.checkpointing else 'off'}")
     print("| target B | params B | result | step s | peak RSS (both ranks) GiB | rank-0 RSS after init, forward, "
           "backward, step GiB | NVMe per rank GiB |\n|---|---|---|---|---|---|---|")
     best = None
     for billions in (float(s) for s in args.sizes.split(",")):
         r = run_trial(billions, args.swap_dir, args.seq, args.ram_budget_gib, args.timeout_s, args.offload,
-                      args.offload_param)
+                      args.offload_param, args.checkpointing)
         if not r["ok"]:
             print(f"| {billions} | - | failed: {r['why']} | - | {r['peak_gib']:.1f} | - | - |", flush=True)
             break
