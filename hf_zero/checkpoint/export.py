@@ -9,9 +9,10 @@ stages 0-2), so no rank ever holds the whole model, and rank 0 writes. peft mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -53,6 +54,24 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
             _save_pretrained(module, save_dir, dtype)
 
 
+@contextlib.contextmanager
+def _groups_gathered(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Gather each stage-3 parameter group these tensors need once, in their order (the same
+    on every rank: a collective each), and release them afterwards."""
+    groups = {}
+    for tensor in tensors:
+        group = getattr(tensor, "_hf_zero_group", None)
+        if group is not None and not group.gathered:
+            groups[id(group)] = group
+    for group in groups.values():
+        group.gather(group.comm)
+    try:
+        yield
+    finally:
+        for group in groups.values():
+            group.release()
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
 
@@ -65,19 +84,8 @@ def _save_transformers_layout(module: torch.nn.Module, save_dir: Path, dtype: to
     layout = HfLayout(module, shapes, dtypes, max_shard_size)
 
     def values_for(names: list[str]) -> dict[str, torch.Tensor] | None:
-        # gather each parameter group this file needs once, in plan order (the same on every rank)
-        groups = {}
-        for name in names:
-            group = getattr(entries[name], "_hf_zero_group", None)
-            if group is not None and not group.gathered:
-                groups[id(group)] = group
-        for group in groups.values():
-            group.gather(group.comm)
-        try:
+        with _groups_gathered(entries[n] for n in names):
             return {n: _cast(entries[n], dtype).clone() for n in names} if is_writer else None
-        finally:
-            for group in groups.values():
-                group.release()
 
     with rank_local_step(comm or Collectives(None), f"preparing {save_dir}"):
         if is_writer:
@@ -115,17 +123,8 @@ def _save_sharded_stage3(module: torch.nn.Module, save_dir: Path, dtype: torch.d
     if is_writer:
         save_dir.mkdir(parents=True, exist_ok=True)
     for filename, names in plan.filename_to_tensors.items():
-        # gather each parameter group this shard needs once, in plan order (same on every rank)
-        needed = {}
-        for name in names:
-            group = getattr(named[name], "_hf_zero_group", None)
-            if group is not None and not group.gathered:
-                needed[id(group)] = group
-        for group in needed.values():
-            group.gather(group.comm)
-        shard = {name: named[name].detach().to(dtype).clone() for name in names} if is_writer else {}
-        for group in needed.values():
-            group.release()
+        with _groups_gathered(named[name] for name in names):
+            shard = {name: named[name].detach().to(dtype).clone() for name in names} if is_writer else {}
         if is_writer:
             write_safetensors(save_dir / filename, shard, metadata={"format": "pt"})
     if is_writer:
