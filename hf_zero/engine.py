@@ -33,6 +33,7 @@ from hf_zero.optim.zero_optimizer import ZeroOptimizer
 from hf_zero.offload import build_optimizer_offload, build_param_store
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
+from hf_zero.topology import build_hybrid_collectives, hybrid_sharding_problems
 from hf_zero.meta_init import has_meta_parameters
 from hf_zero.checkpoint.model_hooks import install_save_hooks
 
@@ -53,6 +54,8 @@ def _check_supported(config: HfZeroConfig) -> None:
         problems.append(("zero_optimization.offload_optimizer.device", "optimizer offload needs stage 1, 2 or 3"))
     if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
+    if zero.mics_shard_size not in (-1, 0):
+        problems += hybrid_sharding_problems(zero)
     if config.fp16.enabled is True and config.bf16.enabled is True:
         problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
     if problems:
@@ -105,8 +108,11 @@ class ZeroEngine:
         if self.dtype != torch.float32:
             model.to(self.dtype)
         source = self._meta_source(model, zero.stage) if has_meta_parameters(model) else None
+        # mics_shard_size: the stage partitions over its shard group (hf_zero/topology.py).
+        self.partition_comm = build_hybrid_collectives(self.comm, zero.mics_shard_size) or self.comm
         self.stage, self.flat_groups, group_spec = build_groups_and_stage(
-            zero.stage, model, specs, self.comm, bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
+            zero.stage, model, specs, self.partition_comm,
+            bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
             overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
             stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                                 max_live_numel=zero.stage3_max_live_parameters,
@@ -150,7 +156,7 @@ class ZeroEngine:
             self.offload.attach(inner)
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
-        self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
+        self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.partition_comm,
                                        float(self.config.gradient_clipping), self._fused_update(inner))
         if lr_scheduler is None and self.config.scheduler is not None:
             lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
@@ -318,9 +324,11 @@ class ZeroEngine:
         result.update(self.param_store.memory_by_location())
         return result
 
-    def comm_stats(self) -> dict[str, dict[str, int]]:
-        """Bytes and calls per collective kind since the last reset (see comm.py's note)."""
-        return self.comm.stats.snapshot()
+    def comm_stats(self, by_group: bool = False) -> dict:
+        """Bytes and calls per collective kind since the last reset (see comm.py's note);
+        ``by_group``: {process group label: {kind: ...}} ("world", or "shard" / "replica"
+        with ``mics_shard_size``)."""
+        return self.comm.stats.by_group() if by_group else self.comm.stats.snapshot()
 
     def reset_comm_stats(self) -> None:
         self.comm.stats.reset()

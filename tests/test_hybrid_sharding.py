@@ -1,0 +1,108 @@
+"""Hybrid sharding (zero_optimization.mics_shard_size: 2) on 4 gloo ranks = 2 shard groups of 2.
+
+One spawned world-4 group runs every case (hybrid_cases.py). Theory for the byte counts:
+docs/design.md, [Note: hybrid sharding].
+"""
+
+import pytest
+
+import hybrid_cases
+import parity_cases
+from hf_zero.config import ConfigError
+from hf_zero.testing import run_on_ranks
+from hf_zero.topology import HybridShardingError, hybrid_sharding_problems, shard_groups_layout
+
+WORLD = 4
+_cache: dict = {}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if "r" not in _cache:
+        root = str(tmp_path_factory.mktemp("hybrid"))
+        _cache["r"] = run_on_ranks(hybrid_cases.all_cases, WORLD, root, timeout_s=400, threads=1)
+    return _cache["r"]
+
+
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_mics_matches_ddp(results, stage):
+    for rank, r in enumerate(results):
+        ref_losses, losses, (max_diff, worst), ref_norms, norms = r["parity"][stage]
+        assert len(losses) == len(ref_losses) == parity_cases.NUM_STEPS * 2
+        for step, (ref, ours) in enumerate(zip(ref_losses, losses)):
+            assert ours == pytest.approx(ref, rel=1e-5), f"rank {rank} micro-step {step}"
+        assert norms == pytest.approx(ref_norms, rel=1e-5), rank
+        assert max_diff <= 1e-6, f"rank {rank}: final '{worst}' differs by {max_diff:.3g}"
+
+
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_model_state_bytes_follow_formula_with_shard_size(results, stage):
+    for rank, r in enumerate(results):
+        for shard in (-1, hybrid_cases.SHARD):
+            ratio = r["accounting"][(stage, shard)]["ratio"]
+            assert 1.0 <= ratio <= 1.05, (rank, stage, shard, ratio)
+
+
+def _group_bytes(by_group: dict, label: str, kind: str | None = None) -> int:
+    kinds = by_group.get(label, {})
+    return sum(v["bytes"] for k, v in kinds.items() if kind is None or k == kind)
+
+
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_bytes_per_group_follow_theory(results, stage):
+    k = hybrid_cases.SHARD
+    for rank, r in enumerate(results):
+        mics = r["accounting"][(stage, k)]
+        plain = r["accounting"][(stage, -1)]
+        model = mics["model_bytes"]
+        # Inter-group: one all-reduce (counted 2x) of this rank's 1/k gradient chunk, nothing else.
+        inter = _group_bytes(mics["by_group"], "replica")
+        assert inter == _group_bytes(mics["by_group"], "replica", "all_reduce"), mics["by_group"]
+        assert 2 * model / k <= inter <= 1.10 * 2 * model / k, (rank, mics["by_group"])
+        assert "world" not in mics["by_group"], mics["by_group"]
+        # Intra-group: the reduce-scatter and the all-gathers plain ZeRO runs over the world
+        # (stages 1-2: one gather after the step; stage 3: forward and backward gathers, less
+        # the blocks kept gathered from forward to backward, so between 1 and 2 model sizes).
+        intra = _group_bytes(mics["by_group"], "shard")
+        gathers = _group_bytes(mics["by_group"], "shard", "all_gather")
+        low, high = (model, model) if stage < 3 else (model, 2 * model)
+        assert low <= gathers <= 1.10 * high, (rank, mics["by_group"])
+        assert model <= _group_bytes(mics["by_group"], "shard", "reduce_scatter") <= 1.10 * model
+        # Plain: the same traffic, all of it over the world (across nodes); MiCS sends
+        # (gathers + model) / (2 model / k) times less across groups: k at stages 1-2, up to 1.5 k at 3.
+        world_bytes = _group_bytes(plain["by_group"], "world")
+        assert set(plain["by_group"]) == {"world"}
+        assert world_bytes == pytest.approx(intra, rel=0.10), (rank, plain["by_group"], mics["by_group"])
+        factor = (gathers + model) / (2 * model / k)
+        assert factor >= k
+        assert factor / 1.10 <= world_bytes / inter <= factor * 1.10, (rank, world_bytes, inter)
+
+
+def test_resume_same_layout_and_into_plain_stage3(results):
+    for rank, r in enumerate(results):
+        res = r["resume"]
+        assert res["mics"] == pytest.approx(res["reference"], rel=1e-5), rank
+        assert res["mics_diff"] <= 1e-6, rank
+        assert res["plain"] == pytest.approx(res["reference"], rel=1e-5), rank
+        assert res["plain_diff"] <= 1e-6, rank
+
+
+def test_layout_and_validation():
+    assert shard_groups_layout(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    with pytest.raises(HybridShardingError, match="mics_shard_size"):
+        shard_groups_layout(6, 4)
+    stage0 = hf_zero_config({"stage": 0, "mics_shard_size": 2})
+    assert hybrid_sharding_problems(stage0.zero_optimization)[0][0] == "zero_optimization.mics_shard_size"
+
+
+def hf_zero_config(zero: dict):
+    from hf_zero.config import load_config
+    return load_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero})
+
+
+def test_single_process_refuses_shard_size_that_does_not_divide():
+    import hf_zero
+    model = parity_cases.tiny_gpt2()
+    with pytest.raises((ConfigError, HybridShardingError), match="mics_shard_size"):
+        hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1,
+                                   "zero_optimization": {"stage": 2, "mics_shard_size": 2}})
