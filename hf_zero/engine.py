@@ -33,7 +33,7 @@ from hf_zero.optim.zero_optimizer import ZeroOptimizer
 from hf_zero.offload import build_optimizer_offload, build_param_store
 from hf_zero.param_groups import collect_param_groups
 from hf_zero.stages import build_groups_and_stage
-from hf_zero.topology import build_hybrid_collectives, hybrid_sharding_problems
+from hf_zero.topology import build_hybrid_collectives, enable_hpz, hybrid_sharding_problems
 from hf_zero.meta_init import has_meta_parameters
 from hf_zero.checkpoint.model_hooks import install_save_hooks
 
@@ -54,8 +54,7 @@ def _check_supported(config: HfZeroConfig) -> None:
         problems.append(("zero_optimization.offload_optimizer.device", "optimizer offload needs stage 1, 2 or 3"))
     if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
-    if zero.mics_shard_size not in (-1, 0):
-        problems += hybrid_sharding_problems(zero)
+    problems += hybrid_sharding_problems(zero)   # mics_shard_size, zero_hpz_partition_size
     if config.fp16.enabled is True and config.bf16.enabled is True:
         problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
     if problems:
@@ -119,6 +118,7 @@ class ZeroEngine:
                                 persistence_threshold=zero.stage3_param_persistence_threshold,
                                 persist_frozen=zero.stage3_persist_frozen_params,
                                 source=source, store=self.param_store))
+        enable_hpz(self.stage, self.comm, zero.zero_hpz_partition_size if zero.stage == 3 else 1)
         self.stage.watch_outputs(model)
         self._broadcast_model()
         if zero.zero_quantized_gradients or zero.zero_quantized_weights:

@@ -22,21 +22,23 @@ class HybridShardingError(ValueError):
     """``mics_shard_size`` does not fit the process group."""
 
 
-def shard_groups_layout(world: int, shard_size: int) -> tuple[list[list[int]], list[list[int]]]:
+def shard_groups_layout(world: int, shard_size: int, key: str = "mics_shard_size"
+                        ) -> tuple[list[list[int]], list[list[int]]]:
     """(shard groups, replica groups) as lists of group ranks; pure, for tests and the estimator."""
     if shard_size < 1 or world % shard_size:
         raise HybridShardingError(
-            f"zero_optimization.mics_shard_size ({shard_size}) must divide the data-parallel world size "
-            f"({world}): use a divisor of {world}, e.g. the GPUs per node, or -1 to shard over all ranks")
+            f"zero_optimization.{key} ({shard_size}) must divide the data-parallel world size "
+            f"({world}): use a divisor of {world}, e.g. the GPUs per node, or leave the key unset to "
+            "partition over all ranks")
     shards = [list(range(g * shard_size, (g + 1) * shard_size)) for g in range(world // shard_size)]
     replicas = [list(range(i, world, shard_size)) for i in range(shard_size)]
     return shards, replicas
 
 
-def _warn_if_groups_straddle_nodes(shard_size: int) -> None:
+def _warn_if_groups_straddle_nodes(shard_size: int, key: str = "mics_shard_size") -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
     if local > 1 and shard_size % local and local % shard_size:
-        warnings.warn(f"zero_optimization.mics_shard_size ({shard_size}) neither divides nor is a multiple of "
+        warnings.warn(f"zero_optimization.{key} ({shard_size}) neither divides nor is a multiple of "
                       f"LOCAL_WORLD_SIZE ({local}): shard groups straddle nodes, so the all-gathers meant to "
                       f"stay on a node cross the inter-node link; use a divisor or multiple of {local}",
                       stacklevel=3)
@@ -65,8 +67,39 @@ def build_hybrid_collectives(world: Collectives, shard_size: int) -> Optional[Hy
     return HybridCollectives(mine_shard, mine_replica, world)
 
 
+def enable_hpz(stage, world: Collectives, partition_size: int) -> None:
+    """``zero_hpz_partition_size``: give every stage-3 parameter group a secondary partition
+    over its group of k consecutive ranks ([Note: hpZ secondary partition] in sharded_params.py)."""
+    if partition_size <= 1 or partition_size == world.world_size:
+        return
+    if world.group is not None and dist.get_world_size(world.group) != dist.get_world_size():
+        raise HybridShardingError("zero_optimization.zero_hpz_partition_size needs the data-parallel group to be "
+                                  "the whole world (the groups are built with torch.distributed.new_group)")
+    shards, _ = shard_groups_layout(world.world_size, partition_size, "zero_hpz_partition_size")
+    _warn_if_groups_straddle_nodes(partition_size, "zero_hpz_partition_size")
+    mine = None
+    for ranks in shards:
+        group = dist.new_group(ranks)
+        if world.rank in ranks:
+            mine = group
+    secondary = Collectives(mine, world.stats, label="shard")
+    for group in stage.parameter_groups():
+        group.secondary_comm = secondary
+
+
 def hybrid_sharding_problems(zero) -> list[tuple[str, str]]:
-    """What ``mics_shard_size`` cannot be combined with yet (ConfigError entries)."""
+    """What ``mics_shard_size`` and ``zero_hpz_partition_size`` cannot be combined with yet
+    (ConfigError entries)."""
+    if zero.zero_hpz_partition_size > 1:
+        hpz = "zero_optimization.zero_hpz_partition_size"
+        if zero.stage != 3:
+            return [(hpz, "hpZ (a secondary partition of gathered parameters) needs stage 3")]
+        if zero.mics_shard_size not in (-1, 0):
+            return [(hpz, "not implemented together with mics_shard_size")]
+        if zero.offload_param.device != "none":
+            return [(hpz, "not implemented with offload_param yet")]
+    if zero.mics_shard_size in (-1, 0):
+        return []
     if zero.stage == 0:
         return [("zero_optimization.mics_shard_size", "hybrid sharding needs stage 1, 2 or 3")]
     if zero.zero_quantized_gradients or zero.zero_quantized_weights:

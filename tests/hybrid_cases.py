@@ -24,37 +24,43 @@ def parity(rank: int, world: int) -> dict:
         losses, params, norms = run_hf_zero(rank, world, stage, 2, CLIP, zero_extra={"mics_shard_size": SHARD})
         diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
         out[stage] = (ref_losses, losses, diff, ref_norms, norms)
+    losses, params, norms = run_hf_zero(rank, world, 3, 2, CLIP, zero_extra={"zero_hpz_partition_size": SHARD})
+    diff = max(((params[n] - ref_params[n]).abs().max().item(), n) for n in ref_params)
+    out["hpz"] = (ref_losses, losses, diff, ref_norms, norms)
     return out
 
 
-def _config(stage: int, shard: int) -> dict:
+def _config(stage: int, shard: int, hpz: int = 1) -> dict:
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 1.0,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
             "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "mics_shard_size": shard,
-                                  "stage3_param_persistence_threshold": 0}}
+                                  "zero_hpz_partition_size": hpz, "stage3_param_persistence_threshold": 0}}
 
 
 def accounting(rank: int, world: int) -> dict:
-    """Per stage and layout (-1: plain, 2: MiCS): model-state bytes vs ZeRO's formula with
-    N = partition size, and one step's bytes per process group."""
+    """Per stage and layout (-1: plain, 2: MiCS; "hpz": stage 3 with zero_hpz_partition_size 2):
+    model-state bytes vs ZeRO's formula with N = partition size, and one step's bytes per
+    process group."""
     out = {}
-    for stage in (1, 2, 3):
-        for shard in (-1, SHARD):
-            model = tiny_gpt2(n_embd=64, n_layer=2)
-            psi = sum(p.numel() for p in model.parameters())
-            engine = hf_zero.initialize(model, _config(stage, shard))
-            x = batch(rank, 0, 0)
-            engine.backward(engine(input_ids=x, labels=x).loss)
-            engine.step()
-            engine.reset_comm_stats()
-            engine.backward(engine(input_ids=x, labels=x).loss)
-            engine.step()
-            mem = engine.memory_breakdown()
-            model_state = mem["params"] + mem["grads"] + mem["master_params"] + mem["optimizer_states"]
-            n = world if shard == -1 else shard
-            out[(stage, shard)] = {"ratio": model_state / formula_bytes(stage, psi, n, False),
-                                   "model_bytes": 4 * psi, "by_group": engine.comm_stats(by_group=True)}
-            engine.destroy()
+    layouts = [(stage, shard, 1) for stage in (1, 2, 3) for shard in (-1, SHARD)] + [(3, -1, SHARD)]
+    for stage, shard, hpz in layouts:
+        model = tiny_gpt2(n_embd=64, n_layer=2)
+        psi = sum(p.numel() for p in model.parameters())
+        engine = hf_zero.initialize(model, _config(stage, shard, hpz))
+        x = batch(rank, 0, 0)
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+        engine.reset_comm_stats()
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+        mem = engine.memory_breakdown()
+        model_state = mem["params"] + mem["grads"] + mem["master_params"] + mem["optimizer_states"]
+        n = world if shard == -1 else shard
+        out[(stage, shard) if hpz == 1 else "hpz"] = {
+            "ratio": model_state / formula_bytes(stage, psi, n, False), "model_bytes": 4 * psi,
+            "model_state": model_state, "psi": psi,
+            "by_group": engine.comm_stats(by_group=True), "params_bytes": mem["params"]}
+        engine.destroy()
     return out
 
 

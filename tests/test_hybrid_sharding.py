@@ -9,6 +9,7 @@ import pytest
 import hybrid_cases
 import parity_cases
 from hf_zero.config import ConfigError
+from hf_zero.diagnostics.estimator import hybrid_estimates
 from hf_zero.testing import run_on_ranks
 from hf_zero.topology import HybridShardingError, hybrid_sharding_problems, shard_groups_layout
 
@@ -78,6 +79,56 @@ def test_bytes_per_group_follow_theory(results, stage):
         assert factor / 1.10 <= world_bytes / inter <= factor * 1.10, (rank, world_bytes, inter)
 
 
+def test_hpz_matches_ddp(results):
+    for rank, r in enumerate(results):
+        ref_losses, losses, (max_diff, worst), ref_norms, norms = r["parity"]["hpz"]
+        for step, (ref, ours) in enumerate(zip(ref_losses, losses)):
+            assert ours == pytest.approx(ref, rel=1e-5), f"rank {rank} micro-step {step}"
+        assert norms == pytest.approx(ref_norms, rel=1e-5), rank
+        assert max_diff <= 1e-6, f"rank {rank}: final '{worst}' differs by {max_diff:.3g}"
+
+
+def test_hpz_backward_gathers_stay_in_group(results):
+    k = hybrid_cases.SHARD
+    for rank, r in enumerate(results):
+        hpz, plain = r["accounting"]["hpz"], r["accounting"][(3, -1)]
+        model = hpz["model_bytes"]
+        # Across groups: the forward's gathers (every unit once: the model) and the gradient
+        # reduce-scatter (the model); inside the group: the backward's gathers.
+        world = _group_bytes(hpz["by_group"], "world")
+        assert _group_bytes(hpz["by_group"], "world", "all_gather") == pytest.approx(model, rel=0.10)
+        assert 2 * model <= world <= 1.10 * 2 * model, (rank, hpz["by_group"])
+        assert set(hpz["by_group"]["shard"]) == {"all_gather"}, hpz["by_group"]
+        plain_gathers = _group_bytes(plain["by_group"], "world", "all_gather")
+        backward = _group_bytes(hpz["by_group"], "shard")
+        assert backward > 0
+        assert backward + _group_bytes(hpz["by_group"], "world", "all_gather") == plain_gathers
+        assert world < _group_bytes(plain["by_group"], "world")
+        # Memory: stage 3's 16 psi / N plus the secondary copy, 4 psi / k (fp32) at most.
+        extra = hpz["params_bytes"] - plain["params_bytes"]
+        assert 0 < extra <= 1.05 * model / k, (rank, extra, model / k)
+
+
+def test_estimator_matches_measured_world4(results):
+    """hf-zero estimate --nodes 2 --world-size 2: its hybrid rows against what the engine measured."""
+    r = results[0]["accounting"]
+    psi = r[(1, -1)]["psi"]
+    rows = {(e.layout, e.stage): e for e in hybrid_estimates(psi, nodes=2, per_node=2, mixed=False)}
+    for stage in (1, 2, 3):
+        mics = r[(stage, hybrid_cases.SHARD)]
+        est = rows[("mics", stage)]
+        assert mics["model_state"] == pytest.approx(est.model_states, rel=0.05), stage
+        assert _group_bytes(mics["by_group"], "replica") == pytest.approx(est.inter_node_bytes, rel=0.10), stage
+        measured_plain = _group_bytes(r[(stage, -1)]["by_group"], "world")
+        if stage < 3:
+            assert measured_plain == pytest.approx(rows[("plain", stage)].inter_node_bytes, rel=0.10), stage
+        else:   # the estimate assumes no block kept gathered for backward: an upper bound
+            assert measured_plain <= rows[("plain", 3)].inter_node_bytes * 1.01
+    hpz = r["hpz"]
+    assert _group_bytes(hpz["by_group"], "world") == pytest.approx(rows[("hpz", 3)].inter_node_bytes, rel=0.10)
+    assert hpz["model_state"] <= rows[("hpz", 3)].model_states * 1.05
+
+
 def test_resume_same_layout_and_into_plain_stage3(results):
     for rank, r in enumerate(results):
         res = r["resume"]
@@ -93,6 +144,8 @@ def test_layout_and_validation():
         shard_groups_layout(6, 4)
     stage0 = hf_zero_config({"stage": 0, "mics_shard_size": 2})
     assert hybrid_sharding_problems(stage0.zero_optimization)[0][0] == "zero_optimization.mics_shard_size"
+    stage2 = hf_zero_config({"stage": 2, "zero_hpz_partition_size": 2})
+    assert hybrid_sharding_problems(stage2.zero_optimization)[0][0] == "zero_optimization.zero_hpz_partition_size"
 
 
 def hf_zero_config(zero: dict):

@@ -227,6 +227,11 @@ class ZeroConfig:
                               "groups of this many consecutive ranks (a node, typically) and replicated across "
                               "groups; gradients are reduce-scattered in the group and all-reduced across groups. "
                               "Must divide the world size; -1: partition over all ranks.", min=-1)
+    zero_hpz_partition_size: int = _f(1, "ZeRO++ hpZ (stage 3): parameters stay partitioned over all ranks, and "
+                                      "each rank also keeps a secondary copy of a released unit partitioned "
+                                      "within its group of this many consecutive ranks, so backward gathers "
+                                      "stay inside the group (costs 1/k of the unit's bytes per rank). Must "
+                                      "divide the world size; 1: off.", min=1)
     zero_quantized_gradients: bool = _f(False, "ZeRO++: reduce gradients as blockwise int8 (stages 1-2; "
                                         "dequantized and summed in fp32 by each chunk's owner).")
     zero_quantized_weights: bool = _f(False, "ZeRO++: all-gather updated partitions as blockwise int8 "
@@ -335,9 +340,6 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "zero_optimization.zenflow": "not implemented",
     "monitor_config": "use the Trainer's report_to",
     "zero_optimization.log_trace_cache_warnings": "not applicable",
-    "zero_optimization.zero_hpz_partition_size": ("not implemented: backward all-gathers span every rank as in "
-                                                  "plain stage 3 (same numerics); mics_shard_size keeps "
-                                                  "gathers inside a group"),
     "zero_optimization.zero_quantized_nontrainable_weights": "frozen weights are gathered unquantized",
     "zero_optimization.legacy_stage1": "not applicable",
     "zero_optimization.offload_param.fast_init": "not applicable",
