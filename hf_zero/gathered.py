@@ -57,10 +57,12 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
         if modifier_rank is not None:
             with torch.no_grad():
                 for group in groups:
-                    if group.comm.active:
-                        group_ = group.comm.group
-                        src = dist.get_global_rank(group_, modifier_rank) if group_ else modifier_rank
-                        dist.broadcast(group.full, src=src, group=group.comm.group)
+                    # Over every rank, not a shard group (mics_shard_size): each group's copy
+                    # must get rank ``modifier_rank``'s values.
+                    comm = getattr(group.comm, "world", group.comm)
+                    if comm.active:
+                        src = dist.get_global_rank(comm.group, modifier_rank) if comm.group else modifier_rank
+                        dist.broadcast(group.full, src=src, group=comm.group)
                     group.write_back_full([p for p in params if getattr(p, "_hf_zero_group", None) is group])
         for group in newly:
             group.release()

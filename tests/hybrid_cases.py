@@ -97,7 +97,25 @@ def resume(rank: int, world: int, root: str) -> dict:
     return out
 
 
+def modifier_rank_edit(rank: int, world: int) -> dict:
+    """GatheredParameters(modifier_rank=0) under MiCS stage 3 and hpZ: rank 0's edit (rank 2,
+    shard rank 0 of the other group, edits differently) reaches every rank's values and masters."""
+    out = {}
+    for name, extra in (("mics", {"mics_shard_size": SHARD}), ("hpz", {"zero_hpz_partition_size": SHARD})):
+        model = tiny_gpt2()
+        config = _config(3, -1)
+        config["zero_optimization"].update(extra)
+        engine = hf_zero.initialize(model, config)
+        weight = model.transformer.h[0].mlp.c_fc.weight
+        with hf_zero.GatheredParameters([weight], modifier_rank=0):
+            weight.data.fill_(float(rank + 1))   # only rank 0's value (1.0) may survive
+        with hf_zero.GatheredParameters([weight]):
+            out[name] = weight.detach().clone()
+        engine.destroy()
+    return out
+
+
 def all_cases(rank: int, world: int, root: str) -> dict:
     torch.manual_seed(0)
-    return {"parity": parity(rank, world), "accounting": accounting(rank, world),
-            "resume": resume(rank, world, root)}
+    return {"modifier": modifier_rank_edit(rank, world), "parity": parity(rank, world),
+            "accounting": accounting(rank, world), "resume": resume(rank, world, root)}

@@ -138,6 +138,12 @@ def test_resume_same_layout_and_into_plain_stage3(results):
         assert res["plain_diff"] <= 1e-6, rank
 
 
+def test_modifier_rank_edit_reaches_every_group(results):
+    for rank, r in enumerate(results):
+        for name, value in r["modifier"].items():
+            assert bool((value == 1.0).all()), (rank, name, value.unique())
+
+
 def test_layout_and_validation():
     assert shard_groups_layout(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
     with pytest.raises(HybridShardingError, match="mics_shard_size"):
