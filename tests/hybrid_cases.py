@@ -115,7 +115,33 @@ def modifier_rank_edit(rank: int, world: int) -> dict:
     return out
 
 
+def _frozen_mlp(seed: int) -> torch.nn.Module:
+    model = tiny_gpt2(seed=seed)
+    model.transformer.h[0].mlp.requires_grad_(False)
+    return model
+
+
+def hpz_resume_with_frozen(rank: int, world: int, root: str) -> dict:
+    """hpZ: a run that trained (secondary copies made) then loads a checkpoint must not
+    gather frozen parameters from copies of its old values."""
+    config = _config(3, -1, SHARD)
+    model = _frozen_mlp(0)
+    engine = hf_zero.initialize(model, config)
+    _train(engine, model, rank, range(1))
+    engine.save_checkpoint(f"{root}/hpz")
+    reference = _train(engine, model, rank, range(1, 3))
+    engine.destroy()
+    model = _frozen_mlp(1)
+    engine = hf_zero.initialize(model, config)
+    _train(engine, model, rank, range(1))   # other weights, secondary copies made
+    engine.load_checkpoint(f"{root}/hpz")
+    resumed = _train(engine, model, rank, range(1, 3))
+    engine.destroy()
+    return {"reference": reference, "resumed": resumed}
+
+
 def all_cases(rank: int, world: int, root: str) -> dict:
     torch.manual_seed(0)
     return {"modifier": modifier_rank_edit(rank, world), "parity": parity(rank, world),
-            "accounting": accounting(rank, world), "resume": resume(rank, world, root)}
+            "accounting": accounting(rank, world), "resume": resume(rank, world, root),
+            "hpz_frozen": hpz_resume_with_frozen(rank, world, root)}

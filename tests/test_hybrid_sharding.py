@@ -144,6 +144,12 @@ def test_modifier_rank_edit_reaches_every_group(results):
             assert bool((value == 1.0).all()), (rank, name, value.unique())
 
 
+def test_hpz_resume_regathers_loaded_frozen_values(results):
+    for rank, r in enumerate(results):
+        res = r["hpz_frozen"]
+        assert res["resumed"] == pytest.approx(res["reference"], rel=1e-5), rank
+
+
 def test_layout_and_validation():
     assert shard_groups_layout(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
     with pytest.raises(HybridShardingError, match="mics_shard_size"):
