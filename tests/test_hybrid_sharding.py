@@ -171,3 +171,15 @@ def test_single_process_refuses_shard_size_that_does_not_divide():
     with pytest.raises((ConfigError, HybridShardingError), match="mics_shard_size"):
         hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1,
                                    "zero_optimization": {"stage": 2, "mics_shard_size": 2}})
+
+
+def test_groups_straddling_nodes_warn(monkeypatch):
+    from hf_zero import topology
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.warns(UserWarning, match="mics_shard_size .3. neither divides"):
+        topology._warn_if_groups_straddle_nodes(3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        topology._warn_if_groups_straddle_nodes(2)   # two groups per node: fine
+        topology._warn_if_groups_straddle_nodes(8)   # one group over two nodes: fine
