@@ -66,7 +66,8 @@ def _estimate(args: argparse.Namespace) -> int:
     overrides = json_module.loads(args.set) if args.set else {}
     shape = model_shape(load_model_config(args.model, overrides))
     memory = _parse_bytes(args.device_memory) if args.device_memory else None
-    print(render(shape, args.world_size * args.nodes, args.dtype != "fp32", args.micro_batch, args.seq, memory))
+    print(render(shape, args.world_size * args.nodes, args.dtype != "fp32", args.micro_batch, args.seq, memory,
+                 nodes=args.nodes))
     return 0
 
 

@@ -42,18 +42,35 @@ class _DoneWork:
 
 @dataclass
 class CommStats:
-    """Bytes and call counts per collective kind since the last reset."""
+    """Bytes and call counts per collective kind since the last reset, in total and per
+    process group (its label: "world", or with ``mics_shard_size`` "shard" for traffic inside a
+    group of k ranks and "replica" for traffic across groups)."""
 
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    group_bytes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    group_calls: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
-    def record(self, kind: str, num_bytes: int) -> None:
+    def record(self, kind: str, num_bytes: int, group: str = "world") -> None:
         self.bytes[kind] += num_bytes
         self.calls[kind] += 1
+        self.group_bytes[(group, kind)] += num_bytes
+        self.group_calls[(group, kind)] += 1
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         kinds = sorted(self.calls)
         return {k: {"bytes": self.bytes[k], "calls": self.calls[k]} for k in kinds}
+
+    def by_group(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{group label: {kind: {"bytes", "calls"}}}."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for (group, kind) in sorted(self.group_calls):
+            out.setdefault(group, {})[kind] = {"bytes": self.group_bytes[(group, kind)],
+                                               "calls": self.group_calls[(group, kind)]}
+        return out
+
+    def group_total_bytes(self, group: str) -> int:
+        return sum(n for (g, _), n in self.group_bytes.items() if g == group)
 
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
@@ -61,6 +78,8 @@ class CommStats:
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.group_bytes.clear()
+        self.group_calls.clear()
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -70,8 +89,10 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class Collectives:
     """The collectives of one data-parallel group, each counted in ``stats``."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, stats: Optional[CommStats] = None):
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, stats: Optional[CommStats] = None,
+                 label: str = "world"):
         self.group = group
+        self.label = label   # the process group's name in CommStats.by_group()
         self.stats = stats if stats is not None else CommStats()
         initialized = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if initialized else 1
@@ -87,6 +108,11 @@ class Collectives:
     def active(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks whose gradients a reduction sums (the group itself, or more with replicas)."""
+        return self.world_size
+
     def small_tensor_device(self) -> torch.device:
         """Where a flag or seed tensor must live to go through this group: the host when the
         backend serves host tensors (gloo), else the current accelerator (NCCL serves only CUDA
@@ -99,7 +125,7 @@ class Collectives:
         if not self.active:
             return _DoneWork()
         self._check("all_reduce_sum", tensor)
-        self.stats.record("all_reduce", 2 * _nbytes(tensor))
+        self.stats.record("all_reduce", 2 * _nbytes(tensor), self.label)
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
@@ -107,7 +133,7 @@ class Collectives:
         if not self.active:
             return _DoneWork()
         self._check("all_reduce_max", tensor)
-        self.stats.record("all_reduce", 2 * _nbytes(tensor))
+        self.stats.record("all_reduce", 2 * _nbytes(tensor), self.label)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return _DoneWork()
 
@@ -117,7 +143,7 @@ class Collectives:
             output.copy_(input)
             return _DoneWork()
         self._check("reduce_scatter", input)
-        self.stats.record("reduce_scatter", _nbytes(input))
+        self.stats.record("reduce_scatter", _nbytes(input), self.label)
         work = dist.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=self.group,
                                           async_op=async_op)
         return work if async_op else _DoneWork()
@@ -130,7 +156,7 @@ class Collectives:
                 output.copy_(input)
             return _DoneWork()
         self._check("all_gather", output)
-        self.stats.record("all_gather", _nbytes(output))
+        self.stats.record("all_gather", _nbytes(output), self.label)
         work = dist.all_gather_single(output, input, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
@@ -140,7 +166,7 @@ class Collectives:
             output.copy_(input)
             return _DoneWork()
         self._check("all_to_all", input)
-        self.stats.record("all_to_all", _nbytes(input))
+        self.stats.record("all_to_all", _nbytes(input), self.label)
         work = dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
@@ -176,11 +202,67 @@ class Collectives:
         if not self.active:
             return
         self._check("broadcast", tensor)
-        self.stats.record("broadcast", _nbytes(tensor))
+        self.stats.record("broadcast", _nbytes(tensor), self.label)
         dist.broadcast(tensor, src=self._global_rank(src_rank), group=self.group)
 
     def _global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+
+class _ThenAcrossReplicas:
+    """Work handle of a hybrid reduce-scatter: waiting completes the in-group reduce-scatter,
+    then sums the received chunk across the replica groups (synchronously)."""
+
+    def __init__(self, work, output: torch.Tensor, replicas: Collectives):
+        self.work, self.output, self.replicas, self.done = work, output, replicas, False
+
+    def wait(self) -> bool:
+        if not self.done:
+            self.work.wait()
+            self.replicas.all_reduce_sum(self.output)
+            self.done = True
+        return True
+
+    def is_completed(self) -> bool:
+        return self.done
+
+
+class HybridCollectives(Collectives):
+    """``mics_shard_size``: the collectives of this rank's shard group (k consecutive ranks,
+    which partition the model states), with every gradient reduce-scatter completed by an
+    all-reduce of the received chunk across the replica group (the ranks with the same
+    shard rank in every shard group). Broadcasts and object gathers span the whole world, so
+    rank 0's weights reach every replica and agreements include every rank.
+    [Note: hybrid sharding] in docs/design.md."""
+
+    def __init__(self, shard_group: dist.ProcessGroup, replica_group: dist.ProcessGroup,
+                 world: Collectives):
+        super().__init__(shard_group, world.stats, label="shard")
+        self.replicas = Collectives(replica_group, world.stats, label="replica")
+        self.world = world
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size * self.replicas.world_size
+
+    @property
+    def replica_rank(self) -> int:
+        """Which shard group this rank is in (0: the one that writes checkpoint pieces)."""
+        return self.replicas.rank
+
+    def reduce_scatter_sum(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+        work = _ThenAcrossReplicas(super().reduce_scatter_sum(output, input, async_op=True), output,
+                                   self.replicas)
+        if not async_op:
+            work.wait()
+        return work
+
+    def all_gather_objects(self, value: object) -> list:
+        return self.world.all_gather_objects(value)
+
+    def broadcast(self, tensor: torch.Tensor, src_rank: int = 0) -> None:
+        """From rank ``src_rank`` of the world (every replica starts from the same values)."""
+        self.world.broadcast(tensor, src_rank)
 
 
 class RankFailure(RuntimeError):

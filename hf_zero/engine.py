@@ -51,7 +51,7 @@ class ZeroEngine:
         self.masters: MasterWeights = self.offload.masters
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
-        self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.comm,
+        self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.partition_comm,
                                        float(self.config.gradient_clipping))
         self.lr_scheduler = resolve_scheduler(lr_scheduler, self.config, self.optimizer)
 
@@ -197,9 +197,11 @@ class ZeroEngine:
         result.update(self.param_store.memory_by_location())
         return result
 
-    def comm_stats(self) -> dict[str, dict[str, int]]:
-        """Bytes and calls per collective kind since the last reset (see comm.py's note)."""
-        return self.comm.stats.snapshot()
+    def comm_stats(self, by_group: bool = False) -> dict:
+        """Bytes and calls per collective kind since the last reset (see comm.py's note);
+        ``by_group``: {process group label: {kind: ...}} ("world", or "shard" / "replica"
+        with ``mics_shard_size``)."""
+        return self.comm.stats.by_group() if by_group else self.comm.stats.snapshot()
 
     def reset_comm_stats(self) -> None:
         self.comm.stats.reset()

@@ -34,6 +34,7 @@ from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optim
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.param_groups import ParamGroupSpec, collect_param_groups
 from hf_zero.stages import StageServices, ZeroStage, build_groups_and_stage
+from hf_zero.topology import build_hybrid_collectives, enable_hpz, hybrid_sharding_problems
 
 if TYPE_CHECKING:
     from hf_zero.optim.fused_step import FusedAdamW
@@ -53,6 +54,7 @@ def check_supported(config: HfZeroConfig) -> None:
         problems.append(("zero_optimization.offload_optimizer.device", "optimizer offload needs stage 1, 2 or 3"))
     if zero.stage == 0 and (zero.zero_quantized_gradients or zero.zero_quantized_weights):
         problems.append(("zero_optimization.zero_quantized_gradients", "quantized communication needs stage 1 or 2"))
+    problems += hybrid_sharding_problems(zero)   # mics_shard_size, zero_hpz_partition_size
     if config.fp16.enabled is True and config.bf16.enabled is True:
         problems.append(("fp16.enabled", "fp16 and bf16 cannot both be enabled"))
     if problems:
@@ -129,8 +131,11 @@ def shard_model(engine: Any, model: nn.Module, specs: list[ParamGroupSpec],
     if engine.dtype != torch.float32:
         model.to(engine.dtype)
     source = meta_source(engine, model, zero.stage) if has_meta_parameters(model) else None
+    # mics_shard_size: the stage partitions over its shard group (hf_zero/topology.py).
+    engine.partition_comm = build_hybrid_collectives(engine.comm, zero.mics_shard_size) or engine.comm
     stage, flat_groups, group_spec = build_groups_and_stage(
-        zero.stage, model, specs, engine.comm, bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
+        zero.stage, model, specs, engine.partition_comm,
+        bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
         overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
         stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                             max_live_numel=zero.stage3_max_live_parameters,
@@ -138,6 +143,7 @@ def shard_model(engine: Any, model: nn.Module, specs: list[ParamGroupSpec],
                             persist_frozen=zero.stage3_persist_frozen_params,
                             source=source, store=engine.param_store),
         services=services)
+    enable_hpz(stage, engine.comm, zero.zero_hpz_partition_size if zero.stage == 3 else 1)
     stage.watch_outputs(model)
     broadcast_model(engine.comm, model, stage, flat_groups)
     return stage, flat_groups, group_spec

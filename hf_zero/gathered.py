@@ -56,6 +56,8 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
         if modifier_rank is not None:
             with torch.no_grad():
                 for group in groups:
+                    # HybridCollectives (mics_shard_size) broadcasts over every rank: each shard
+                    # group's copy gets rank ``modifier_rank``'s values.
                     group.comm.broadcast(group.full, src_rank=modifier_rank)
                     group.write_back_full([p for p in params if getattr(p, "_hf_zero_group", None) is group])
         for group in newly:

@@ -98,6 +98,10 @@ class ShardedParamGroup:
         self.full = torch.empty(self.full_numel, dtype=dtype, device=device)
         self._works: list = []
         self._empty = torch.empty(0, dtype=dtype, device=device)
+        # ZeRO++ hpZ ([Note: hpZ secondary partition] in docs/design.md): set by topology.enable_hpz.
+        self.secondary_comm: Optional[Collectives] = None
+        self._secondary: Optional[torch.Tensor] = None
+        self._secondary_version = -1
         self.shard_version = 0
         self._gathered_version = 0   # shard version the gathered values were made from
         self.state = GatherState.GATHERED
@@ -118,7 +122,7 @@ class ShardedParamGroup:
     def storage_tensors(self) -> list[torch.Tensor]:
         """Resident storage (a shard mapped from a swap file is reported by the store instead)."""
         shard = [] if self.storage.offloaded else [self.shard]
-        return shard + ([self.full] if self.gathered else [])
+        return shard + ([self.full] if self.gathered else []) + self.secondary_tensors()
 
     def broadcast_tensors(self) -> list[torch.Tensor]:
         return []   # built from parameters already broadcast before sharding
@@ -153,8 +157,11 @@ class ShardedParamGroup:
         # [Note: stage-3 copy-in on CUDA] (offload/param_store.py): with a host shard on CUDA
         # it is regrown from the all-gather stream's pool; elsewhere a plain resize.
         self.storage.copy_in.regrow(self.full, self.full_bytes, from_host=self.shard.device != self.device)
-        self._works = self._all_gather_into(self.full)
-        self.storage.evict()   # the shard was copied into ``full``
+        if self._secondary_current():   # hpZ: gather inside the group of k from the secondary copy
+            self._works = self._all_gather_secondary(self.full)
+        else:
+            self._works = self._all_gather_into(self.full)
+            self.storage.evict()   # the shard was copied into ``full``
         self._gathered_version = self.shard_version
         self.state = GatherState.GATHERING
 
@@ -221,9 +228,44 @@ class ShardedParamGroup:
         if self.state is GatherState.RELEASED:
             return
         self.wait()   # never free a buffer an all-gather is still writing into
+        if self.secondary_comm is not None and self._gathered_version == self.shard_version:
+            self._keep_secondary()
         for p in self.params:
             set_parameter_tensor(p, self._empty)
         # Free the bytes, not just our reference: views autograd saved share this storage
         # ([Note: freeing gathered storage in place]).
         self.full.untyped_storage().resize_(0)
         self.state = GatherState.RELEASED
+
+    # [Note: hpZ secondary partition] ZeRO++ hpZ: before a gathered unit is freed, each rank
+    # keeps piece i (its index in its group of k) of every bucket; a later gather of the same
+    # shard version (backward, or the next micro-step's forward) all-gathers those pieces
+    # inside the group instead of the primary chunks across the world. A step or a load bumps
+    # the shard version, so the first forward after it gathers from the primary partition.
+    def _secondary_pieces(self) -> list[int]:
+        return [plan.padded_numel // self.secondary_comm.world_size for plan in self.plans]
+
+    def _secondary_current(self) -> bool:
+        return self.secondary_comm is not None and self._secondary_version == self.shard_version
+
+    def _keep_secondary(self) -> None:
+        pieces, index = self._secondary_pieces(), self.secondary_comm.rank
+        if self._secondary is None:
+            self._secondary = torch.empty(sum(pieces), dtype=self.full.dtype, device=self.full.device)
+        offset = 0
+        for plan, n in zip(self.plans, pieces):
+            self._secondary.narrow(0, offset, n).copy_(self.full.narrow(0, plan.start + index * n, n))
+            offset += n
+        self._secondary_version = self.shard_version
+
+    def _all_gather_secondary(self, full: torch.Tensor) -> list:
+        works, offset = [], 0
+        for plan, n in zip(self.plans, self._secondary_pieces()):
+            works.append(self.secondary_comm.all_gather(full.narrow(0, plan.start, plan.padded_numel),
+                                                        self._secondary.narrow(0, offset, n), async_op=True))
+            offset += n
+        return works
+
+    def secondary_tensors(self) -> list[torch.Tensor]:
+        """hpZ's secondary copy, for memory accounting."""
+        return [] if self._secondary is None else [self._secondary]

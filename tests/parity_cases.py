@@ -99,10 +99,12 @@ def zero_config(stage: int, accum: int, clip: float, world: int, bf16: bool = Fa
 
 
 def run_hf_zero(rank: int, world: int, stage: int, accum: int, clip: float, bf16: bool = False,
-                plain_torch_loop: bool = False, build=tiny_gpt2):
+                plain_torch_loop: bool = False, build=tiny_gpt2, zero_extra: dict | None = None):
     model = build()
     opt = torch.optim.AdamW(param_groups(model), lr=LR, eps=EPS)
-    engine = hf_zero.initialize(model, zero_config(stage, accum, clip, world, bf16), optimizer=opt)
+    config = zero_config(stage, accum, clip, world, bf16)
+    config["zero_optimization"].update(zero_extra or {})   # e.g. mics_shard_size (hybrid_cases.py)
+    engine = hf_zero.initialize(model, config, optimizer=opt)
     assert engine.module is model
     if bf16:
         assert model.get_input_embeddings().weight.dtype == torch.bfloat16

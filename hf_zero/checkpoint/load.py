@@ -88,6 +88,7 @@ def _load_frozen_shards(engine: "ZeroEngine", reader: CheckpointReader) -> None:
         kind = "frozen" if reader.has("frozen", piece.name) else "master"
         reader.fill(target, kind, piece.name, piece.param_start)
     for group in groups:
+        group.mark_shard_modified()   # nothing gathered (or hpZ's secondary copy) from before survives
         group.refresh()   # persistent frozen groups are kept gathered
 
 

@@ -67,7 +67,9 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Stream
         length = tensor.numel if isinstance(tensor, Streamed) else tensor.numel()
         index[key] = {"kind": kind, "name": name, "start": start, "length": length}
 
-    if engine.stage.partitions_optimizer or engine.comm.rank == 0:
+    # mics_shard_size: every shard group holds the same pieces; the first one writes them.
+    first_replica = getattr(engine.partition_comm, "replica_rank", 0) == 0
+    if (engine.stage.partitions_optimizer and first_replica) or engine.comm.rank == 0:
         state = engine.optimizer.inner.state
         for piece in owned_pieces(engine.flat_groups, engine.stage.partition_rank):
             master = engine.masters.masters[piece.group][piece.chunk]
@@ -78,7 +80,7 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Stream
                     add(f"state.{key}", piece.name, piece.param_start, _streamed(engine, key, piece, value.dtype))
     # Stage 3 shards frozen parameters too: each rank writes the pieces its shard holds.
     frozen_groups = engine.stage.frozen_groups
-    for piece in owned_pieces(frozen_groups, engine.stage.partition_rank):
+    for piece in (owned_pieces(frozen_groups, engine.stage.partition_rank) if first_replica else []):
         chunk = frozen_groups[piece.group].shard_chunks()[piece.chunk]
         add("frozen", piece.name, piece.param_start, chunk.narrow(0, piece.chunk_start, piece.length))
     if engine.comm.rank == 0:

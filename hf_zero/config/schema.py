@@ -223,6 +223,15 @@ class ZeroConfig:
     stage3_gather_16bit_weights_on_model_save: Union[bool, str] = _f(False, "Stage 3: accepted ('auto' too, as "
                                                                     "accelerate writes); save_16bit_model always "
                                                                     "gathers shard by shard.", auto=True)
+    mics_shard_size: int = _f(-1, "Hybrid sharding (MiCS / HSDP, stages 1-3): model states are partitioned within "
+                              "groups of this many consecutive ranks (a node, typically) and replicated across "
+                              "groups; gradients are reduce-scattered in the group and all-reduced across groups. "
+                              "Must divide the world size; -1: partition over all ranks.", min=-1)
+    zero_hpz_partition_size: int = _f(1, "ZeRO++ hpZ (stage 3): parameters stay partitioned over all ranks, and "
+                                      "each rank also keeps a secondary copy of a released unit partitioned "
+                                      "within its group of this many consecutive ranks, so backward gathers "
+                                      "stay inside the group (costs 1/k of the unit's bytes per rank). Must "
+                                      "divide the world size; 1: off.", min=1)
     zero_quantized_gradients: bool = _f(False, "ZeRO++: reduce gradients as blockwise int8 (stages 1-2; "
                                         "dequantized and summed in fp32 by each chunk's owner).")
     zero_quantized_weights: bool = _f(False, "ZeRO++: all-gather updated partitions as blockwise int8 "
@@ -331,8 +340,6 @@ IGNORED_DEEPSPEED_KEYS: dict[str, str] = {
     "zero_optimization.zenflow": "not implemented",
     "monitor_config": "use the Trainer's report_to",
     "zero_optimization.log_trace_cache_warnings": "not applicable",
-    "zero_optimization.mics_shard_size": "not implemented (parameters are sharded over the whole group)",
-    "zero_optimization.zero_hpz_partition_size": "not implemented (no secondary partition)",
     "zero_optimization.zero_quantized_nontrainable_weights": "frozen weights are gathered unquantized",
     "zero_optimization.legacy_stage1": "not applicable",
     "zero_optimization.offload_param.fast_init": "not applicable",

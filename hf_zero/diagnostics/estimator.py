@@ -147,3 +147,38 @@ def deepspeed_estimate(stage: int, num_params: int, largest_layer_params: int, g
     if offload != "none":
         return 4 * largest_layer_params
     return 4 * largest_layer_params + 18 * num_params / gpus
+
+
+@dataclass(frozen=True)
+class HybridEstimate:
+    """One layout across ``nodes`` nodes of ``per_node`` ranks, per rank ([Note: hybrid
+    sharding] in docs/design.md; bytes are the logical payload comm_stats() counts)."""
+
+    layout: str                 # "plain", "mics" (mics_shard_size = per_node) or "hpz"
+    stage: int
+    model_states: float         # bytes per rank on the device
+    inter_node_bytes: float     # per step, through collectives whose groups span nodes
+    intra_node_bytes: float     # per step, inside a node
+
+
+def hybrid_estimates(num_params: int, nodes: int, per_node: int, mixed: bool) -> list[HybridEstimate]:
+    """Plain ZeRO over all ranks vs MiCS with one shard group per node (stages 1-3) and hpZ
+    with one secondary group per node (stage 3). Stage 3 counts the backward gathers as a
+    whole model (no block kept gathered between forward and backward): an upper bound."""
+    world, model = nodes * per_node, float(num_params) * (2 if mixed else 4)
+
+    def split(across_all: float, in_node: float) -> tuple[float, float]:
+        """(inter-node, intra-node): with one node, everything stays inside it."""
+        return (across_all, in_node) if nodes > 1 else (0.0, across_all + in_node)
+
+    out = []
+    for stage in (1, 2, 3):
+        gathers = 2 * model if stage == 3 else model
+        plain = sum(model_state_bytes(stage, num_params, world, mixed))
+        out.append(HybridEstimate("plain", stage, plain, *split(model + gathers, 0.0)))
+        mics = sum(model_state_bytes(stage, num_params, per_node, mixed))
+        out.append(HybridEstimate("mics", stage, mics, *split(2 * model / per_node, model + gathers)))
+    # hpZ: plain stage 3 plus the secondary copy (1/k of the model); forward gathers and the
+    # reduce-scatter span every rank, backward gathers stay in the node.
+    out.append(HybridEstimate("hpz", 3, out[4].model_states + model / per_node, *split(2 * model, model)))
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hf_zero.diagnostics.estimator import OFFLOADS, ModelShape, estimate, largest_model_fitting
+from hf_zero.diagnostics.estimator import OFFLOADS, ModelShape, estimate, hybrid_estimates, largest_model_fitting
 
 GIB = 1 << 30
 
@@ -44,7 +44,7 @@ def load_model_config(spec: str, overrides: dict):
 
 
 def render(shape: ModelShape, world: int, mixed: bool, micro_batch: int, seq: int,
-           device_memory: Optional[float]) -> str:
+           device_memory: Optional[float], nodes: int = 1) -> str:
     lines = [f"model: {shape.num_params / 1e9:.3f} B parameters "
              f"(largest layer {shape.largest_layer_params / 1e6:.1f} M), "
              f"{world} data-parallel ranks, {'bf16/fp16 mixed' if mixed else 'fp32'}, micro-batch {micro_batch} x "
@@ -61,4 +61,18 @@ def render(shape: ModelShape, world: int, mixed: bool, micro_batch: int, seq: in
             if device_memory:
                 row += f" {largest_model_fitting(device_memory, world, stage, offload, mixed) / 1e9:.2f} |"
             lines.append(row)
+    if nodes > 1:
+        lines += _hybrid_lines(shape, nodes, world // nodes, mixed)
     return "\n".join(lines)
+
+
+def _hybrid_lines(shape: ModelShape, nodes: int, per_node: int, mixed: bool) -> list[str]:
+    """Hybrid sharding with one group per node: mics_shard_size / zero_hpz_partition_size = ranks per node."""
+    lines = ["", f"Across {nodes} nodes of {per_node} ranks (mics_shard_size / zero_hpz_partition_size: {per_node}); "
+             "communication per rank per step, logical payload (docs/design.md, [Note: hybrid sharding]):",
+             "| layout | stage | device model states GiB | inter-node GiB/step | intra-node GiB/step |",
+             "|---|---|---|---|---|"]
+    for e in hybrid_estimates(shape.num_params, nodes, per_node, mixed):
+        lines.append(f"| {e.layout} | {e.stage} | {e.model_states / GIB:.2f} | {e.inter_node_bytes / GIB:.2f} | "
+                     f"{e.intra_node_bytes / GIB:.2f} |")
+    return lines

@@ -41,7 +41,7 @@ class PartitionedMixin:
 
     @property
     def grad_divisor(self: ZeroStage) -> float:
-        return float(self.comm.world_size)
+        return float(self.comm.data_parallel_size)   # with replicas (mics_shard_size): all ranks
 
     def after_step(self: ZeroStage) -> None:
         with timed(self.timers, "allgather"):
