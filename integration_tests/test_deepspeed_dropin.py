@@ -112,7 +112,10 @@ def work(tmp_path_factory) -> Path:
 def trainer_runs(work) -> dict:
     script = SCRIPTS / "stock_trainer.py"
     ddp = work / "trainer_ddp"
-    ok(launch("trainer DDP (torchrun)", [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", script,
+    # run_and_teardown.py: the unmodified script, then its process group destroyed before exit
+    # (plain torchrun runs here sometimes abort at interpreter shutdown otherwise).
+    ok(launch("trainer DDP (torchrun)", [BIN / "torchrun", "--standalone", "--nproc_per_node", "2",
+                                         SCRIPTS / "run_and_teardown.py", script,
                                          "--output_dir", ddp, "--use_cpu", *TRAINER_ARGS]))
     runs = {"ddp": ddp}
     # stage 2: a config file, the `deepspeed` launcher's --num_gpus; no --use_cpu (hf-zero launch sets it up)
@@ -150,7 +153,8 @@ def accelerate_runs(work) -> dict:
     script = SCRIPTS / "accelerate_stock_loop.py"
     ddp = work / "acc_ddp"
     ok(launch("accelerate loop DDP (torchrun, two runs)", [
-        BIN / "torchrun", "--standalone", "--nproc_per_node", "2", script, "--clip", "1.0,0", "--out", ddp],
+        BIN / "torchrun", "--standalone", "--nproc_per_node", "2", SCRIPTS / "run_and_teardown.py", script,
+        "--clip", "1.0,0", "--out", ddp],
         ACCELERATE_USE_CPU="true"))
     runs = {"ddp_clip": ddp / "clip1", "ddp_noclip": ddp / "clip0", "hf_yaml": work / "acc_hf_yaml",
             "ds_yaml": work / "acc_ds_yaml"}

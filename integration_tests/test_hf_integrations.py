@@ -61,8 +61,10 @@ def assert_losses_match(got: dict, reference: dict, steps=range(1, 7)) -> None:
         assert got[step] == pytest.approx(reference[step], rel=RTOL), f"step {step}: {got[step]} vs {reference[step]}"
 
 
-def torchrun(*args) -> list:
-    return [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", *args]
+def torchrun(script, *args) -> list:
+    # run_and_teardown.py destroys the script's process group before exit: plain torchrun runs
+    # here sometimes abort at interpreter shutdown otherwise (see its docstring).
+    return [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", SCRIPTS / "run_and_teardown.py", script, *args]
 
 
 @pytest.fixture(scope="module")
