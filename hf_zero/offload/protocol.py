@@ -123,15 +123,6 @@ class OptimizerOffload(abc.ABC):
                     state[key] = torch.zeros_like(master)
         return keys
 
-    def reload_from_params(self) -> None:
-        """The parameters were edited outside the optimizer: make the masters match them."""
-        if not self.masters.keeps_copy:
-            return
-        for gi, params in enumerate(self.masters.owned_params):
-            for ci, param in enumerate(params):
-                self.write_state("master", gi, ci, 0, param.numel(),
-                                 lambda offset, part, param=param: part.copy_(param.narrow(0, offset, part.numel())))
-
     def memory_by_location(self) -> dict[str, int]:
         """Bytes of optimizer masters/states this backend holds, by location
         (``offload_host`` in host memory, ``offload_nvme`` in swap files)."""
@@ -162,6 +153,3 @@ class NoOffload(OptimizerOffload):
         self.masters.load_grads(grads, coefficient)
         self.inner.step()
         self.masters.finish_step()
-
-    def reload_from_params(self) -> None:
-        self.masters.reload_from_params()

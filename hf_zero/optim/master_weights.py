@@ -64,13 +64,6 @@ class MasterWeights:
         if target is not None:
             target.copy_(values)
 
-    def reload_from_params(self) -> None:
-        """Parameters were edited outside the optimizer: make the masters match them."""
-        if self.keeps_copy:
-            for masters, params in zip(self.masters, self.owned_params):
-                for master, param in zip(masters, params):
-                    master.copy_(param)
-
     def tensors(self) -> list[torch.Tensor]:
         return [m for group in self.masters for m in group] if self.keeps_copy else []
 
