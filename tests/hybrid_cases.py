@@ -11,7 +11,7 @@ import torch
 
 import hf_zero
 from engine_cases import formula_bytes
-from parity_cases import CLIP, MICRO, batch, full_params, run_ddp, run_hf_zero, tiny_gpt2
+from parity_cases import CLIP, MICRO, batch, full_params, run_ddp, run_hf_zero, tiny_gpt2, train_steps
 
 SHARD = 2
 
@@ -65,14 +65,7 @@ def accounting(rank: int, world: int) -> dict:
 
 
 def _train(engine, model, rank: int, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        x = batch(rank, step, 0)
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(engine, rank, steps)
 
 
 def resume(rank: int, world: int, root: str) -> dict:

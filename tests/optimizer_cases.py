@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf_zero
 from ds_corpus_cases import CORPUS  # noqa: F401  (re-exported for the tests)
-from parity_cases import MICRO, batch, full_params, tiny_gpt2
+from parity_cases import MICRO, batch, full_params, tiny_gpt2, train_steps
 
 NUM_STEPS = 3
 CONFIG_PARAMS = {
@@ -161,14 +161,7 @@ def resume_case(rank: int, kind: str) -> tuple[list[float], list[float]]:
               "zero_optimization": {"stage": 1, "reduce_bucket_size": 3000}}
 
     def train(engine, steps):
-        losses = []
-        for step in steps:
-            x = batch(rank, step, 0)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        return losses
+        return train_steps(engine, rank, steps)
 
     engine = hf_zero.initialize(tiny_gpt2(), config)
     train(engine, range(2))

@@ -52,6 +52,18 @@ def batch(rank: int, step: int, micro: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
 
 
+def train_steps(engine, rank: int, steps: range) -> list[float]:
+    """One micro-batch per step through ``engine`` (DeepSpeed-style loop); the losses."""
+    losses = []
+    for step in steps:
+        x = batch(rank, step, 0)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """Two groups as the HF Trainer builds them: no decay for biases and LayerNorms."""
     decay, no_decay = [], []
