@@ -15,6 +15,8 @@ With a world of one (no process group) every call is a local no-op that counts n
 
 from __future__ import annotations
 
+import functools
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -309,3 +311,24 @@ class rank_local_step:  # noqa: N801 (used as a context manager, like contextlib
             return False   # KeyboardInterrupt / SystemExit: not something to agree on
         agree_on_failure(self.comm, error, self.what, self.error_class)
         return True   # no error anywhere (or agree raised)
+
+
+def rank_local_call(what: str):
+    """Decorator for a rank-local function that every rank of the default process group calls
+    before the engine exists (``hf_zero.from_pretrained``): its failure on some ranks is the
+    same error on every rank (one 4-byte all-reduce when all succeed), instead of the others
+    going on into ``initialize`` and waiting there until the backend's timeout."""
+    def decorate(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            comm = Collectives(None)   # inactive without a process group (or at world 1)
+            if comm.active and comm.small_tensor_device().type == "cuda" and "LOCAL_RANK" in os.environ:
+                # CUDA-only branch (NCCL): the flag goes through this rank's GPU, which
+                # initialize would make current anyway ([Note: device selection] in device.py).
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            result = None
+            with rank_local_step(comm, what):
+                result = function(*args, **kwargs)
+            return result
+        return call
+    return decorate

@@ -143,6 +143,8 @@ def shard_model(engine: Any, model: nn.Module, specs: list[ParamGroupSpec],
                             persist_frozen=zero.stage3_persist_frozen_params,
                             source=source, store=engine.param_store),
         services=services)
+    if source is not None:   # stage 3 read its slices while building: a failed read is every rank's error
+        source.agree_on_reads(engine.comm)
     enable_hpz(stage, engine.comm, zero.zero_hpz_partition_size if zero.stage == 3 else 1)
     stage.watch_outputs(model)
     broadcast_model(engine.comm, model, stage, flat_groups)
@@ -169,6 +171,7 @@ def meta_source(engine: Any, model: nn.Module, stage: int):
         for name, p in model.named_parameters():
             set_parameter_tensor(p, source.full(name, p))
     source.close()
+    source.agree_on_reads(engine.comm)   # a failed read is every rank's error (meta_init.py's note)
     return None
 
 

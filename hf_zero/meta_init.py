@@ -20,6 +20,13 @@ from a ``ParameterSource``:
   own slices (experts fused at load time: only the experts its slices cover). Parameters
   missing from the files (e.g. new LoRA adapters) are initialised as above; persistent
   buffers the files hold are loaded.
+  A read that fails on one rank (a file truncated or removed since ``from_pretrained`` read
+  its header, an I/O error) must not leave the other ranks waiting in construction's next
+  collective: the source keeps the first failure, fills what is left with zeros (no more
+  reads) and the engine agrees once, when construction's reads are over
+  (``agree_on_reads``: one 4-byte all-reduce), so every rank raises the same error naming
+  the rank, the file and the parameter. Header, plan and shape checks run earlier, in
+  ``from_pretrained``, which every rank calls and which agrees on its outcome the same way.
 Stages 0-2 hold whole parameters: the source materialises each parameter in full instead.
 """
 
@@ -34,6 +41,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+
+from hf_zero.comm import rank_local_call
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +69,7 @@ def pending_seed() -> int:
     return seed % (2**62)   # fits the int64 tensor it is broadcast in
 
 
+@rank_local_call("hf_zero.from_pretrained")   # every rank calls it; one rank's failure is every rank's error
 def from_pretrained(path: str | Path, model_class=None, ignore_mismatched_sizes: bool = False,
                     **config_kwargs) -> nn.Module:
     """A model whose weights ``initialize`` reads slice by slice from ``path`` (HF safetensors).
@@ -118,6 +128,7 @@ class ParameterSource:
         self._scratch_key: Optional[str] = None
         self._scratch: dict[int, torch.Tensor] = {}    # id(original param) -> materialised value
         self._initializer = _nearest_initializers(model)
+        self.read_failure: Optional[Exception] = None   # the first failed checkpoint read (see note)
 
     def read_into(self, name: str, param: nn.Parameter, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) of the flattened value of ``param`` (named
@@ -125,9 +136,31 @@ class ParameterSource:
         if self.files is not None:
             key = self.files.key_for(name)
             if key is not None:
-                self.files.read_into(key, start, out)
+                self._read_checkpoint(key, name, start, out)
                 return
         out.copy_(self._initialised(param).reshape(-1).narrow(0, start, out.numel()))
+
+    def _read_checkpoint(self, key: str, name: str, start: int, out: torch.Tensor) -> None:
+        """Read from the checkpoint; a failure is kept for ``agree_on_reads`` (module note)."""
+        if self.read_failure is None:
+            try:
+                self.files.read_into(key, start, out)
+                return
+            except Exception as err:
+                from hf_zero.pretrained_weights import CheckpointReadError
+
+                detail = str(err) if isinstance(err, CheckpointReadError) else f"{type(err).__name__}: {err}"
+                self.read_failure = CheckpointReadError(f"loading parameter '{name}': {detail}")
+                self.read_failure.__cause__ = err
+        out.zero_()   # never used: every rank raises at agree_on_reads
+
+    def agree_on_reads(self, comm) -> None:
+        """Every rank calls this once its construction reads are over: a read that failed on
+        any rank is every rank's error (comm.agree_on_failure), raised here."""
+        from hf_zero.comm import agree_on_failure
+
+        where = self.files.path if self.files is not None else "the model"
+        agree_on_failure(comm, self.read_failure, f"hf_zero.initialize (loading weights from {where})")
 
     def full(self, name: str, param: nn.Parameter) -> torch.Tensor:
         out = torch.empty(param.numel(), dtype=param.dtype, device=self.device)
@@ -177,7 +210,7 @@ class ParameterSource:
                 for n in metas:   # persistent buffers the checkpoint holds are loaded, as transformers does
                     key = self.files.key_for(f"{name}.{n}" if name else n) if self.files is not None else None
                     if key is not None:
-                        self.files.read_into(key, 0, module._buffers[n].view(-1))
+                        self._read_checkpoint(key, f"{name}.{n}", 0, module._buffers[n].view(-1))
 
 
 def _nearest_initializers(model: nn.Module) -> dict[int, nn.Module]:

@@ -18,8 +18,18 @@ safetensors *headers* are read to build the plan, on every rank alike:
   stacks experts (its first operation is ``MergeModulelist(dim=0)`` and the rest concatenate
   along later dimensions, as for Mixtral's and Qwen2-MoE's experts), expert ``e`` of the
   target depends only on expert ``e``'s sources: a slice is made by converting only the
-  experts it covers, so each rank reads just those source tensors. Otherwise the converter's
-  source tensors (only those) are read whole.
+  experts it covers, so each rank reads just those source tensors.
+- a conversion whose one operation joins or cuts along dim 0 (``Concatenate``, ``Chunk``,
+  ``Split``, ``MergeModulelist`` of one source list) lays each target out as consecutive element
+  ranges of its sources, in the converter's source order (e.g. HrmText's fused ``gqkv_proj``
+  chunked into gate/q/k/v, Sarvam-MoE's ``query_key_value`` split by the targets' sizes,
+  olmo_hybrid's q/k/v conv kernels concatenated): a slice reads just the ranges it covers, cast
+  to the parameter's dtype as transformers does before the operation. No conversion runs.
+- any other conversion (``Concatenate``/``Chunk`` along a later dim alone, ``Transpose``,
+  ``Interleave``, ``PermuteForRope``, dequantisation and model-specific ops) reads the
+  converter's source tensors (only those) whole.
+Every read error names the file, the key and the parameter (``CheckpointReadError``); the
+engine holds it and agrees on it across ranks (meta_init.py's ``ParameterSource``).
 Missing, unexpected and mismatched keys follow transformers' rules (tied weights, the model's
 ``_keys_to_ignore_on_load_*``) and are reported by transformers' own ``log_state_dict_report``:
 a warning naming every parameter left at its initialisation, and an error for a shape mismatch
@@ -40,6 +50,10 @@ from torch import nn
 from hf_zero.checkpoint.safetensors_io import _DTYPES, SafetensorsFile
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointReadError(OSError):
+    """Reading a checkpoint tensor failed; the message names the file, the key and the parameter."""
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -76,6 +90,8 @@ class PretrainedWeights:
         self.conversions: list[tuple[str, str, list[tuple[str, str, str]]]] = []
         self.converted: dict[str, int] = {}                   # model name -> index in conversions
         self._experts: dict[int, int] = {}   # conversion index -> number of stacked experts (see note)
+        # model name -> (first element in the run, [(checkpoint key, numel)]): dim-0 conversions
+        self._runs: dict[str, tuple[int, list[tuple[str, int]]]] = {}
         self._cache: tuple[tuple, dict[str, torch.Tensor]] = ((), {})
         self.bytes_read = 0   # source bytes read for converted parameters (tests check the slicing)
         self._handles: dict[Path, SafetensorsFile] = {}
@@ -139,7 +155,8 @@ class PretrainedWeights:
         except Exception as err:   # transformers reports conversion failures the same way
             info.conversion_errors[first] = f"{type(err).__name__}: {err}"
             return
-        self._note_experts(index, outputs)
+        if not self._note_runs(index, outputs):
+            self._note_experts(index, outputs)
         for name, value in outputs.items():
             if name not in self.expected:
                 info.unexpected_keys.add(name)
@@ -149,6 +166,31 @@ class PretrainedWeights:
                 info.mismatched_keys.add((name, tuple(value.shape), tuple(self.expected[name].shape)))
             else:
                 self.converted[name] = index
+        for name in set(outputs) - set(self.converted):
+            self._runs.pop(name, None)
+
+    def _note_runs(self, index: int, outputs: dict[str, torch.Tensor]) -> bool:
+        """Record the element runs of a conversion that joins or cuts along dim 0 (module note)."""
+        from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+
+        converter = self._by_pattern[self.conversions[index][1]]
+        operations = getattr(converter, "operations", [])
+        if len(operations) != 1 or type(operations[0]) not in (Chunk, Split, Concatenate, MergeModulelist):
+            return False
+        by_pattern = self._sources_by_pattern(index)
+        if operations[0].dim != 0 or (type(operations[0]) is MergeModulelist and len(by_pattern) != 1):
+            return False
+        # Concatenate joins the source patterns in the converter's order, each list in the order
+        # it was added (_convert); Chunk / Split cut one source into the targets in their order.
+        run = [(key, torch.Size(self.entries[key][2]).numel())
+               for pattern in converter.source_patterns for _, key in by_pattern.get(pattern, [])]
+        if sum(numel for _, numel in run) != sum(value.numel() for value in outputs.values()):
+            return False
+        offset = 0
+        for name, value in outputs.items():   # the ops' output order is the targets' order
+            self._runs[name] = (offset, run)
+            offset += value.numel()
+        return True
 
     def _note_experts(self, index: int, outputs: dict[str, torch.Tensor]) -> None:
         """Record conversion ``index`` as expert-stacking when its operations stack per-expert
@@ -189,9 +231,19 @@ class PretrainedWeights:
         if meta:
             return torch.empty(shape, dtype=dtype, device="meta")
         out = torch.empty(shape, dtype=stored)
-        self._handle(file).read_into(key, 0, out.view(-1))
-        self.bytes_read += out.numel() * out.element_size()
+        self._read(key, 0, out.view(-1))
         return out.to(dtype)   # transformers casts each source to the parameter's dtype first
+
+    def _read(self, key: str, start: int, out: torch.Tensor, counted: bool = True) -> None:
+        """Elements [start, start + out.numel()) of checkpoint tensor ``key``; any failure
+        becomes a CheckpointReadError naming the file and the key."""
+        file = self.entries[key][0]
+        try:
+            self._handle(file).read_into(key, start, out)
+        except Exception as err:
+            raise CheckpointReadError(f"{file}: reading '{key}' failed: {type(err).__name__}: {err}") from err
+        if counted:
+            self.bytes_read += out.numel() * self.entries[key][1].itemsize
 
     # ---- reading --------------------------------------------------------------------------
     def key_for(self, name: str) -> Optional[str]:
@@ -205,8 +257,10 @@ class PretrainedWeights:
     def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) of planned parameter ``name`` into the 1D ``out``."""
         if name in self.direct:
-            key = self.direct[name]
-            self._handle(self.entries[key][0]).read_into(key, start, out)
+            self._read(self.direct[name], start, out, counted=False)
+            return
+        if name in self._runs:
+            self._read_runs(name, start, out)
             return
         index, offset, experts = self.converted[name], 0, None
         if index in self._experts:   # convert just the experts this slice covers
@@ -217,6 +271,16 @@ class PretrainedWeights:
             self._cache = ((), {})   # drop the previous group first: one converted group at a time
             self._cache = ((index, experts), self._convert(index, meta=False, experts=experts))
         out.copy_(self._cache[1][name].reshape(-1).narrow(0, start - offset, out.numel()))
+
+    def _read_runs(self, name: str, start: int, out: torch.Tensor) -> None:
+        """A slice of a dim-0 conversion's target: just the source ranges it covers."""
+        first, run = self._runs[name]
+        begin, end, source_begin = first + start, first + start + out.numel(), 0
+        for key, numel in run:
+            lo, hi = max(begin, source_begin), min(end, source_begin + numel)
+            if lo < hi:
+                self._read(key, lo - source_begin, out.narrow(0, lo - begin, hi - lo))
+            source_begin += numel
 
     def _handle(self, file: Path) -> SafetensorsFile:
         if file not in self._handles:

@@ -38,6 +38,27 @@ def tiny_qwen2_moe():
         pad_token_id=0))
 
 
+def tiny_hrm_text():
+    """HrmText: transformers chunks its fused ``gqkv_proj`` / ``gate_up_proj`` at load (Chunk(dim=0))."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "hrm_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, head_dim=16))
+
+
+def tiny_sarvam_moe():
+    """Sarvam-MoE: ``query_key_value`` split by the targets' sizes at load (Split(dim=0)), experts stacked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "sarvam_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=64))
+
+
 def _rewrite(src: Path, dst: Path, edit) -> None:
     """A copy of the single-file checkpoint ``src`` with its tensors edited by ``edit(dict)``."""
     from safetensors.torch import load_file, save_file
@@ -51,11 +72,13 @@ def _rewrite(src: Path, dst: Path, edit) -> None:
 def write_checkpoints(root: Path) -> dict[str, str]:
     """name -> directory. Every directory is written by transformers' save_pretrained, or is such
     a directory with keys renamed, added, removed or reshaped."""
-    dirs = {name: root / name for name in ("gpt2", "llama_sharded", "mixtral", "qwen2_moe")}
+    dirs = {name: root / name for name in ("gpt2", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe")}
     tiny_gpt2().save_pretrained(dirs["gpt2"])
     tiny_llama().save_pretrained(dirs["llama_sharded"], max_shard_size="20KB")
     tiny_mixtral().save_pretrained(dirs["mixtral"])
     tiny_qwen2_moe().save_pretrained(dirs["qwen2_moe"])
+    tiny_hrm_text().save_pretrained(dirs["hrm_text"])   # written fused: the reverse of the load's Chunk
+    tiny_sarvam_moe().save_pretrained(dirs["sarvam_moe"])
     edits = {
         # the original GPT-2 layout on the hub: no 'transformer.' prefix
         "gpt2_no_prefix": lambda t: {k.removeprefix("transformer."): v for k, v in t.items()},
@@ -85,7 +108,7 @@ def _config(stage: int) -> dict:
 
 
 def _converted_source_bytes(plan) -> int:
-    """Bytes of every checkpoint tensor that feeds a weight conversion (MoE experts)."""
+    """Bytes of every checkpoint tensor that feeds a weight conversion (experts, fused projections)."""
     keys = {key for _, _, sources in plan.conversions for _, key, _ in sources}
     return sum(torch.Size(plan.entries[k][2]).numel() * plan.entries[k][1].itemsize for k in keys)
 
@@ -104,8 +127,8 @@ def load_against_transformers(rank: int, world: int, dirs: dict[str, str]) -> di
     logging.getLogger("hf_zero").addHandler(records)
     x = torch.arange(12).reshape(2, 6) % VOCAB
     out: dict = {"diff": {}, "warnings": {}, "errors": {}, "converted_bytes": {}}
-    for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "gpt2_extra_key",
-                 "gpt2_missing_key"):
+    for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe",
+                 "gpt2_extra_key", "gpt2_missing_key"):
         reference = _logits(AutoModelForCausalLM.from_pretrained(dirs[name]), x)
         for stage in STAGES:
             records.messages.clear()
