@@ -159,8 +159,8 @@ class ParameterSource:
         any rank is every rank's error (comm.agree_on_failure), raised here."""
         from hf_zero.comm import agree_on_failure
 
-        where = self.files.path if self.files is not None else "the model"
-        agree_on_failure(comm, self.read_failure, f"hf_zero.initialize (loading weights from {where})")
+        # (the same words on every rank: each rank's error names its own file)
+        agree_on_failure(comm, self.read_failure, "hf_zero.initialize (reading the pretrained weights)")
 
     def full(self, name: str, param: nn.Parameter) -> torch.Tensor:
         out = torch.empty(param.numel(), dtype=param.dtype, device=self.device)
