@@ -241,7 +241,8 @@ class PretrainedWeights:
         try:
             self._handle(file).read_into(key, start, out)
         except Exception as err:
-            raise CheckpointReadError(f"{file}: reading '{key}' failed: {type(err).__name__}: {err}") from err
+            where = "" if str(file) in str(err) else f" from {file}"   # most errors name the file already
+            raise CheckpointReadError(f"reading '{key}'{where} failed: {type(err).__name__}: {err}") from err
         if counted:
             self.bytes_read += out.numel() * self.entries[key][1].itemsize
 

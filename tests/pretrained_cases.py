@@ -59,6 +59,18 @@ def tiny_sarvam_moe():
         num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=64))
 
 
+def tiny_olmo_hybrid():
+    """OlmoHybrid: its q/k/v conv kernels are concatenated at load (Concatenate(dim=0))."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "olmo_hybrid", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, linear_num_key_heads=4, linear_num_value_heads=4,
+        linear_key_head_dim=48, linear_value_head_dim=48, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0))
+
+
 def _rewrite(src: Path, dst: Path, edit) -> None:
     """A copy of the single-file checkpoint ``src`` with its tensors edited by ``edit(dict)``."""
     from safetensors.torch import load_file, save_file
@@ -72,13 +84,15 @@ def _rewrite(src: Path, dst: Path, edit) -> None:
 def write_checkpoints(root: Path) -> dict[str, str]:
     """name -> directory. Every directory is written by transformers' save_pretrained, or is such
     a directory with keys renamed, added, removed or reshaped."""
-    dirs = {name: root / name for name in ("gpt2", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe")}
+    dirs = {name: root / name for name in ("gpt2", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe",
+                                                   "olmo_hybrid")}
     tiny_gpt2().save_pretrained(dirs["gpt2"])
     tiny_llama().save_pretrained(dirs["llama_sharded"], max_shard_size="20KB")
     tiny_mixtral().save_pretrained(dirs["mixtral"])
     tiny_qwen2_moe().save_pretrained(dirs["qwen2_moe"])
     tiny_hrm_text().save_pretrained(dirs["hrm_text"])   # written fused: the reverse of the load's Chunk
     tiny_sarvam_moe().save_pretrained(dirs["sarvam_moe"])
+    tiny_olmo_hybrid().save_pretrained(dirs["olmo_hybrid"])   # q/k/v kernels apart: the reverse of Concatenate
     edits = {
         # the original GPT-2 layout on the hub: no 'transformer.' prefix
         "gpt2_no_prefix": lambda t: {k.removeprefix("transformer."): v for k, v in t.items()},
@@ -128,7 +142,7 @@ def load_against_transformers(rank: int, world: int, dirs: dict[str, str]) -> di
     x = torch.arange(12).reshape(2, 6) % VOCAB
     out: dict = {"diff": {}, "warnings": {}, "errors": {}, "converted_bytes": {}}
     for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe",
-                 "gpt2_extra_key", "gpt2_missing_key"):
+                 "olmo_hybrid", "gpt2_extra_key", "gpt2_missing_key"):
         reference = _logits(AutoModelForCausalLM.from_pretrained(dirs[name]), x)
         for stage in STAGES:
             records.messages.clear()

@@ -19,28 +19,30 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("stage", cases.STAGES)
 # (the missing-key checkpoint is left out: its missing parameter is freshly initialised on both sides)
 @pytest.mark.parametrize("name", ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text",
-                                  "sarvam_moe", "gpt2_extra_key"))
+                                  "sarvam_moe", "olmo_hybrid", "gpt2_extra_key"))
 def test_logits_equal_transformers_from_pretrained(results, name, stage):
     for rank, r in enumerate(results):
         assert r["diff"][name, stage] <= 1e-6, (rank, r["diff"][name, stage])
 
 
 # mixtral, qwen2_moe: experts stacked; hrm_text: fused projections chunked (Chunk(dim=0));
-# sarvam_moe: query_key_value split (Split(dim=0)) and experts stacked
-@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "hrm_text", "sarvam_moe"))
+# sarvam_moe: query_key_value split (Split(dim=0)) and experts stacked; olmo_hybrid: q/k/v conv
+# kernels concatenated (Concatenate(dim=0))
+@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "hrm_text", "sarvam_moe", "olmo_hybrid"))
 def test_each_rank_reads_only_the_sources_its_shards_cover(results, name):
     for r in results:
         read_whole, total = r["converted_bytes"][name, 0]
         assert total > 0 and read_whole == total   # stages 0-2: every expert once
         read_sharded, _ = r["converted_bytes"][name, 3]
         # world 2: measured 0.45-0.55 per rank; reading the converted sources whole gave 0.70
-        # (sarvam_moe) and 1.00 (hrm_text)
+        # (sarvam_moe) and 1.00 (hrm_text, olmo_hybrid)
         assert read_sharded <= 0.6 * total, (read_sharded, total)
 
 
 def test_clean_checkpoints_load_without_warnings(results):
     for r in results:
-        for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe"):
+        for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe",
+                     "olmo_hybrid"):
             assert not any("LOAD REPORT" in m for m in r["warnings"][name, 3]), name
 
 
