@@ -77,7 +77,9 @@ def from_pretrained(path: str | Path, model_class=None, ignore_mismatched_sizes:
     The checkpoint is mapped onto the model by transformers' own loading rules (see
     pretrained_weights.py): renamed and converted keys, ``base_model_prefix``, tied weights;
     missing and unexpected keys are logged by name, a shape mismatch raises unless
-    ``ignore_mismatched_sizes`` (then the parameter keeps its initialisation)."""
+    ``ignore_mismatched_sizes`` (then the parameter keeps its initialisation).
+    With a process group, every rank calls it (as ``initialize``): a failure on some ranks
+    (a directory, file or header that one rank cannot read) is then every rank's error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hf_zero.pretrained_weights import PretrainedWeights, checkpoint_files
