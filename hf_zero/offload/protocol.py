@@ -132,6 +132,11 @@ class OptimizerOffload(abc.ABC):
         """Staging / swap buffers (for memory accounting)."""
         return []
 
+    def device_parts(self) -> list[torch.Tensor]:
+        """Device-resident optimizer tensors that torch's layout does not show: the device part
+        of a master chunk split by partial offload ([Note: partial offload] in partial.py)."""
+        return []
+
     def close(self) -> None:
         """Release files and threads (engine.destroy and normal exit)."""
 
