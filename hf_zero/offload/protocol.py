@@ -132,9 +132,10 @@ class OptimizerOffload(abc.ABC):
         """Staging / swap buffers (for memory accounting)."""
         return []
 
-    def device_parts(self) -> list[torch.Tensor]:
-        """Device-resident optimizer tensors that torch's layout does not show: the device part
-        of a master chunk split by partial offload ([Note: partial offload] in partial.py)."""
+    def split_parts(self) -> list[torch.Tensor]:
+        """Optimizer tensors that torch's layout does not show: the two parts of the master chunk
+        that partial offload splits between the device and the offload storage ([Note: partial
+        offload] in partial.py; an NVMe-held part has 0-byte storage)."""
         return []
 
     def close(self) -> None:

@@ -126,7 +126,7 @@ class SubGroupOffload(OptimizerOffload):
         split.offloaded[key] = self._new_state(rest)
         return unallocated_fp32(master.numel(), self.host)   # shape only: the values are in ``split``
 
-    def _part(self, kind: str, group: int, chunk: int, on_device: bool) -> tuple[Optional[torch.Tensor], int]:
+    def _side(self, kind: str, group: int, chunk: int, on_device: bool) -> tuple[Optional[torch.Tensor], int]:
         """The tensor holding ``kind`` of chunk (group, chunk) on the device side or the offloaded
         side, and the chunk element its first element is ([Note: partial offload])."""
         split = self.split.get((group, chunk))
@@ -142,13 +142,14 @@ class SubGroupOffload(OptimizerOffload):
         def views(kind: str) -> list[torch.Tensor]:
             out = []
             for s in sub_group.slices:
-                tensor, base = self._part(kind, s.group, s.chunk, on_device)
+                tensor, base = self._side(kind, s.group, s.chunk, on_device)
                 out.append(tensor.narrow(0, s.start - base, s.length))
             return out
         return SubGroupViews(views("master"), {key: views(key) for key in self.state_keys})
 
-    def device_parts(self) -> list[torch.Tensor]:
-        return [t for split in self.split.values() for t in split.on_device.values()]
+    def split_parts(self) -> list[torch.Tensor]:
+        return [t for split in self.split.values() for side in (split.on_device, split.offloaded)
+                for t in side.values() if t is not None]
 
     def _offloaded_tensors(self, kinds: tuple[str, ...]) -> list[torch.Tensor]:
         """The resident tensors holding ``kinds`` of the offloaded parts of all chunks."""
@@ -156,14 +157,14 @@ class SubGroupOffload(OptimizerOffload):
         for gi, group in enumerate(self.masters.masters):
             for ci, master in enumerate(group):
                 if self.device_prefix.get((gi, ci), 0) < master.numel():
-                    out += [t for t in (self._part(kind, gi, ci, False)[0] for kind in kinds) if t is not None]
+                    out += [t for t in (self._side(kind, gi, ci, False)[0] for kind in kinds) if t is not None]
         return out
 
     # ---- streamed access, split at the device prefix ([Note: partial offload]) ------------
     def read_state(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
         boundary, end = self.device_prefix.get((group, chunk), 0), start + length
         if start < boundary:
-            tensor, base = self._part(kind, group, chunk, True)
+            tensor, base = self._side(kind, group, chunk, True)
             yield tensor.narrow(0, start - base, min(end, boundary) - start)
         if end > boundary:
             lo = max(start, boundary)
@@ -173,7 +174,7 @@ class SubGroupOffload(OptimizerOffload):
                     fill: Callable[[int, torch.Tensor], None]) -> None:
         boundary, end = self.device_prefix.get((group, chunk), 0), start + length
         if start < boundary:
-            tensor, base = self._part(kind, group, chunk, True)
+            tensor, base = self._side(kind, group, chunk, True)
             part = tensor.narrow(0, start - base, min(end, boundary) - start)
             fill(0, part)
             if kind == "master":
@@ -184,12 +185,12 @@ class SubGroupOffload(OptimizerOffload):
 
     def _read_offloaded(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
         """``read_state`` of a range wholly in the offloaded part (resident here: one view)."""
-        tensor, base = self._part(kind, group, chunk, False)
+        tensor, base = self._side(kind, group, chunk, False)
         yield tensor.narrow(0, start - base, length)
 
     def _write_offloaded(self, kind: str, group: int, chunk: int, start: int, length: int,
                          fill: Callable[[int, torch.Tensor], None]) -> None:
-        tensor, base = self._part(kind, group, chunk, False)
+        tensor, base = self._side(kind, group, chunk, False)
         part = tensor.narrow(0, start - base, length)
         fill(0, part)
         if kind == "master":

@@ -112,4 +112,4 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def state_tensors(self) -> list[torch.Tensor]:
         return ([t for s in self.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-                + self.offload.device_parts())
+                + self.offload.split_parts())

@@ -1,0 +1,82 @@
+"""Partial optimizer offload (``offload_optimizer.ratio``, [Note: partial offload]): the same
+bits as no offload and full offload, the optimizer state's bytes split by the ratio between
+the device and the cpu / nvme storage, checkpoints interchangeable across ratios. One
+spawned 2-rank gloo group (offload_ratio_cases.py)."""
+
+import pytest
+import torch
+
+import offload_ratio_cases as rc
+from hf_zero.offload.partial import device_sub_group_count
+from hf_zero.testing import run_on_ranks
+
+_runs: dict = {}
+
+
+@pytest.fixture(scope="module")
+def swap(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("swap"))
+
+
+def _grid(swap):
+    if "parity" not in _runs:
+        _runs["parity"] = run_on_ranks(rc.parity_grid, 2, swap, timeout_s=400)
+    return _runs["parity"]
+
+
+def _ids(case):
+    stage, bf16, clip, device, ratio = case
+    return f"stage{stage}-{'bf16' if bf16 else 'fp32'}-clip{clip}-{device}-ratio{ratio}"
+
+
+def test_deepspeeds_rounding():
+    # stage3.py: sub-group i stays on the accelerator when i < int((1 - ratio) * n)
+    assert [device_sub_group_count(10, r) for r in (1.0, 0.7, 0.5, 0.3, 0.0)] == [0, 3, 5, 7, 10]
+    assert device_sub_group_count(1, 0.3) == 0   # a single sub-group is always offloaded
+
+
+@pytest.mark.parametrize("case", rc.PARTIAL, ids=_ids)
+def test_partial_offload_is_bit_identical_to_none_and_full_offload(swap, case):
+    for rank, results in enumerate(_grid(swap)):
+        (ref_losses, ref_params, _), (full_losses, full_params, _), (losses, params, _) = results[case]
+        assert losses == full_losses == ref_losses, f"rank {rank}"
+        for name, ref in ref_params.items():
+            assert torch.equal(params[name], ref) and torch.equal(full_params[name], ref), f"rank {rank} {name}"
+    assert ref_losses[-1] != ref_losses[0]   # the runs train
+
+
+@pytest.mark.parametrize("case", rc.PARTIAL, ids=_ids)
+def test_state_bytes_are_split_by_the_ratio(swap, case):
+    """Bytes actually held: storages on the device side, the offloaded storages (cpu) or the
+    swap files on disk (nvme). Fails if the ratio is ignored (everything offloaded)."""
+    device, ratio = case[3], case[4]
+    for rank, results in enumerate(_grid(swap)):
+        full, part = results[case][1][2], results[case][2][2]
+        assert part["split_chunks"] == 1 and 0 < part["on_device"] < part["sub_groups"] >= 5, part
+        total = 4 * part["kinds"] * part["elements"]   # fp32 masters (when copies) + moments
+        offloaded = 4 * part["kinds"] * part["offloaded_elements"]
+        # ~ the ratio of the bytes: by sub-group count, DeepSpeed's rounding, sub-groups ~equal
+        assert abs(offloaded / total - ratio) <= 1.5 / part["sub_groups"], (offloaded / total, part)
+        if device == "cpu":
+            assert part["host"] == offloaded and full["host"] == total
+            # resident = device side + host side, each element held once
+            assert part["resident"] == full["resident"] == total
+            assert part["resident"] - part["host"] == total - offloaded > 0
+        else:   # nvme: files padded per 4 KiB region; resident: the device side only
+            assert part["nvme_files"] == part["nvme_reported"]
+            regions = part["kinds"] * (part["sub_groups"] - part["on_device"])
+            assert offloaded <= part["nvme_files"] <= offloaded + 4096 * regions
+            assert total <= full["nvme_files"] and full["resident"] == 0
+            assert part["resident"] == total - offloaded > 0, (rank, part)
+
+
+@pytest.mark.parametrize("stage,bf16,src,src_ratio,dst,dst_ratio",
+                         [(s, b, *src, *dst) for (s, b), sources in rc.RESUME.items()
+                          for src, targets in sources for dst in targets])
+def test_resume_across_ratios_is_bit_identical(swap, tmp_path_factory, stage, bf16, src, src_ratio, dst, dst_ratio):
+    if "resume" not in _runs:
+        _runs["resume"] = run_on_ranks(rc.resume_grid, 2, swap, str(tmp_path_factory.mktemp("ckpt")),
+                                       timeout_s=400)
+    for rank, results in enumerate(_runs["resume"]):
+        uninterrupted, resumed = results[(stage, bf16, src, src_ratio, dst, dst_ratio)]
+        assert resumed == uninterrupted, f"rank {rank}"
