@@ -84,3 +84,41 @@ def test_resume_across_ratios_is_bit_identical(swap, tmp_path_factory, stage, bf
     for rank, results in enumerate(_runs["resume"]):
         uninterrupted, resumed = results[(stage, bf16, src, src_ratio, dst, dst_ratio)]
         assert resumed == uninterrupted, f"rank {rank}"
+
+
+def _backend(device, ratio, tmp_path, sub_group_size=1000, dtype=torch.bfloat16):
+    from hf_zero.offload.cpu import CpuOffload
+    from hf_zero.offload.nvme import NvmeOffload
+
+    params = [[torch.randn(2500).to(dtype), torch.randn(700).to(dtype)], [torch.randn(1800).to(dtype)]]
+    backend = (CpuOffload(params, sub_group_size, False, ratio=ratio) if device == "cpu" else
+               NvmeOffload(params, sub_group_size, str(tmp_path), 2, False, rank=0, ratio=ratio))
+    backend.attach(torch.optim.AdamW([p for g in backend.masters.masters for p in g]))
+    return backend, params
+
+
+@pytest.mark.parametrize("device", ("cpu", "nvme"))
+def test_streamed_state_round_trips_across_the_device_boundary(tmp_path, device):
+    """write_state / read_state of ranges that straddle the split chunk's boundary (no process
+    group): every element lands once, neighbours unchanged, masters reach the parameters."""
+    backend, params = _backend(device, 0.5, tmp_path)
+    try:
+        (group, chunk), = backend.split   # the straddling chunk
+        boundary = backend.split[(group, chunk)].boundary
+        numel = backend.masters.masters[group][chunk].numel()
+        values = {kind: torch.randn(numel) for kind in ("master", "exp_avg")}
+        for kind, new in values.items():   # two unaligned ranges covering the chunk, the first crossing b
+            for start, end in ((0, boundary + 37), (boundary + 37, numel)):
+                backend.write_state(kind, group, chunk, start, end - start,
+                                    lambda offset, part, s=start, v=new: part.copy_(v[s + offset:s + offset + part.numel()]))
+        for kind, new in values.items():
+            got = torch.cat([p.clone() for p in backend.read_state(kind, group, chunk, 5, numel - 5)])
+            assert torch.equal(got, new[5:]), kind
+        assert torch.equal(params[group][chunk], values["master"].to(torch.bfloat16))
+    finally:
+        backend.close()
+
+
+def test_a_ratio_without_device_sub_groups_warns(tmp_path):
+    with pytest.warns(UserWarning, match="keeps none of this rank's 1 optimizer sub-group"):
+        _backend("cpu", 0.3, tmp_path, sub_group_size=10 ** 9)[0].close()

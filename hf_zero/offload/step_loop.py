@@ -21,6 +21,7 @@ kernel and coefficient handling, while the first offloaded sub-group is being fe
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -59,6 +60,11 @@ class SubGroupOffload(OptimizerOffload):
         # [Note: partial offload]: the first sub-groups stay on the parameters' device.
         self.num_on_device = device_sub_group_count(len(self.plan), ratio)
         self.device_prefix = device_prefixes(self.plan, self.num_on_device)
+        if ratio < 1 and self.plan and not self.num_on_device:
+            warnings.warn(f"hf_zero: zero_optimization.offload_optimizer.ratio={ratio} keeps none of this rank's "
+                          f"{len(self.plan)} optimizer sub-group(s) on the device (DeepSpeed's int((1 - ratio) * n)): "
+                          f"all are offloaded; lower zero_optimization.sub_group_size (now {sub_group_size}) "
+                          f"for a finer split", stacklevel=2)
         self.device = next((p.device for g in owned_params for p in g), self.host)
         self.split: dict[tuple[int, int], SplitChunk] = {}
         self.masters = MasterWeights(owned_params, force_copy=force_copy, device=self.host,
