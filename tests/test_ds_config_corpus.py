@@ -161,7 +161,18 @@ def _doc_key_mentions() -> list[tuple[str, str]]:
             leaf = len(parts) == 1 and (key.startswith("stage3_") or key.endswith("_bucket_size"))
             if dotted or leaf:
                 found.append((path.name, key))
+        for block in re.findall(r"```json\n(.*?)```", path.read_text(), re.S):   # config examples: every key
+            found += [(path.name, key) for key in _json_key_paths(json.loads(block))]
     return found
+
+
+def _json_key_paths(data: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in data.items():
+        paths.append(prefix + key)
+        if isinstance(value, dict):
+            paths += _json_key_paths(value, f"{prefix}{key}.")
+    return paths
 
 
 def test_every_config_key_mentioned_in_docs_exists():
