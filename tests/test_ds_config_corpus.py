@@ -90,7 +90,7 @@ def test_aliases_and_deepspeed_spellings_take_effect():
 
 
 @pytest.mark.parametrize("config, key, fragment", [
-    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "bf16.enabled", "cannot both be enabled"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "bf16.enabled", "fp16.enabled and bf16.enabled"),
     ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, "bfloat16", "keep one"),
     ({"optimizer": {"type": "Lion", "params": {"eps": 1e-8}}}, "optimizer.params.eps", "not a parameter of"),
     ({"optimizer": {"type": "Lamb", "params": {"max_grad_norm": 1.0}}}, "optimizer.params.max_grad_norm",
