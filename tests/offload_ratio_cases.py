@@ -15,8 +15,8 @@ import offload_cases as oc
 import parity_cases as pc
 
 SUB_GROUP = 1400   # ~11 sub-groups of a rank's ~15000 elements (chunks of <= 1500: one straddles the boundary)
-# (stage, bf16, clip, device, ratio): a split chunk at the device/offload boundary in each; fp32 host parameters are their own masters,
-# bf16 keeps fp32 master copies that are split too.
+# (stage, bf16, clip, device, ratio): a split chunk at the device/offload boundary in each;
+# fp32 host parameters are their own masters, bf16 keeps fp32 master copies that are split too.
 PARTIAL = [(2, False, pc.CLIP, "cpu", 0.5), (3, True, 0.0, "nvme", 0.4), (1, False, pc.CLIP, "nvme", 0.3),
            (3, True, pc.CLIP, "cpu", 0.7)]
 
@@ -48,7 +48,8 @@ def _state_bytes(engine) -> dict:
                  for f in (Path(offload.nvme_path) / d).glob("sub_group_*.bin")]
     elements = sum(m.numel() for g in offload.masters.masters for m in g)
     offloaded_elements = sum(sg.numel for sg in offload.plan[offload.num_on_device:])
-    return {"resident": resident, "host": offloaded["offload_host"], "nvme_files": sum(os.path.getsize(f) for f in files),
+    return {"resident": resident, "host": offloaded["offload_host"],
+            "nvme_files": sum(os.path.getsize(f) for f in files),
             "nvme_reported": offloaded["offload_nvme"], "kinds": len(kinds), "elements": elements,
             "offloaded_elements": offloaded_elements, "sub_groups": len(offload.plan),
             "on_device": offload.num_on_device, "split_chunks": len(offload.split),
@@ -69,8 +70,9 @@ def parity_grid(rank: int, world: int, swap: str) -> dict:
     """Per partial case: (none, full offload, partial) runs."""
     out = {}
     for stage, bf16, clip, device, ratio in PARTIAL:
-        out[(stage, bf16, clip, device, ratio)] = tuple(
-            _run(rank, world, swap, stage, bf16, clip, d, r) for d, r in (("none", 1.0), (device, 1.0), (device, ratio)))
+        runs = (("none", 1.0), (device, 1.0), (device, ratio))
+        out[(stage, bf16, clip, device, ratio)] = tuple(_run(rank, world, swap, stage, bf16, clip, d, r)
+                                                        for d, r in runs)
     return out
 
 

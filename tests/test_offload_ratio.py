@@ -109,8 +109,9 @@ def test_streamed_state_round_trips_across_the_device_boundary(tmp_path, device)
         values = {kind: torch.randn(numel) for kind in ("master", "exp_avg")}
         for kind, new in values.items():   # two unaligned ranges covering the chunk, the first crossing b
             for start, end in ((0, boundary + 37), (boundary + 37, numel)):
-                backend.write_state(kind, group, chunk, start, end - start,
-                                    lambda offset, part, s=start, v=new: part.copy_(v[s + offset:s + offset + part.numel()]))
+                def fill(offset, part, s=start, v=new):
+                    part.copy_(v[s + offset:s + offset + part.numel()])
+                backend.write_state(kind, group, chunk, start, end - start, fill)
         for kind, new in values.items():
             got = torch.cat([p.clone() for p in backend.read_state(kind, group, chunk, 5, numel - 5)])
             assert torch.equal(got, new[5:]), kind

@@ -187,7 +187,8 @@ class SubGroupOffload(OptimizerOffload):
                 self._master_to_param(group, chunk, start, part)
         if end > boundary:
             lo = max(start, boundary)
-            self._write_offloaded(kind, group, chunk, lo, end - lo, lambda offset, part: fill(lo - start + offset, part))
+            self._write_offloaded(kind, group, chunk, lo, end - lo,
+                                  lambda offset, part: fill(lo - start + offset, part))
 
     def _read_offloaded(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
         """``read_state`` of a range wholly in the offloaded part (resident here: one view)."""
