@@ -23,8 +23,6 @@ through ``read_state`` / ``write_state``, so their format does not depend on the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 
 from hf_zero.offload.subgroups import SubGroup
@@ -51,4 +49,4 @@ class SplitChunk:
     ("master" when the masters are copies, then the state keys)."""
     boundary: int                                                           # b: the device prefix's length
     on_device: dict[str, torch.Tensor] = field(default_factory=dict)       # kind -> elements [0, b)
-    offloaded: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)   # kind -> [b, n) (None: nvme)
+    offloaded: dict[str, torch.Tensor] = field(default_factory=dict)   # kind -> [b, n) (nvme: 0-byte storage)

@@ -90,7 +90,7 @@ class SubGroupOffload(OptimizerOffload):
             split.on_device["master"] = param.narrow(0, 0, boundary).to(dtype=torch.float32, copy=True)
             rest = param.narrow(0, boundary, param.numel() - boundary)
             split.offloaded["master"] = (rest.to(device=self.host, dtype=torch.float32, copy=True)
-                                         if self.allocates_masters else None)
+                                         if self.allocates_masters else unallocated_fp32(rest.numel(), self.host))
         if self.allocates_masters:   # the wholly offloaded chunks: host copies, as without a ratio
             for gi, group in enumerate(self.masters.masters):
                 for ci, master in enumerate(group):
@@ -132,7 +132,7 @@ class SubGroupOffload(OptimizerOffload):
         split.offloaded[key] = self._new_state(rest)
         return unallocated_fp32(master.numel(), self.host)   # shape only: the values are in ``split``
 
-    def _side(self, kind: str, group: int, chunk: int, on_device: bool) -> tuple[Optional[torch.Tensor], int]:
+    def _side(self, kind: str, group: int, chunk: int, on_device: bool) -> tuple[torch.Tensor, int]:
         """The tensor holding ``kind`` of chunk (group, chunk) on the device side or the offloaded
         side, and the chunk element its first element is ([Note: partial offload])."""
         split = self.split.get((group, chunk))
@@ -155,7 +155,7 @@ class SubGroupOffload(OptimizerOffload):
 
     def split_parts(self) -> list[torch.Tensor]:
         return [t for split in self.split.values() for side in (split.on_device, split.offloaded)
-                for t in side.values() if t is not None]
+                for t in side.values()]
 
     def _offloaded_tensors(self, kinds: tuple[str, ...]) -> list[torch.Tensor]:
         """The resident tensors holding ``kinds`` of the offloaded parts of all chunks."""
@@ -163,7 +163,7 @@ class SubGroupOffload(OptimizerOffload):
         for gi, group in enumerate(self.masters.masters):
             for ci, master in enumerate(group):
                 if self.device_prefix.get((gi, ci), 0) < master.numel():
-                    out += [t for t in (self._side(kind, gi, ci, False)[0] for kind in kinds) if t is not None]
+                    out += [self._side(kind, gi, ci, False)[0] for kind in kinds]
         return out
 
     # ---- streamed access, split at the device prefix ([Note: partial offload]) ------------
