@@ -33,6 +33,8 @@ NO_CUDA = ("gpu-check: no CUDA device is present, so nothing was checked (the CU
            "paths need a GPU; see docs/gpu.md). Exiting 0.")
 FULL_GRID = [(stage, bf16, off) for stage in (0, 1, 2, 3) for bf16 in (False, True)
              for off in (("none",) if stage == 0 else ("none", "cpu", "nvme"))]
+# Partial optimizer offload ("device@ratio": the first sub-groups' states and update on the GPU).
+FULL_GRID += [(2, True, "cpu@0.5"), (1, False, "nvme@0.3")]
 QUICK_GRID = [(0, False, "none"), (3, True, "cpu")]
 
 

@@ -110,8 +110,9 @@ def engine_config(stage: int, bf16: bool, offload: str, swap: str, fused: str = 
     zero: dict = {"stage": stage, "reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000,
                   "stage3_prefetch_bucket_size": 200_000, "stage3_param_persistence_threshold": 1000,
                   "sub_group_size": 300_000}
+    offload, _, ratio = offload.partition("@")   # "cpu@0.5": offload_optimizer.ratio 0.5
     if offload != "none":
-        zero["offload_optimizer"] = {"device": offload, "nvme_path": swap}
+        zero["offload_optimizer"] = {"device": offload, "nvme_path": swap, "ratio": float(ratio or 1.0)}
         if stage == 3:
             zero["offload_param"] = {"device": offload, "nvme_path": swap}
     # (an explicit "auto" is refused by the config parser today: the default is "auto", so omit it)
@@ -157,7 +158,7 @@ def estimated_device_bytes(quick: bool, world: int, stage: int, offload: str, bf
     from hf_zero.diagnostics.report import model_shape
 
     shape = model_shape(gpt2_config(quick))
-    return estimate(shape, world, stage, offload, mixed=bf16, micro_batch=MICRO, seq=SEQ,
+    return estimate(shape, world, stage, offload.partition("@")[0], mixed=bf16, micro_batch=MICRO, seq=SEQ,
                     reduce_bucket_size=200_000, prefetch_bucket_size=200_000).device_total
 
 

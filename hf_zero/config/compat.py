@@ -94,8 +94,6 @@ RULES: list[Rule] = [
     ("bf16.bf16_optimizer_states", lambda v: v is True, "optimizer states are kept in fp32", True),
     ("bf16.check_grad_overflow", lambda v: v is True,
      "bf16 steps are not skipped on non-finite gradients", True),
-    ("zero_optimization.offload_optimizer.ratio", lambda v: isinstance(v, (int, float)) and v < 1,
-     "partial offload is not implemented: the whole optimizer state is offloaded", True),
     ("zero_optimization.offload_optimizer.pipeline_read", lambda v: v is False,
      "NVMe reads are always overlapped with the update", False),
     ("zero_optimization.offload_optimizer.pipeline_write", lambda v: v is False,
@@ -127,7 +125,6 @@ RULES: list[Rule] = [
 
 # How each rule's condition reads in docs/config.md.
 WHEN = {
-    "zero_optimization.offload_optimizer.ratio": "< 1",
     "zero_optimization.offload_optimizer.pipeline_read": "false",
     "zero_optimization.offload_optimizer.pipeline_write": "false",
     "zero_optimization.reduce_scatter": "false",

@@ -75,7 +75,8 @@ def _validate(data: dict, source: str | None, enforce_opt_in: bool = True,
         if enforce_opt_in:
             problems.extend(check_unhonoured(notes, result))
         if result.fp16.enabled is True and result.bf16.enabled is True:
-            problems.append(("bf16.enabled", "fp16 and bf16 cannot both be enabled (DeepSpeed refuses it too)"))
+            problems.append(("bf16.enabled", "fp16 and bf16 cannot both be enabled: fp16.enabled and bf16.enabled "
+                                             "are both true (DeepSpeed refuses it too); set one to false"))
     if problems:
         raise ConfigError(problems, source)
     return result, notes

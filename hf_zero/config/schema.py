@@ -157,9 +157,11 @@ class OffloadOptimizerConfig:
     buffer_count: int = _f(4, "NVMe: host swap buffers, one sub-group each (at least 2 are used: one "
                            "is read while another is updated and a third written).", min=1)
     fast_init: bool = _f(False, "Accepted for compatibility (initialisation speed only).")
-    ratio: float = _f(1.0, "Fraction of the optimizer state offloaded. Partial offload (< 1) is not "
-                      "implemented: it is an error unless allow_unhonoured_keys, then everything is offloaded "
-                      "(less device memory than asked, slower step).", min=0.0, max=1.0)
+    ratio: float = _f(1.0, "Fraction of this rank's optimizer sub-groups offloaded, as in DeepSpeed: the first "
+                      "int((1 - ratio) * n) of its n sub-groups (by order) keep masters and Adam states on the "
+                      "parameters' device and are updated there; the rest go to offload_optimizer.device. Set "
+                      "sub_group_size so that a rank has several sub-groups (one sub-group is always "
+                      "offloaded). Stages 1-3 (DeepSpeed: stage 3 only). See docs/offload.md.", min=0.0, max=1.0)
     pipeline_read: bool = _f(False, "NVMe: overlap reading the next sub-group with the update. hf_zero always "
                              "does (see docs/offload.md); false is reported as not honoured.")
     pipeline_write: bool = _f(False, "NVMe: overlap writing the previous sub-group with the update. Always on, "

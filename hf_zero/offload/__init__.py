@@ -23,7 +23,9 @@ def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tens
     """The backend for ``zero.offload_optimizer.device``, holding the masters of ``owned_params``
     (per group, per bucket: this rank's 1D chunks). Call ``attach(inner)`` once the inner
     optimizer over ``backend.masters.masters`` exists. ``on_params_done``: see
-    ``OptimizerOffload.on_params_done`` (the in-memory backend has no sub-groups to call it for)."""
+    ``OptimizerOffload.on_params_done`` (the in-memory backend has no sub-groups to call it for).
+    ``offload_optimizer.ratio`` < 1 keeps the first sub-groups on the device ([Note: partial
+    offload] in partial.py); with device 'none' nothing is offloaded and it has no effect."""
     cfg = zero.offload_optimizer
     # 0 is DeepSpeed's "one parameter per sub-group"; the closest here is one chunk's worth.
     sub_group_size = zero.sub_group_size or max((p.numel() for g in owned_params for p in g), default=1)
@@ -31,12 +33,12 @@ def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tens
         from hf_zero.offload.cpu import CpuOffload
 
         return CpuOffload(owned_params, sub_group_size, cfg.pin_memory, force_copy=force_copy,
-                          on_params_done=on_params_done)
+                          on_params_done=on_params_done, ratio=cfg.ratio)
     if cfg.device == "nvme":
         from hf_zero.offload.nvme import NvmeOffload
 
         return NvmeOffload(owned_params, sub_group_size, cfg.nvme_path, cfg.buffer_count, cfg.pin_memory,
-                           rank, force_copy=force_copy, on_params_done=on_params_done)
+                           rank, force_copy=force_copy, on_params_done=on_params_done, ratio=cfg.ratio)
     return NoOffload(owned_params, force_copy=force_copy)
 
 

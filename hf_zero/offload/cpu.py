@@ -24,29 +24,26 @@ class CpuOffload(SubGroupOffload):
     location = "cpu"
 
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, pin_memory: bool,
-                 force_copy: bool = False, on_params_done=None):
-        super().__init__(owned_params, sub_group_size, force_copy, on_params_done)
+                 force_copy: bool = False, on_params_done=None, ratio: float = 1.0):
+        super().__init__(owned_params, sub_group_size, force_copy, on_params_done, ratio)
         self.pin = pin_memory and self.on_accelerator   # CUDA parameters only: a CPU run pins nothing
-        if self.pin and self.masters.keeps_copy:
-            self.masters.masters = [[_pinned(m, True) for m in g] for g in self.masters.masters]
+        if self.pin and self.masters.keeps_copy:   # host copies only: device parts and placeholders stay
+            self.masters.masters = [[_pinned(m, m.device == self.host and m.untyped_storage().nbytes() > 0)
+                                     for m in g] for g in self.masters.masters]
+            for split in self.split.values():
+                split.offloaded["master"] = _pinned(split.offloaded["master"], True)
+            self._chunk_of = {id(m): (gi, ci) for gi, g in enumerate(self.masters.masters) for ci, m in enumerate(g)}
 
     def _new_state(self, master: torch.Tensor) -> torch.Tensor:
         return _pinned(torch.zeros_like(master), self.pin)
 
     def _acquire(self, sub_group: SubGroup) -> SubGroupViews:
-        masters = self.masters.masters
-        views = SubGroupViews([masters[s.group][s.chunk].narrow(0, s.start, s.length) for s in sub_group.slices],
-                              {})
-        for key in self.state_keys:
-            views.states[key] = [self.inner.state[masters[s.group][s.chunk]][key].narrow(0, s.start, s.length)
-                                 for s in sub_group.slices]
-        return views
+        return self._views(sub_group, on_device=False)
 
     def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:
         return self.state_keys   # created (pinned) at attach, fixed by the optimizer: filled in place
 
     def memory_by_location(self) -> dict[str, int]:
-        states = sum(s[key].untyped_storage().nbytes() for s in self.inner.state.values()
-                     for key in self.state_keys if key in s)
-        return {"offload_host": states + sum(t.untyped_storage().nbytes() for t in self.masters.tensors()),
+        kinds = (("master",) if self.masters.keeps_copy else ()) + self.state_keys
+        return {"offload_host": sum(t.untyped_storage().nbytes() for t in self._offloaded_tensors(kinds)),
                 "offload_nvme": 0}

@@ -67,9 +67,11 @@ def adam_update(inner: torch.optim.Optimizer, group: dict, params: list[torch.Te
     beta1, beta2 = group["betas"]
     # The kernels increment the counters they are given; each slice gets its own copy of the
     # master's count so slices of one chunk see the same step.
-    steps = [torch.full((), step - 1, dtype=torch.float32) for _ in params]
+    # On the slices' device: a device sub-group ([Note: partial offload]) runs the device kernel.
+    steps = [torch.full((), step - 1, dtype=torch.float32, device=p.device) for p in params]
     amsgrad = bool(group.get("amsgrad"))
-    grad_scale = None if grad_divisor is None else torch.tensor(grad_divisor, dtype=torch.float32)
+    grad_scale = (None if grad_divisor is None or not params else
+                  torch.tensor(grad_divisor, dtype=torch.float32, device=params[0].device))
     _adam_functional(
         params, grads, states["exp_avg"], states["exp_avg_sq"],
         states["max_exp_avg_sq"] if amsgrad else [], steps, foreach=foreach, fused=fused, grad_scale=grad_scale,

@@ -74,7 +74,8 @@ class GradPass:
 
     def host_grad(self, grad: torch.Tensor, host: torch.device, divided_in_kernel: bool,
                   staging: torch.Tensor | None = None) -> torch.Tensor:
-        """``grad`` (1D slice, any dtype/device) as a host fp32 tensor holding ``grad * c``,
+        """``grad`` (1D slice, any dtype/device) as an fp32 tensor on ``host`` (the parameters'
+        device for a device sub-group, [Note: partial offload]) holding ``grad * c``,
         or ``grad`` alone when the kernel divides by 1/c. ``staging``: a host fp32 tensor of
         ``grad``'s size to copy a non-fp32 or device gradient into (default: a fresh one)."""
         # fp32 host gradients come back as themselves and are scaled in place, as the 'none'
@@ -83,6 +84,6 @@ class GradPass:
             out = staging.copy_(grad)
         else:
             out = grad.to(device=host, dtype=torch.float32)
-        if self.multiply and not divided_in_kernel:
-            out.mul_(self.coefficient)
+        if self.multiply and not divided_in_kernel:   # (a device sub-group's slices: c on their device)
+            out.mul_(self.coefficient if out.device == self.coefficient.device else self.coefficient.to(out.device))
         return out

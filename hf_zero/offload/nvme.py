@@ -56,13 +56,14 @@ class NvmeOffload(SubGroupOffload):
     allocates_masters = False   # a full fp32 copy in memory, even briefly, is what nvme avoids
 
     def __init__(self, owned_params: list[list[torch.Tensor]], sub_group_size: int, nvme_path: Optional[str],
-                 buffer_count: int, pin_memory: bool, rank: int, force_copy: bool = False, on_params_done=None):
-        super().__init__(owned_params, sub_group_size, force_copy, on_params_done)
+                 buffer_count: int, pin_memory: bool, rank: int, force_copy: bool = False, on_params_done=None,
+                 ratio: float = 1.0):
+        super().__init__(owned_params, sub_group_size, force_copy, on_params_done, ratio)
         self.nvme_path, self.rank = nvme_path, rank
         self.num_slots = max(2, buffer_count)
         self.pin = pin_memory and self.on_accelerator   # CUDA parameters only: a CPU run pins nothing
         self.slots: list[_Slot] = []
-        self.files: list[Path] = []
+        self.files: dict[int, Path] = {}   # sub-group index -> its file (offloaded sub-groups only)
         self.swap_dir: Optional[SwapDir] = None
         self.io: Optional[AsyncFileIO] = None
 
@@ -84,16 +85,17 @@ class NvmeOffload(SubGroupOffload):
     # ---- setup --------------------------------------------------------------------------
     def attach(self, inner: torch.optim.Optimizer, update=None) -> None:
         super().attach(inner, update)
-        needed = sum(self._file_bytes(sg) for sg in self.plan)
+        self.offloaded = self.plan[self.num_on_device:]   # [Note: partial offload]: the others have no file
+        needed = sum(self._file_bytes(sg) for sg in self.offloaded)
         root = check_swap_dir(self.nvme_path, needed, KEY)
         self.swap_dir = SwapDir(root, self.rank)
         self.io = AsyncFileIO()
-        self.files = [self.swap_dir.allocate(f"sub_group_{sg.index:05d}.bin", self._file_bytes(sg))
-                      for sg in self.plan]
-        slot_bytes = len(self._kinds()) * self._stride(max_sub_group_numel(self.plan))
+        self.files = {sg.index: self.swap_dir.allocate(f"sub_group_{sg.index:05d}.bin", self._file_bytes(sg))
+                      for sg in self.offloaded}
+        slot_bytes = max(ALIGN, len(self._kinds()) * self._stride(max_sub_group_numel(self.offloaded)))
         self.slots = [_Slot(aligned_buffer(slot_bytes, self.pin)) for _ in range(self.num_slots)]
         self._slices_of: dict[tuple[int, int], list[tuple[SubGroup, Slice]]] = {}
-        for sg in self.plan:   # in plan order: a chunk's slices by increasing start
+        for sg in self.offloaded:   # in plan order: a chunk's slices by increasing start
             for s in sg.slices:
                 self._slices_of.setdefault((s.group, s.chunk), []).append((sg, s))
         # Masters and states were created swapped out: the masters' initial values come from
@@ -107,7 +109,7 @@ class NvmeOffload(SubGroupOffload):
     # ---- setup: every sub-group written once -------------------------------------------
     def _write_initial(self) -> None:
         buffer = self.slots[0].buffer
-        for sg in self.plan:
+        for sg in self.offloaded:
             for k, kind in enumerate(self._kinds()):
                 region = self._region(buffer, sg, k)
                 if kind != "master":
@@ -141,9 +143,9 @@ class NvmeOffload(SubGroupOffload):
         offset = extent.first - extent.aligned[0]
         return slot.buffer.narrow(0, offset, extent.nbytes).view(torch.float32)
 
-    def read_state(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
+    def _read_offloaded(self, kind: str, group: int, chunk: int, start: int, length: int) -> Iterator[torch.Tensor]:
         if kind not in self._kinds():   # fp32 host parameters are their own, resident, masters
-            yield from super().read_state(kind, group, chunk, start, length)
+            yield from super()._read_offloaded(kind, group, chunk, start, length)
             return
         self._check_healthy()
         try:
@@ -171,10 +173,10 @@ class NvmeOffload(SubGroupOffload):
         lo, hi = extent.aligned
         slot.sub_group, slot.read = None, self.io.read(extent.file, slot.buffer, hi - lo, lo)
 
-    def write_state(self, kind: str, group: int, chunk: int, start: int, length: int,
-                    fill: Callable[[int, torch.Tensor], None]) -> None:
+    def _write_offloaded(self, kind: str, group: int, chunk: int, start: int, length: int,
+                         fill: Callable[[int, torch.Tensor], None]) -> None:
         if kind not in self._kinds():
-            return super().write_state(kind, group, chunk, start, length, fill)
+            return super()._write_offloaded(kind, group, chunk, start, length, fill)
         self._check_healthy()
         try:
             self._drain()
@@ -266,7 +268,7 @@ class NvmeOffload(SubGroupOffload):
 
     def memory_by_location(self) -> dict[str, int]:
         return {"offload_host": sum(s.buffer.untyped_storage().nbytes() for s in self.slots),
-                "offload_nvme": sum(self._file_bytes(sg) for sg in self.plan) if self.files else 0}
+                "offload_nvme": sum(self._file_bytes(sg) for sg in self.offloaded) if self.files else 0}
 
     def close(self) -> None:
         try:
@@ -280,4 +282,4 @@ class NvmeOffload(SubGroupOffload):
         if self.swap_dir is not None:
             self.swap_dir.remove()
             self.swap_dir = None
-        self.files = []
+        self.files = {}

@@ -132,6 +132,12 @@ class OptimizerOffload(abc.ABC):
         """Staging / swap buffers (for memory accounting)."""
         return []
 
+    def split_parts(self) -> list[torch.Tensor]:
+        """Optimizer tensors that torch's layout does not show: the two parts of the master chunk
+        that partial offload splits between the device and the offload storage ([Note: partial
+        offload] in partial.py; an NVMe-held part has 0-byte storage)."""
+        return []
+
     def close(self) -> None:
         """Release files and threads (engine.destroy and normal exit)."""
 

@@ -111,4 +111,5 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage.zero_grad()
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [t for s in self.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return ([t for s in self.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+                + self.offload.split_parts())
