@@ -1,0 +1,272 @@
+"""transformers' ``from_pretrained`` building partitioned: routed to ``hf_zero.from_pretrained``
+while partitioned loading is active.
+
+[Note: partitioned from_pretrained]
+DeepSpeed's contract, which scripts are written against: once a ZeRO-3 config object is alive
+(``TrainingArguments(deepspeed=...)`` holds an ``HfDeepSpeedConfig``; accelerate's
+``DeepSpeedPlugin`` holds one when ``zero3_init_flag`` is set), transformers keeps a weak
+reference to it (``integrations/deepspeed.py``: ``set_hf_deepspeed_config``), and every
+``from_pretrained`` while that object lives builds the model inside ``deepspeed.zero.Init``:
+no rank ever holds the whole model. A model loaded *before* the object exists is built whole
+and sharded later by ``deepspeed.initialize``.
+
+hf_zero keeps the same lifetimes with its own switch, and ``is_deepspeed_zero3_enabled()``
+stays False (every other branch behind it imports deepspeed; docs/integrations.md). Partitioned
+loading is active
+- inside ``with hf_zero.zero_init():`` (for the block);
+- while an *owner* registered by :func:`activate_for` is alive: a ``ZeroTrainingArguments``
+  (or, under ``hf-zero launch``, any ``TrainingArguments``) whose hf_zero config is stage 3,
+  and, under ``hf-zero launch`` with accelerate's ``zero3_init_flag``, the ``Accelerator``.
+  Owners are held by weak reference, as transformers holds its ``HfDeepSpeedConfig``;
+  :func:`deactivate` ends it explicitly (transformers' ``unset_hf_deepspeed_config``).
+While active, ``PreTrainedModel.from_pretrained`` (the public classmethod every
+``AutoModel*`` class ends in) is replaced by :func:`_from_pretrained_partitioned`, which builds
+the model with ``hf_zero.from_pretrained`` (meta parameters + a ``PretrainedWeights`` plan that
+``hf_zero.initialize`` reads slice by slice); the original is restored when nothing is active.
+Keyword arguments that only steer downloading are honoured, those that change what is built
+(``dtype``, config overrides, ``ignore_mismatched_sizes``, ``attn_implementation``) are passed
+on, and those that need a whole model on this rank (``device_map``, ``quantization_config``,
+a ``state_dict`` ...) raise an error naming the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+_blocks = 0                                   # open zero_init blocks
+_owners: dict[int, weakref.ref] = {}          # id(owner) -> weak reference
+_original: Any = None                         # PreTrainedModel.__dict__["from_pretrained"] while patched
+
+# Accepted and not needed: where the files come from (hub / cache), or ignored by transformers too.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
+               "trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "_commit_hash",
+               "weights_only", "disable_mmap", "low_cpu_mem_usage", "mirror", "_fast_init", "from_tf",
+               "from_flax", "offload_state_dict", "tqdm_class", "code_revision")
+# Need the whole model (or another loader) on this rank: refused, naming the argument.
+_REFUSED = {
+    "device_map": "hf_zero places each rank's shards itself",
+    "max_memory": "hf_zero places each rank's shards itself",
+    "offload_folder": "use zero_optimization.offload_param",
+    "offload_buffers": "use zero_optimization.offload_param",
+    "quantization_config": "quantized weights are not sharded by hf_zero",
+    "state_dict": "a state_dict in memory is already whole on this rank",
+    "gguf_file": "hf_zero reads safetensors checkpoints",
+    "variant": "hf_zero reads the default model.safetensors[.index.json] names",
+    "key_mapping": "hf_zero applies the model's own conversion mapping only",
+    "tp_plan": "tensor parallelism is not combined with hf_zero sharding",
+    "tp_size": "tensor parallelism is not combined with hf_zero sharding",
+    "distributed_config": "tensor parallelism is not combined with hf_zero sharding",
+    "device_mesh": "tensor parallelism is not combined with hf_zero sharding",
+    "use_kernels": "hub kernels are not applied to a partitioned build",
+    "kernel_config": "hub kernels are not applied to a partitioned build",
+    "fusion_config": "fusion patches are not applied to a partitioned build",
+    "output_loading_info": "the load report is logged by hf_zero instead",
+}
+
+
+def partitioned_loading_active() -> bool:
+    return _blocks > 0 or any(ref() is not None for ref in _owners.values())
+
+
+class _Block:
+    """``zero_init``'s part: active for the block, nested blocks counted."""
+
+    def __enter__(self) -> None:
+        global _blocks
+        _blocks += 1
+        _sync_patch()
+
+    def __exit__(self, *exc: Any) -> None:
+        global _blocks
+        _blocks -= 1
+        _sync_patch()
+
+
+def block() -> _Block:
+    return _Block()
+
+
+def activate_for(owner: Any, reason: str) -> None:
+    """Partitioned loading while ``owner`` lives (see the note)."""
+    if id(owner) in _owners and _owners[id(owner)]() is owner:
+        return
+    key = id(owner)
+    _owners[key] = weakref.ref(owner)
+    weakref.finalize(owner, _forget, key)
+    logger.info("hf_zero: from_pretrained builds models partitioned (stage 3) from now on: %s", reason)
+    _sync_patch()
+
+
+def deactivate() -> None:
+    """End owner-based partitioned loading now (``zero_init`` blocks stay active)."""
+    _owners.clear()
+    _sync_patch()
+
+
+def _forget(key: int) -> None:
+    ref = _owners.get(key)
+    if ref is not None and ref() is None:
+        del _owners[key]
+    _sync_patch()
+
+
+def _sync_patch() -> None:
+    """Install the wrapper while anything is active; restore transformers' own otherwise."""
+    global _original
+    active = partitioned_loading_active()
+    if active == (_original is not None):
+        return
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:   # zero_init without transformers: nothing to route
+        return
+
+    if active:
+        _original = PreTrainedModel.__dict__["from_pretrained"]
+        PreTrainedModel.from_pretrained = classmethod(_from_pretrained_partitioned)
+    else:
+        PreTrainedModel.from_pretrained = _original
+        _original = None
+
+
+def _from_pretrained_partitioned(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    if not partitioned_loading_active() or _original is None:   # an owner died since the patch was read
+        original = _original or _transformers_from_pretrained()
+        return original.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    refused = [name for name in _REFUSED if kwargs.get(name) not in (None, False, {}, "")]
+    if refused:
+        name = refused[0]
+        raise ValueError(f"{cls.__name__}.from_pretrained({name}=...) while hf_zero builds models partitioned "
+                         f"(stage 3): {_REFUSED[name]}. Drop {name}, or load the model before the stage-3 "
+                         f"TrainingArguments / Accelerator exist (outside hf_zero.zero_init) so it is built whole")
+    if model_args:
+        raise ValueError(f"{cls.__name__}.from_pretrained: positional model arguments are not supported while hf_zero "
+                         "builds models partitioned; pass them as keyword arguments")
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError(f"{cls.__name__}.from_pretrained(use_safetensors=False): hf_zero reads safetensors only")
+    if (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path"):
+        raise ValueError(f"{pretrained_model_name_or_path}: a peft adapter directory; under hf_zero stage 3 load the "
+                         "base model with from_pretrained, then apply the adapter with peft")
+    path = local_checkpoint_dir(pretrained_model_name_or_path, kwargs)
+    for name in (*_HUB_KWARGS, "use_safetensors", "adapter_name"):
+        kwargs.pop(name, None)
+    from hf_zero.meta_init import from_pretrained
+
+    model = from_pretrained(path, model_class=cls, **kwargs)
+    model.config.name_or_path = str(pretrained_model_name_or_path)   # as transformers records it
+    logger.info("hf_zero: %s.from_pretrained(%s) built on the meta device; hf_zero.initialize reads each rank's "
+                "slices", cls.__name__, pretrained_model_name_or_path)
+    return model
+
+
+def _transformers_from_pretrained():
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel.__dict__["from_pretrained"]
+
+
+def local_checkpoint_dir(name_or_path: Any, kwargs: dict) -> Path:
+    """The local directory holding the checkpoint: ``name_or_path`` itself (plus ``subfolder``),
+    or the hub snapshot huggingface_hub resolves (from its cache when offline)."""
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path) / subfolder
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors"]
+    root = snapshot_download(str(name_or_path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                             token=kwargs.get("token"), force_download=bool(kwargs.get("force_download")),
+                             local_files_only=bool(kwargs.get("local_files_only")),
+                             allow_patterns=[f"{subfolder}/{p}" if subfolder else p for p in patterns])
+    return Path(root) / subfolder
+
+
+# ---- building the meta model as transformers' from_pretrained would ----------------------------
+def build_meta_model(path: Path, files: list[Path], model_class: Any, kwargs: dict) -> Any:
+    """``model_class`` (a concrete ``PreTrainedModel`` class or an ``AutoModel*`` class) built on
+    the meta device with the config, dtype and generation config transformers' ``from_pretrained``
+    would give it. ``kwargs``: ``config`` (an object or a path), ``dtype`` / ``torch_dtype``,
+    ``attn_implementation``, ``generation_config``, then config overrides; what the config does
+    not take goes to the model's constructor, as in transformers."""
+    from transformers import AutoConfig, PreTrainedConfig
+
+    from hf_zero.meta_init import zero_init
+
+    kwargs = dict(kwargs)
+    config = kwargs.pop("config", None)
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype   # both given: dtype wins, as in transformers
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    generation_config = kwargs.pop("generation_config", None)
+    is_auto = hasattr(model_class, "from_config")   # AutoModel* classes; concrete classes have _from_config
+    if isinstance(config, PreTrainedConfig):
+        config, model_kwargs = copy.deepcopy(config), kwargs
+    else:
+        loader = AutoConfig if is_auto else model_class.config_class
+        config, model_kwargs = loader.from_pretrained(config if config is not None else path,
+                                                      return_unused_kwargs=True, **kwargs)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    config, dtype = _resolve_dtype(dtype, files, path, config)
+    with zero_init():
+        build = model_class.from_config if is_auto else model_class._from_config
+        model = build(config, dtype=dtype, **model_kwargs)
+    if model.can_generate() and hasattr(model, "adjust_generation_fn"):
+        # generation_config.json, read as transformers reads it (it passes the same extra kwargs on)
+        model.adjust_generation_fn(generation_config, False, None, str(path), cache_dir=None, force_download=False,
+                                   proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
+                                   trust_remote_code=None, **kwargs)
+    return model
+
+
+def _resolve_dtype(dtype: Any, files: list[Path], path: Path, config: Any) -> tuple[Any, Any]:
+    """transformers' own dtype rule (``modeling_utils._get_dtype``): default "auto" = the config's
+    ``dtype``, else the checkpoint's first floating tensor's dtype."""
+    import json
+
+    from transformers.modeling_utils import _get_dtype
+
+    index = path / "model.safetensors.index.json"
+    metadata = json.loads(index.read_text()).get("metadata", {}) if index.is_file() else None
+    return _get_dtype("auto" if dtype is None else dtype, [str(f) for f in files], config, metadata, None, True)
+
+
+def guard_unbuilt(model: Any) -> None:
+    """A model built on the meta device is usable only after ``hf_zero.initialize``: its forward
+    and ``resize_token_embeddings`` say so instead of failing on meta tensors."""
+    first = next(model.parameters(), None)
+    if first is None:
+        return
+
+    def before_forward(module: Any, args: Any) -> None:
+        if first.is_meta:
+            raise RuntimeError(f"{type(module).__name__} was built partitioned by hf_zero (its parameters are on the "
+                               "meta device) and has not been sharded yet: pass it to hf_zero.initialize (the Trainer "
+                               "and Accelerator.prepare do), or load it outside hf_zero.zero_init / before the "
+                               "stage-3 TrainingArguments or Accelerator exist to get a whole model")
+
+    model.register_forward_pre_hook(before_forward)
+    resize = model.resize_token_embeddings
+
+    def resize_token_embeddings(new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                                mean_resizing: bool = True) -> Any:
+        current = model.get_input_embeddings().weight.shape[0]
+        wanted = current if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            wanted = -(-wanted // pad_to_multiple_of) * pad_to_multiple_of
+        if first.is_meta and wanted != current:
+            raise RuntimeError(f"resize_token_embeddings({new_num_tokens}) on a model hf_zero built partitioned (meta "
+                               "parameters, weights read at hf_zero.initialize): the new rows would need the old "
+                               "values. Load the model whole (before the stage-3 TrainingArguments / Accelerator, "
+                               "outside hf_zero.zero_init), resize it there, or resize once and save_pretrained the "
+                               "result, then load that directory partitioned")
+        return resize(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    model.resize_token_embeddings = resize_token_embeddings
