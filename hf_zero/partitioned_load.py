@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Optional
@@ -270,3 +271,76 @@ def guard_unbuilt(model: Any) -> None:
         return resize(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     model.resize_token_embeddings = resize_token_embeddings
+    _watch_adapter_loading()
+
+
+# ---- peft adapters loaded onto a meta-built model ------------------------------------------------
+# ``PeftModel.from_pretrained(model, adapter)`` / ``load_adapter`` copy the adapter's tensors into
+# the new LoRA parameters with ``load_state_dict``; on meta parameters that copy is a no-op (torch
+# only warns), and initialize would then start the adapter from its initialisation. While the base
+# model is meta-built, the state dict peft hands to ``load_state_dict`` (already in the model's
+# parameter names) is kept in the model's weight plan, from which initialize reads it.
+_ADAPTER_KEY = "\0hf_zero adapter:"
+
+
+class AdapterValues:
+    """A ``PretrainedWeights`` plan plus adapter tensors held in memory (adapters are small)."""
+
+    def __init__(self, plan: Any, values: dict):
+        self.plan, self.values = plan, values
+
+    def key_for(self, name: str) -> Optional[str]:
+        return _ADAPTER_KEY + name if name in self.values else self.plan.key_for(name)
+
+    def read_into(self, key: str, start: int, out: Any) -> None:
+        if not key.startswith(_ADAPTER_KEY):
+            return self.plan.read_into(key, start, out)
+        out.copy_(self.values[key[len(_ADAPTER_KEY):]].reshape(-1).narrow(0, start, out.numel()))
+
+    def __getattr__(self, name: str) -> Any:   # the plan's report, counters, close()
+        return getattr(self.__dict__["plan"], name)
+
+    def __deepcopy__(self, memo: dict) -> "AdapterValues":
+        return self
+
+
+def _watch_adapter_loading() -> None:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return
+    original = PeftModel.load_adapter
+    if getattr(original, "_hf_zero_patched", False):
+        return
+
+    def load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        from hf_zero.meta_init import has_meta_parameters
+
+        plan = getattr(self, "_hf_zero_weights", None)
+        if plan is None or not has_meta_parameters(self):
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        loaded: dict = {}
+
+        def load_state_dict(state_dict: dict, *a: Any, **kw: Any) -> Any:
+            loaded.update(state_dict)
+            with warnings.catch_warnings():   # torch's "copying ... to a meta parameter is a no-op": handled here
+                warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
+                return type(self).load_state_dict(self, state_dict, *a, **kw)
+
+        self.load_state_dict = load_state_dict   # this call only (peft calls it on this model)
+        try:
+            result = original(self, model_id, adapter_name, *args, **kwargs)
+        finally:
+            del self.load_state_dict
+        params = dict(self.named_parameters())
+        values = {name: value.detach() for name, value in loaded.items() if name in params and params[name].is_meta}
+        if isinstance(plan, AdapterValues):
+            plan.values.update(values)
+        else:
+            self.get_base_model()._hf_zero_weights = AdapterValues(plan, values)
+        logger.info("hf_zero: adapter %s from %s: %d tensors kept for hf_zero.initialize", adapter_name, model_id,
+                    len(values))
+        return result
+
+    load_adapter._hf_zero_patched = True
+    PeftModel.load_adapter = load_adapter

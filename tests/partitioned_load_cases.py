@@ -66,6 +66,17 @@ def zero_init_logits(dirs: dict[str, str]) -> dict:
         engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1, **STAGE3})
         out[name] = (meta, (_logits(model, x) - reference).abs().max().item())
         engine.destroy()
+    # a trained peft adapter loaded onto the meta-built model: its values, not a fresh init
+    from peft import PeftModel
+
+    reference = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dirs["gpt2"]),
+                                                  dirs["adapter"]), x)
+    with hf_zero.zero_init():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dirs["gpt2"]), dirs["adapter"],
+                                          is_trainable=True)
+    engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1, **STAGE3})
+    out["adapter"] = (True, (_logits(model, x) - reference).abs().max().item())
+    engine.destroy()
     return out
 
 

@@ -28,9 +28,13 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("partitioned")
     tiny_gpt2().save_pretrained(root / "gpt2")
     tiny_llama().save_pretrained(root / "llama_sharded", max_shard_size="20KB")
+    from peft import LoraConfig, get_peft_model   # an adapter as training leaves it (lora_B not zero)
+
+    get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                           init_lora_weights=False)).save_pretrained(root / "adapter")
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config()).save_pretrained(root / "llama113m", max_shard_size="200MB")
-    return {name: str(root / name) for name in ("gpt2", "llama_sharded", "llama113m")}
+    return {name: str(root / name) for name in ("gpt2", "llama_sharded", "llama113m", "adapter")}
 
 
 @pytest.fixture(scope="module")
