@@ -45,11 +45,15 @@ _blocks = 0                                   # open zero_init blocks
 _owners: dict[int, weakref.ref] = {}          # id(owner) -> weak reference
 _original: Any = None                         # PreTrainedModel.__dict__["from_pretrained"] while patched
 
-# Accepted and not needed: where the files come from (hub / cache), or ignored by transformers too.
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
-               "trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "_commit_hash",
-               "weights_only", "disable_mmap", "low_cpu_mem_usage", "mirror", "_fast_init", "from_tf",
-               "from_flax", "offload_state_dict", "tqdm_class", "code_revision")
+# Accepted, not passed on: where the files come from (hub / cache, used by local_checkpoint_dir),
+# how transformers reads them, or ignored by transformers too.
+_IGNORED = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
+            "trust_remote_code", "adapter_kwargs", "adapter_name", "_from_auto", "_from_pipeline", "_commit_hash",
+            "weights_only", "disable_mmap", "low_cpu_mem_usage", "mirror", "_fast_init", "from_tf", "from_flax",
+            "offload_state_dict", "tqdm_class", "code_revision", "use_safetensors", "allow_all_kernels")
+# Passed on to hf_zero.from_pretrained (build_meta_model); other keywords are config overrides.
+_PASSED_ON = ("config", "dtype", "torch_dtype", "attn_implementation", "experts_implementation",
+              "generation_config", "ignore_mismatched_sizes")
 # Need the whole model (or another loader) on this rank: refused, naming the argument.
 _REFUSED = {
     "device_map": "hf_zero places each rank's shards itself",
@@ -156,7 +160,7 @@ def _from_pretrained_partitioned(cls, pretrained_model_name_or_path, *model_args
         raise ValueError(f"{pretrained_model_name_or_path}: a peft adapter directory; under hf_zero stage 3 load the "
                          "base model with from_pretrained, then apply the adapter with peft")
     path = local_checkpoint_dir(pretrained_model_name_or_path, kwargs)
-    for name in (*_HUB_KWARGS, "use_safetensors", "adapter_name"):
+    for name in _IGNORED:
         kwargs.pop(name, None)
     from hf_zero.meta_init import from_pretrained
 
@@ -204,7 +208,8 @@ def build_meta_model(path: Path, files: list[Path], model_class: Any, kwargs: di
     config = kwargs.pop("config", None)
     dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
     dtype = dtype if dtype is not None else torch_dtype   # both given: dtype wins, as in transformers
-    attn_implementation = kwargs.pop("attn_implementation", None)
+    implementations = {name: kwargs.pop(name) for name in ("attn_implementation", "experts_implementation")
+                       if kwargs.get(name) is not None}
     generation_config = kwargs.pop("generation_config", None)
     is_auto = hasattr(model_class, "from_config")   # AutoModel* classes; concrete classes have _from_config
     if isinstance(config, PreTrainedConfig):
@@ -213,8 +218,8 @@ def build_meta_model(path: Path, files: list[Path], model_class: Any, kwargs: di
         loader = AutoConfig if is_auto else model_class.config_class
         config, model_kwargs = loader.from_pretrained(config if config is not None else path,
                                                       return_unused_kwargs=True, **kwargs)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
+    for name, value in implementations.items():   # set on the config, as transformers does
+        setattr(config, f"_{name}", value)
     config, dtype = _resolve_dtype(dtype, files, path, config)
     with zero_init():
         build = model_class.from_config if is_auto else model_class._from_config
