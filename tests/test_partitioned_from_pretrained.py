@@ -161,3 +161,23 @@ def test_meta_built_model_before_initialize(dirs):
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     assert peft_model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight.is_meta
+
+
+def test_hub_model_id_resolves_to_the_cached_snapshot(dirs, tmp_path, monkeypatch):
+    """What scripts pass: a hub id. Offline, huggingface_hub resolves it from its cache (laid out
+    here by hand: refs/main -> snapshots/<commit>), for transformers and for hf_zero alike."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--tiny--gpt2"
+    commit = "0" * 40
+    shutil.copytree(dirs["gpt2"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    whole = AutoModelForCausalLM.from_pretrained("tiny/gpt2", cache_dir=str(tmp_path))
+    with hf_zero.zero_init():
+        model = AutoModelForCausalLM.from_pretrained("tiny/gpt2", cache_dir=str(tmp_path))
+    assert model._hf_zero_weights.path == repo / "snapshots" / commit
+    assert model.config.name_or_path == whole.config.name_or_path == "tiny/gpt2"
