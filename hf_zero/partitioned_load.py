@@ -34,10 +34,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import types
 import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +224,8 @@ def build_meta_model(path: Path, files: list[Path], model_class: Any, kwargs: di
     for name, value in implementations.items():   # set on the config, as transformers does
         setattr(config, f"_{name}", value)
     config, dtype = _resolve_dtype(dtype, files, path, config)
-    with zero_init():
+    # inside a zero_init block its seed stays (initialisation of missing parameters); else a fresh block
+    with torch.device("meta") if _blocks else zero_init():
         build = model_class.from_config if is_auto else model_class._from_config
         model = build(config, dtype=dtype, **model_kwargs)
     if model.can_generate() and hasattr(model, "adjust_generation_fn"):
@@ -246,37 +250,40 @@ def _resolve_dtype(dtype: Any, files: list[Path], path: Path, config: Any) -> tu
 
 def guard_unbuilt(model: Any) -> None:
     """A model built on the meta device is usable only after ``hf_zero.initialize``: its forward
-    and ``resize_token_embeddings`` say so instead of failing on meta tensors."""
-    first = next(model.parameters(), None)
-    if first is None:
-        return
-
-    def before_forward(module: Any, args: Any) -> None:
-        if first.is_meta:
-            raise RuntimeError(f"{type(module).__name__} was built partitioned by hf_zero (its parameters are on the "
-                               "meta device) and has not been sharded yet: pass it to hf_zero.initialize (the Trainer "
-                               "and Accelerator.prepare do), or load it outside hf_zero.zero_init / before the "
-                               "stage-3 TrainingArguments or Accelerator exist to get a whole model")
-
-    model.register_forward_pre_hook(before_forward)
-    resize = model.resize_token_embeddings
-
-    def resize_token_embeddings(new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
-                                mean_resizing: bool = True) -> Any:
-        current = model.get_input_embeddings().weight.shape[0]
-        wanted = current if new_num_tokens is None else new_num_tokens
-        if pad_to_multiple_of is not None:
-            wanted = -(-wanted // pad_to_multiple_of) * pad_to_multiple_of
-        if first.is_meta and wanted != current:
-            raise RuntimeError(f"resize_token_embeddings({new_num_tokens}) on a model hf_zero built partitioned (meta "
-                               "parameters, weights read at hf_zero.initialize): the new rows would need the old "
-                               "values. Load the model whole (before the stage-3 TrainingArguments / Accelerator, "
-                               "outside hf_zero.zero_init), resize it there, or resize once and save_pretrained the "
-                               "result, then load that directory partitioned")
-        return resize(new_num_tokens, pad_to_multiple_of, mean_resizing)
-
-    model.resize_token_embeddings = resize_token_embeddings
+    and ``resize_token_embeddings`` say so instead of failing on meta tensors. (Module-level
+    functions, bound per instance: a deep copy rebinds to the copy, pickling keeps working.)"""
+    model.register_forward_pre_hook(_refuse_unsharded_forward)
+    model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
     _watch_adapter_loading()
+
+
+def _built_on_meta(model: Any) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and first.is_meta
+
+
+def _refuse_unsharded_forward(module: Any, args: Any) -> None:
+    if _built_on_meta(module):
+        raise RuntimeError(f"{type(module).__name__} was built partitioned by hf_zero (its parameters are on the meta "
+                           "device) and has not been sharded yet: pass it to hf_zero.initialize (the Trainer and "
+                           "Accelerator.prepare do), or load it outside hf_zero.zero_init / before the stage-3 "
+                           "TrainingArguments or Accelerator exist to get a whole model")
+
+
+def resize_token_embeddings(self: Any, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                            mean_resizing: bool = True) -> Any:
+    """transformers' ``resize_token_embeddings``, refused on a meta-built model when the size changes."""
+    current = self.get_input_embeddings().weight.shape[0]
+    wanted = current if new_num_tokens is None else new_num_tokens
+    if pad_to_multiple_of is not None:
+        wanted = -(-wanted // pad_to_multiple_of) * pad_to_multiple_of
+    if _built_on_meta(self) and wanted != current:
+        raise RuntimeError(f"resize_token_embeddings({new_num_tokens}) on a model hf_zero built partitioned (meta "
+                           "parameters, weights read at hf_zero.initialize): the new rows would need the old values. "
+                           "Load the model whole (before the stage-3 TrainingArguments / Accelerator, outside "
+                           "hf_zero.zero_init), resize it there, or resize once and save_pretrained the result, then "
+                           "load that directory partitioned")
+    return type(self).resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
 
 
 # ---- peft adapters loaded onto a meta-built model ------------------------------------------------

@@ -181,3 +181,18 @@ def test_hub_model_id_resolves_to_the_cached_snapshot(dirs, tmp_path, monkeypatc
         model = AutoModelForCausalLM.from_pretrained("tiny/gpt2", cache_dir=str(tmp_path))
     assert model._hf_zero_weights.path == repo / "snapshots" / commit
     assert model.config.name_or_path == whole.config.name_or_path == "tiny/gpt2"
+
+
+def test_zero_init_seed_initialises_the_parameters_the_checkpoint_lacks(dirs):
+    from transformers import AutoModelForSequenceClassification
+
+    def score_head(seed: int) -> torch.Tensor:
+        with hf_zero.zero_init(seed=seed):
+            model = AutoModelForSequenceClassification.from_pretrained(dirs["gpt2"], num_labels=3)
+        engine = hf_zero.initialize(model, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+        weight = model.score.weight.detach().clone()
+        engine.destroy()
+        return weight
+
+    first = score_head(5)
+    assert torch.equal(first, score_head(5)) and not torch.equal(first, score_head(6))
