@@ -154,6 +154,9 @@ def _from_pretrained_partitioned(cls, pretrained_model_name_or_path, *model_args
         raise ValueError(f"{cls.__name__}.from_pretrained({name}=...) while hf_zero builds models partitioned "
                          f"(stage 3): {_REFUSED[name]}. Drop {name}, or load the model before the stage-3 "
                          f"TrainingArguments / Accelerator exist (outside hf_zero.zero_init) so it is built whole")
+    if pretrained_model_name_or_path is None:
+        raise ValueError(f"{cls.__name__}.from_pretrained(None, ...) while hf_zero builds models partitioned: give the "
+                         "checkpoint directory or hub id (hf_zero reads each rank's slices from its files)")
     if model_args:
         raise ValueError(f"{cls.__name__}.from_pretrained: positional model arguments are not supported while hf_zero "
                          "builds models partitioned; pass them as keyword arguments")
@@ -188,7 +191,9 @@ def local_checkpoint_dir(name_or_path: Any, kwargs: dict) -> Path:
         return Path(name_or_path) / subfolder
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors"]
+    # what transformers reads for a safetensors model (not e.g. a repo's extra consolidated.safetensors)
+    patterns = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*-of-*.safetensors"]
     root = snapshot_download(str(name_or_path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
                              token=kwargs.get("token"), force_download=bool(kwargs.get("force_download")),
                              local_files_only=bool(kwargs.get("local_files_only")),
