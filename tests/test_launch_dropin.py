@@ -116,6 +116,8 @@ def test_zero3_init_flag_reaches_the_ranks_as_accelerate_passes_it(tmp_path):
     Accelerator exists, tests/test_partitioned_from_pretrained.py); false or absent: nothing."""
     path, data = _yaml(tmp_path, {"zero_stage": 3, "zero3_init_flag": True})
     assert split_accelerate_yaml(path, data)[2] == {"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}
+    _, env = launch_module.build_command(str(path), 2, "t.py", [], str(tmp_path))   # every rank's environment
+    assert env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
     for flag in ({"zero3_init_flag": False}, {}):
         path, data = _yaml(tmp_path, {"zero_stage": 3, **flag})
         assert split_accelerate_yaml(path, data)[2] == {}
