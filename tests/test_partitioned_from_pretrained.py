@@ -97,6 +97,7 @@ def test_patch_lives_only_while_active(dirs):
 
 def test_stage3_training_arguments_switch_it_on_for_their_lifetime(tmp_path):
     from transformers import PreTrainedModel
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from hf_zero.partitioned_load import partitioned_loading_active
 
@@ -106,6 +107,7 @@ def test_stage3_training_arguments_switch_it_on_for_their_lifetime(tmp_path):
     assert not partitioned_loading_active()   # stage 2 holds whole parameters: DeepSpeed builds whole too
     args = hf_zero.ZeroTrainingArguments(hf_zero={"zero_optimization": {"stage": 3}}, **common)
     assert partitioned_loading_active()
+    assert not is_deepspeed_zero3_enabled()   # its other branches would import deepspeed (docs/integrations.md)
     del args
     gc.collect()
     assert not partitioned_loading_active() and PreTrainedModel.__dict__["from_pretrained"] is original
