@@ -56,7 +56,7 @@ _IGNORED = ("cache_dir", "force_download", "local_files_only", "token", "revisio
             "offload_state_dict", "tqdm_class", "code_revision", "use_safetensors", "allow_all_kernels")
 # Passed on to hf_zero.from_pretrained (build_meta_model); other keywords are config overrides.
 _PASSED_ON = ("config", "dtype", "torch_dtype", "attn_implementation", "experts_implementation",
-              "generation_config", "ignore_mismatched_sizes")
+              "generation_config", "ignore_mismatched_sizes", "output_loading_info")
 # Need the whole model (or another loader) on this rank: refused, naming the argument.
 _REFUSED = {
     "device_map": "hf_zero places each rank's shards itself",
@@ -75,7 +75,6 @@ _REFUSED = {
     "use_kernels": "hub kernels are not applied to a partitioned build",
     "kernel_config": "hub kernels are not applied to a partitioned build",
     "fusion_config": "fusion patches are not applied to a partitioned build",
-    "output_loading_info": "the load report is logged by hf_zero instead",
 }
 
 
@@ -168,13 +167,15 @@ def _from_pretrained_partitioned(cls, pretrained_model_name_or_path, *model_args
     path = local_checkpoint_dir(pretrained_model_name_or_path, kwargs)
     for name in _IGNORED:
         kwargs.pop(name, None)
+    loading_info = kwargs.pop("output_loading_info", False)
     from hf_zero.meta_init import from_pretrained
 
     model = from_pretrained(path, model_class=cls, **kwargs)
     model.config.name_or_path = str(pretrained_model_name_or_path)   # as transformers records it
     logger.info("hf_zero: %s.from_pretrained(%s) built on the meta device; hf_zero.initialize reads each rank's "
                 "slices", cls.__name__, pretrained_model_name_or_path)
-    return model
+    # the plan's report is transformers' own LoadStateDictInfo: the same dict transformers returns
+    return (model, model._hf_zero_weights.report.to_dict()) if loading_info else model
 
 
 def _transformers_from_pretrained():

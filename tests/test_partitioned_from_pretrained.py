@@ -143,9 +143,13 @@ def test_other_heads_report_their_new_parameters(dirs, caplog):
     from transformers import AutoModelForSequenceClassification
 
     with hf_zero.zero_init(), caplog.at_level(logging.WARNING):
-        model = AutoModelForSequenceClassification.from_pretrained(dirs["gpt2"], num_labels=3)
+        model, info = AutoModelForSequenceClassification.from_pretrained(dirs["gpt2"], num_labels=3,
+                                                                         output_loading_info=True)
     assert model.config.num_labels == 3 and model.score.weight.is_meta
     assert any("score.weight" in r.getMessage() and "MISSING" in r.getMessage() for r in caplog.records)
+    _, expected = AutoModelForSequenceClassification.from_pretrained(dirs["gpt2"], num_labels=3,
+                                                                     output_loading_info=True)
+    assert info == expected and "score.weight" in info["missing_keys"]
 
 
 def test_meta_built_model_before_initialize(dirs):
