@@ -52,11 +52,15 @@ def zero_init(seed: Optional[int] = None) -> Iterator[None]:
     """Build models on the meta device; ``hf_zero.initialize`` materialises them shard by shard.
 
     ``seed``: the initialisation seed (default: this process's ``torch.initial_seed()``);
-    rank 0's value is used on every rank.
+    rank 0's value is used on every rank. Inside the block transformers' ``from_pretrained``
+    (any ``PreTrainedModel`` / ``AutoModel*`` class) builds as :func:`from_pretrained` does:
+    meta parameters plus the plan of its weights (partitioned_load.py).
     """
     global _pending_seed
+    from hf_zero.partitioned_load import block
+
     _pending_seed = torch.initial_seed() if seed is None else int(seed)
-    with torch.device("meta"):
+    with torch.device("meta"), block():
         yield
 
 
@@ -71,26 +75,32 @@ def pending_seed() -> int:
 
 @rank_local_call("hf_zero.from_pretrained")   # every rank calls it; one rank's failure is every rank's error
 def from_pretrained(path: str | Path, model_class=None, ignore_mismatched_sizes: bool = False,
-                    **config_kwargs) -> nn.Module:
+                    **kwargs) -> nn.Module:
     """A model whose weights ``initialize`` reads slice by slice from ``path`` (HF safetensors).
 
     The checkpoint is mapped onto the model by transformers' own loading rules (see
     pretrained_weights.py): renamed and converted keys, ``base_model_prefix``, tied weights;
     missing and unexpected keys are logged by name, a shape mismatch raises unless
     ``ignore_mismatched_sizes`` (then the parameter keeps its initialisation).
+    ``model_class``: an ``AutoModel*`` class (default ``AutoModelForCausalLM``) or a concrete
+    ``PreTrainedModel`` class. ``kwargs`` as transformers' ``from_pretrained`` takes them:
+    ``config``, ``dtype`` / ``torch_dtype`` (default "auto": the checkpoint's),
+    ``attn_implementation``, ``generation_config``, config overrides
+    (partitioned_load.build_meta_model).
+
     With a process group, every rank calls it (as ``initialize``): a failure on some ranks
     (a directory, file or header that one rank cannot read) is then every rank's error."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from hf_zero.partitioned_load import build_meta_model, guard_unbuilt
     from hf_zero.pretrained_weights import PretrainedWeights, checkpoint_files
 
     path = Path(path)
-    checkpoint_files(path)   # a directory without weights fails before any model is built
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
-    with zero_init():
-        model = (model_class or AutoModelForCausalLM).from_config(config)
+    files = checkpoint_files(path)   # a directory without weights fails before any model is built
+    model = build_meta_model(path, files, model_class or AutoModelForCausalLM, kwargs)
     model._hf_zero_weights = PretrainedWeights(path, model, ignore_mismatched_sizes)
     model.eval()   # as transformers' from_pretrained leaves it (dropout off until .train())
+    guard_unbuilt(model)
     return model
 
 

@@ -130,6 +130,16 @@ def trainer_runs(work) -> dict:
     runs["z3"] = ok(launch("trainer --deepspeed inline JSON, stage 3", [
         BIN / "hf-zero", "launch", "--nproc", "2", script, "--output_dir", runs[3], f"--deepspeed={inline}",
         *TRAINER_ARGS]))
+    # stage 3, the model loaded with from_pretrained after the TrainingArguments: built
+    # partitioned (meta, each rank reading its slices); the DDP run built the same weights.
+    sys.path.insert(0, str(SCRIPTS))
+    from stock_trainer import build_model
+
+    build_model(lora=False).save_pretrained(work / "pretrained")
+    runs["pretrained"] = work / "trainer_z3_pretrained"
+    runs["z3_pretrained"] = ok(launch("trainer --deepspeed stage 3, from_pretrained after the arguments", [
+        BIN / "hf-zero", "launch", "--nproc", "2", script, "--output_dir", runs["pretrained"], f"--deepspeed={inline}",
+        "--pretrained", work / "pretrained", *TRAINER_ARGS]))
     return runs
 
 
@@ -145,6 +155,19 @@ def test_stock_trainer_with_deepspeed_flag_matches_ddp(trainer_runs, stage):
     for step in range(1, 7):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
     assert_zero_ran(trainer_runs[f"z{stage}"], stage)
+
+
+def test_stock_trainer_loading_pretrained_after_its_arguments_builds_partitioned(trainer_runs):
+    """Issue 14: DeepSpeed's zero.Init contract under hf_zero (docs/integrations.md,
+    partitioned loading): the model never exists whole on a rank, the losses are DDP's."""
+    results = json.loads((trainer_runs["pretrained"] / "results.json").read_text())
+    assert results["built_on_meta"] and not json.loads((trainer_runs["ddp"] / "results.json").read_text())[
+        "built_on_meta"]
+    expected, got = trainer_losses(trainer_runs["ddp"]), trainer_losses(trainer_runs["pretrained"])
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    assert_zero_ran(trainer_runs["z3_pretrained"], 3)
 
 
 # ---- items 2, 4, 5: an unmodified accelerate loop -----------------------------------------------

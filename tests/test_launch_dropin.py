@@ -111,10 +111,16 @@ def test_accelerate_deepspeed_yaml_refusals(tmp_path, deepspeed_config, top, mes
         split_accelerate_yaml(path, data)
 
 
-def test_zero3_init_flag_is_reported(tmp_path):
+def test_zero3_init_flag_reaches_the_ranks_as_accelerate_passes_it(tmp_path):
+    """true: accelerate's own variable for the ranks (partitioned from_pretrained after the
+    Accelerator exists, tests/test_partitioned_from_pretrained.py); false or absent: nothing."""
     path, data = _yaml(tmp_path, {"zero_stage": 3, "zero3_init_flag": True})
-    with pytest.warns(UserWarning, match="zero3_init_flag is not applied"):
-        split_accelerate_yaml(path, data)
+    assert split_accelerate_yaml(path, data)[2] == {"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}
+    _, env = launch_module.build_command(str(path), 2, "t.py", [], str(tmp_path))   # every rank's environment
+    assert env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
+    for flag in ({"zero3_init_flag": False}, {}):
+        path, data = _yaml(tmp_path, {"zero_stage": 3, **flag})
+        assert split_accelerate_yaml(path, data)[2] == {}
 
 
 def test_json_config_sets_up_multi_process_cpu(tmp_path, monkeypatch):

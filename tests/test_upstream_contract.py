@@ -54,6 +54,17 @@ EXACT = {
         ["self", "target_key", "source_key", "source_pattern", "future"],
     "transformers.core_model_loading:WeightTransform.was_used": ["self"],
     "peft.tuners.lora:LoraLayer.reset_lora_parameters": ["self", "adapter_name", "init_lora_weights"],
+    # partitioned_load.py: overridden, wrapped or called positionally
+    "transformers:Trainer._move_model_to_device": ["self", "model", "device"],
+    "transformers:PreTrainedModel.resize_token_embeddings":
+        ["self", "new_num_tokens", "pad_to_multiple_of", "mean_resizing"],
+    "transformers.modeling_utils:_get_dtype":
+        ["dtype", "checkpoint_files", "config", "sharded_metadata", "state_dict", "weights_only", "hf_quantizer"],
+    "transformers:GenerationMixin.adjust_generation_fn":
+        ["self", "generation_config", "from_auto_class", "from_pipeline", "pretrained_model_name_or_path",
+         "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder",
+         "trust_remote_code", "kwargs"],
+    "transformers:TrainingArguments.__post_init__": ["self"],
 }
 
 # Functions hf_zero calls (by keyword where it can): these parameters must be among theirs.
@@ -74,6 +85,8 @@ AT_LEAST = {
     "transformers.core_model_loading:WeightRenaming": ["source_patterns", "target_patterns"],
     "transformers.core_model_loading:MergeModulelist": ["dim"],
     "transformers.core_model_loading:Concatenate": ["dim"],
+    "transformers:PreTrainedModel.from_pretrained": ["pretrained_model_name_or_path", "model_args", "config"],
+    "peft:PeftModel.load_adapter": ["model_id", "adapter_name"],
 }
 
 # Builtins (no Python signature): they must exist and be callable.
@@ -145,3 +158,29 @@ def test_accelerate_hook_call_shapes():
     # hf_zero's save hook takes (models, weights, output_dir), its load hook (models, input_dir).
     source = inspect.getsource(importlib.import_module("accelerate.accelerator"))
     assert "hook(self._models, weights, output_dir)" in source and "hook(models, input_dir)" in source
+
+
+def test_from_pretrained_keywords_are_all_known_to_partitioned_loading():
+    """partitioned_load.py sorts every keyword transformers' from_pretrained takes into honoured,
+    passed on or refused; a new one in an upgrade must be sorted too (else it would reach the
+    config as an override, silently)."""
+    import re
+
+    from transformers import PreTrainedModel
+
+    from hf_zero import partitioned_load
+
+    source = inspect.getsource(PreTrainedModel.from_pretrained)
+    taken = set(re.findall(r'kwargs\.pop\("(\w+)"', source))
+    dropped = re.search(r"for name in \[([^\]]*)\]", source)   # the list of keywords it ignores
+    taken |= set(re.findall(r'"(\w+)"', dropped.group(1))) if dropped else set()
+    taken |= {p for p in _params(PreTrainedModel.from_pretrained)
+              if p not in ("cls", "pretrained_model_name_or_path", "model_args", "kwargs")}
+    known = set(partitioned_load._IGNORED) | set(partitioned_load._REFUSED) | set(partitioned_load._PASSED_ON)
+    assert "device_map" in taken and "dtype" in taken
+    assert taken <= known, f"from_pretrained keywords unknown to partitioned_load.py: {sorted(taken - known)}"
+
+def test_peft_loads_adapters_through_the_models_load_state_dict():
+    # partitioned_load.py captures the adapter state dict at model.load_state_dict
+    source = inspect.getsource(importlib.import_module("peft.utils.save_and_load"))
+    assert "model.load_state_dict(peft_model_state_dict" in source

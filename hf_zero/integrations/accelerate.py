@@ -35,8 +35,9 @@ from typing import Any, Optional, Union
 import torch
 
 from hf_zero.integrations.auto_values import derived_from_hidden_size, hidden_size_of, resolve_auto
-from hf_zero.integrations.common import (config_spec, current_grad_norm, install_step_hooks, mark_prepared,
-                                         scale_backward, time_forward_and_backward)
+from hf_zero.integrations.common import (build_partitioned_while, config_spec, current_grad_norm,
+                                         install_step_hooks, mark_prepared, scale_backward, time_forward_and_backward,
+                                         zero3_init_requested)
 
 CHECKPOINT_SUBDIR = "hf_zero"
 _OPTIMIZER_MARKER = "hf_zero: optimizer state is in the hf_zero/ checkpoint beside this file"
@@ -222,6 +223,22 @@ def install_prepare_patch() -> None:
     prepare._hf_zero_patched = True
     prepare.__doc__ = original.__doc__
     Accelerator.prepare = prepare
+    _build_partitioned_after_accelerator(Accelerator)
+
+
+def _build_partitioned_after_accelerator(accelerator_class: type) -> None:
+    """accelerate's ``zero3_init_flag`` (``ACCELERATE_DEEPSPEED_ZERO3_INIT``): with a stage-3
+    config, ``from_pretrained`` builds models partitioned while the ``Accelerator`` lives, as
+    its DeepSpeed plugin's ``HfDeepSpeedConfig`` makes transformers do (partitioned_load.py)."""
+    original = accelerator_class.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if zero3_init_requested():
+            build_partitioned_while(self, config_spec(None), "Accelerator(zero3_init_flag)")
+
+    __init__.__doc__ = original.__doc__
+    accelerator_class.__init__ = __init__
 
 
 def _shard_in_prepare(accelerator: Any, args: tuple) -> tuple:

@@ -15,8 +15,11 @@ its ``DeepSpeedPlugin`` reads (``accelerate/utils/launch.py``, ``utils/dataclass
   ``Accelerator._prepare_deepspeed`` fills in.
 - ``deepspeed_config_file``: that JSON is the config (the keys above must then be absent,
   as accelerate requires); absent ``gradient_accumulation_steps`` there is ``"auto"``.
-- ``zero3_init_flag`` (not applied: the model is sharded at ``prepare``) and
-  ``deepspeed_moe_layer_cls_names``: one warning each.
+- ``zero3_init_flag: true``: ``ACCELERATE_DEEPSPEED_ZERO3_INIT=true``, as accelerate's launcher
+  sets it; at stage 3, models loaded after the ``Accelerator`` is created are built
+  partitioned (partitioned_load.py). Absent means off (accelerate turns it on by default at
+  stage 3; hf_zero keeps the model-built-whole path unless asked).
+- ``deepspeed_moe_layer_cls_names``: one warning.
 - ``num_machines > 1`` (with ``machine_rank``, ``main_process_ip``, ``main_process_port``) is
   handed to accelerate's torchrun launcher: ``hf-zero launch`` runs on every node, as
   ``accelerate launch`` with ``deepspeed_multinode_launcher: standard`` does; the pdsh-style
@@ -37,6 +40,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Any, Optional
+
+from hf_zero.integrations.common import ZERO3_INIT_ENV
 
 SECTION = "hf-zero"
 ACCELERATE_KEYS = ("distributed_type", "compute_environment")
@@ -102,9 +107,8 @@ def translate_deepspeed_yaml(path: Path, data: dict) -> tuple[dict, dict, dict]:
         config = _config_from_file(path, str(file))
     else:
         config = _config_from_keys(ds)
-    if ds.get("zero3_init_flag") in (True, "true") and config["zero_optimization"].get("stage") == 3:
-        warnings.warn(f"{path}: deepspeed_config.zero3_init_flag is not applied: hf_zero builds the model whole and "
-                      f"shards it in Accelerator.prepare (hf_zero.zero_init builds it sharded, in code)", stacklevel=2)
+    if str(ds.get("zero3_init_flag", "")).lower() == "true":
+        env[ZERO3_INIT_ENV] = "true"   # as accelerate's launcher passes it; applied at stage 3 (common.py)
     if ds.get("deepspeed_moe_layer_cls_names"):
         warnings.warn(f"{path}: deepspeed_config.deepspeed_moe_layer_cls_names is ignored (hf_zero gathers per "
                       f"module as usual)", stacklevel=2)

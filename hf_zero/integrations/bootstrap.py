@@ -15,6 +15,10 @@ the deepspeed package to honour it); ``HF_ZERO_CONFIG`` is then set for the patc
   ``HfZeroTrainerMixin`` in their bases (see docs/integrations.md).
 - ``accelerate.Accelerator.prepare`` shards the model it is given with its optimizer
   (accelerate.py's ``install_prepare_patch``).
+- With a stage-3 config, ``from_pretrained`` builds models partitioned (meta parameters, each
+  rank reading its slices at sharding) once the script's ``TrainingArguments`` exist, and,
+  with accelerate's ``zero3_init_flag``, once its ``Accelerator`` exists: DeepSpeed's
+  ``zero.Init`` contract (partitioned_load.py).
 - guard.py checks that some model really was sharded (non-zero exit otherwise).
 - fault.py: a survivor of a dead peer exits with an error naming the lost rank, and after a
   torchrun restart (``--max-restarts``) the Trainer resumes from the last complete checkpoint.
@@ -101,9 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         set_cpu_multiprocess(os.environ, torch.cuda.is_available())
     from hf_zero.integrations import fault, guard
     from hf_zero.integrations.accelerate import install_prepare_patch
+    from hf_zero.integrations.trainer import install_partitioned_loading
 
     fault.install()
     install()
+    install_partitioned_loading()
     install_prepare_patch()
     guard.install()
     sys.argv = [script, *script_args]   # the script sees its own name and arguments, as if run directly

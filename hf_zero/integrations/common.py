@@ -25,6 +25,11 @@ ALLOW_UNSHARDED_ENV = "HF_ZERO_ALLOW_UNSHARDED"
 
 DEEPSPEED_FLAG = "--deepspeed"
 
+ZERO3_INIT_ENV = "ACCELERATE_DEEPSPEED_ZERO3_INIT"
+"""accelerate's own variable for ``zero3_init_flag`` (its launcher sets it from the yaml; so does
+``hf-zero launch``): under hf_zero stage 3, models loaded after the ``Accelerator`` is created
+are built partitioned (partitioned_load.py). Unlike accelerate, absent means off."""
+
 
 def allow_unsharded() -> bool:
     return os.environ.get(ALLOW_UNSHARDED_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -76,6 +81,31 @@ def config_from_env() -> Optional[str]:
 def config_spec(explicit: Union[dict, str, None]) -> Union[dict, str, None]:
     """An explicitly given config wins over the environment."""
     return explicit if explicit not in (None, "") else config_from_env()
+
+
+def zero3_init_requested() -> bool:
+    return os.environ.get(ZERO3_INIT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def config_stage(spec: Union[dict, str, None]) -> Optional[int]:
+    """The ZeRO stage a config names, or None when it cannot be read (the Trainer / prepare
+    report that error themselves, with the config's source)."""
+    from hf_zero.config import read_config_dict
+
+    try:
+        raw, _ = read_config_dict(spec)
+        return int((raw.get("zero_optimization") or {}).get("stage", 0))
+    except Exception:   # noqa: BLE001 - any unreadable config: no partitioned loading, the error comes later
+        return None
+
+
+def build_partitioned_while(owner: Any, spec: Union[dict, str, None], what: str) -> None:
+    """With a stage-3 config, ``from_pretrained`` builds models partitioned while ``owner``
+    lives (DeepSpeed's ``zero.Init`` lifetime; partitioned_load.py's note)."""
+    if spec is not None and config_stage(spec) == 3:
+        from hf_zero.partitioned_load import activate_for
+
+        activate_for(owner, f"{what} with a stage-3 hf_zero config")
 
 
 def install_step_hooks(engine: "ZeroEngine") -> None:

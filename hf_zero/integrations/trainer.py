@@ -27,8 +27,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_zero.integrations.auto_values import derived_from_hidden_size, hidden_size_of, resolve_auto
-from hf_zero.integrations.common import (config_spec, current_grad_norm, install_step_hooks, mark_prepared,
-                                         scale_backward, time_forward_and_backward)
+from hf_zero.integrations.common import (build_partitioned_while, config_spec, current_grad_norm,
+                                         install_step_hooks, mark_prepared, scale_backward, time_forward_and_backward)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,24 @@ class ZeroTrainingArguments(TrainingArguments):
                                  "DeepSpeed: pass the config once (either flag)")
             self.hf_zero, self.deepspeed = self.deepspeed, None
         super().__post_init__()
+        # As TrainingArguments(deepspeed=<stage 3>) does: from_pretrained builds partitioned from now on
+        build_partitioned_while(self, config_spec(self.hf_zero), "ZeroTrainingArguments")
+
+
+def install_partitioned_loading() -> None:
+    """Under ``hf-zero launch``: any ``TrainingArguments`` (the script's own class, which has no
+    ``hf_zero`` field) created with a stage-3 ``HF_ZERO_CONFIG`` makes ``from_pretrained`` build
+    partitioned while it lives, as ``--deepspeed <stage 3>`` does (idempotent)."""
+    original = TrainingArguments.__post_init__
+    if getattr(original, "_hf_zero_patched", False):
+        return
+
+    def __post_init__(self: TrainingArguments) -> None:
+        original(self)
+        build_partitioned_while(self, config_spec(getattr(self, "hf_zero", None)), type(self).__name__)
+
+    __post_init__._hf_zero_patched = True
+    TrainingArguments.__post_init__ = __post_init__
 
 
 def trainer_values(args: TrainingArguments, max_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -116,6 +134,13 @@ class HfZeroTrainerMixin:
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
     # ---- sharding -------------------------------------------------------------------
+    def _move_model_to_device(self, model: Any, device: Any) -> None:
+        from hf_zero.meta_init import has_meta_parameters
+
+        if self._hf_zero_spec() is not None and has_meta_parameters(model):
+            return   # built partitioned (meta): hf_zero.initialize places each rank's shards
+        super()._move_model_to_device(model, device)
+
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self._hf_zero_spec() is None:
             return super().create_optimizer(model)

@@ -20,6 +20,7 @@ class ScriptArguments:
     num_samples: int = 48
     seq: int = 16
     generate: bool = False
+    pretrained: str = ""   # load this directory with AutoModelForCausalLM.from_pretrained instead of building
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -48,14 +49,21 @@ def build_model(lora: bool) -> torch.nn.Module:
 
 
 def run(script: ScriptArguments, args: TrainingArguments, trainer_cls: type = Trainer) -> dict:
-    model = build_model(script.lora)
+    if script.pretrained:   # after the TrainingArguments exist: DeepSpeed's partitioned-load order
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(script.pretrained)
+    else:
+        model = build_model(script.lora)
+    built_on_meta = all(p.is_meta for p in model.parameters())
     train = TokenWindows(script.num_samples, script.seq, seed=1)
     evaluation = TokenWindows(8, script.seq, seed=2)
     trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results = {"log_history": trainer.state.log_history, "eval": trainer.evaluate(),
                "predict": trainer.predict(evaluation).metrics,
-               "activation_checkpointing": bool(getattr(model, "is_activation_checkpointing", False))}
+               "activation_checkpointing": bool(getattr(model, "is_activation_checkpointing", False)),
+               "built_on_meta": built_on_meta}
     if script.generate:   # every rank generates (different lengths are fine with synced_gpus)
         prompt = evaluation.ids[:1, :4]
         out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, synced_gpus=args.world_size > 1,
