@@ -60,7 +60,9 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
         want = reference.state_dict()
         model = copy.deepcopy(reference)
         engine = hf_zero.initialize(model, _config())
-        out[name, "all_ranks"] = differences(model.state_dict(), want)
+        most = _most_gathered_during(model, model.state_dict)
+        out[name, "all_ranks"] = differences(most.pop("result"), want)
+        out[name, "most_gathered_groups"] = most["most"]
         out[name, "sharded_after"] = all(p.numel() == 0 for p in model.parameters())
         block = model.transformer.h[0] if name == "gpt2" else model.model.layers[0]
         ref_block = reference.transformer.h[0] if name == "gpt2" else reference.model.layers[0]
@@ -73,6 +75,27 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
     out["save_pretrained"] = _save_pretrained(rank, Path(out_root) / "save_pretrained")
     out["accelerate"] = _accelerate(rank, Path(out_root) / "accelerate")
     return out
+
+
+def _most_gathered_during(model: torch.nn.Module, call) -> dict:
+    """``call()``'s result and the most stage-3 groups gathered at once while it ran."""
+    groups = list({id(p._hf_zero_group): p._hf_zero_group for p in model.parameters()}.values())
+    most = [0]
+    originals = {}
+    for group in groups:
+        originals[id(group)] = group.gather
+
+        def gather(comm=None, _group=group):
+            originals[id(_group)](comm)
+            most[0] = max(most[0], sum(g.gathered for g in groups))
+
+        group.gather = gather
+    try:
+        result = call()
+    finally:
+        for group in groups:
+            del group.gather
+    return {"result": result, "most": most[0]}
 
 
 def _bf16(rank: int) -> list[str]:

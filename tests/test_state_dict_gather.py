@@ -29,7 +29,8 @@ def _raised_in_time(lone: dict, call: str) -> None:
 def test_state_dict_on_every_rank_equals_the_unsharded_models(results, name):
     for r in results:
         assert r[name, "all_ranks"] == []
-        assert r[name, "sharded_after"]   # gathered one group at a time, released again
+        assert r[name, "sharded_after"]   # released again
+        assert r[name, "most_gathered_groups"] == 1   # one group (unit) at a time
 
 
 @pytest.mark.parametrize("name", ("gpt2", "llama"))
