@@ -406,7 +406,13 @@ class PresenceRounds:
 
 
 _rounds: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # default group -> {namespace: rounds}
-_nesting = threading.local()
+
+
+class _Nesting(threading.local):
+    depth = 0   # all_ranks_call blocks this thread is inside
+
+
+_nesting = _Nesting()
 
 
 def _rounds_for(comm: Collectives) -> PresenceRounds:
@@ -427,12 +433,12 @@ def all_ranks_call(comm: Collectives, call: str, instead: str, timeout_s: Option
     came if some rank did not within ``timeout_s`` (default ``comm.presence_timeout_s``).
     ``instead`` says what to call instead. A call nested in another checks nothing.
     [Note: presence check]."""
-    if not comm.active or getattr(_nesting, "depth", 0):
+    if not comm.active or _nesting.depth:
         yield
         return
     timeout = comm.presence_timeout_s if timeout_s is None else timeout_s
     _rounds_for(comm).enter(call, timeout, instead)
-    _nesting.depth = getattr(_nesting, "depth", 0) + 1
+    _nesting.depth += 1
     try:
         yield
     finally:
