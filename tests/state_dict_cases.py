@@ -78,15 +78,16 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
 
 
 def _most_gathered_during(model: torch.nn.Module, call) -> dict:
-    """``call()``'s result and the most stage-3 groups gathered at once while it ran."""
+    """``call()``'s result, the most stage-3 groups gathered at once while it ran and the gathers."""
     groups = list({id(p._hf_zero_group): p._hf_zero_group for p in model.parameters()}.values())
-    most = [0]
+    most, calls = [0], [0]
     originals = {}
     for group in groups:
         originals[id(group)] = group.gather
 
         def gather(comm=None, _group=group):
             originals[id(_group)](comm)
+            calls[0] += 1
             most[0] = max(most[0], sum(g.gathered for g in groups))
 
         group.gather = gather
@@ -95,7 +96,7 @@ def _most_gathered_during(model: torch.nn.Module, call) -> dict:
     finally:
         for group in groups:
             del group.gather
-    return {"result": result, "most": most[0]}
+    return {"result": result, "most": most[0], "calls": calls[0]}
 
 
 def _bf16(rank: int) -> list[str]:
@@ -156,14 +157,17 @@ def _accelerate(rank: int, root: Path) -> dict:
 
     accelerator = Accelerator(cpu=True)
     model = tiny_gpt2()
-    model, _ = hf_zero.prepare_accelerate(accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                          config={k: v for k, v in _config().items() if k != "optimizer"})
+    model, optimizer = hf_zero.prepare_accelerate(accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                                  config={k: v for k, v in _config().items() if k != "optimizer"})
+    model, optimizer = accelerator.prepare(model, optimizer)
     engine = accelerator.hf_zero_engine
     trained = _train_and_logits(engine, model, rank)
     with hf_zero.GatheredParameters(list(model.parameters())):
         gathered = {k: v.clone() for k, v in model.state_dict().items()}
     out = {"get_state_dict": differences(accelerator.get_state_dict(model), gathered)}
     out["lone"] = _alone_on_rank0(rank, lambda: accelerator.get_state_dict(model))
+    # save_state writes hf_zero's sharded checkpoint: the model is not gathered for it
+    out["save_state_gathers"] = _most_gathered_during(model, lambda: accelerator.save_state(str(root / "state")))["calls"]
     accelerator.save_model(model, root, max_shard_size="20KB")
     if rank == 0:
         model.config.save_pretrained(root)

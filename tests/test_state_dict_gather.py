@@ -62,6 +62,7 @@ def test_save_pretrained_and_save_16bit_model_alone_raise_and_on_every_rank_relo
 
 def test_accelerate_get_state_dict_and_save_model_gather_on_every_rank(results):
     assert all(r["accelerate"]["get_state_dict"] == [] for r in results)
+    assert all(r["accelerate"]["save_state_gathers"] == 0 for r in results)
     out = results[0]["accelerate"]
     _raised_in_time(out["lone"], "accelerator.get_state_dict(model)")
     assert out["files"] > 1 and out["written"] == []   # sharded by max_shard_size, every value as gathered

@@ -23,7 +23,8 @@ accelerator instance only:
   into host copies; every rank must call it, a call on some ranks only raises there after
   ``presence_timeout``).
 - ``save_state`` / ``load_state``: a pre-hook writes / reads an hf_zero sharded checkpoint in
-  ``<dir>/hf_zero`` (any world size); accelerate's own model file is skipped and its
+  ``<dir>/hf_zero`` (any world size); accelerate's own model file is skipped (and the model is
+  not gathered for it: ``get_state_dict`` returns ``{}`` inside ``save_state``) and its
   optimizer file holds only a marker (its default would save rank 0's shard only).
 """
 
@@ -163,11 +164,23 @@ def _route_state_dict(accelerator: Any, engine: Any) -> None:
     from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD
     from hf_zero.comm import all_ranks_call
 
-    original = accelerator.get_state_dict
+    original, original_save_state = accelerator.get_state_dict, accelerator.save_state
+    in_save_state = [False]
+
+    def save_state(*args: Any, **kwargs: Any) -> Any:
+        in_save_state[0] = True
+        try:
+            return original_save_state(*args, **kwargs)
+        finally:
+            in_save_state[0] = False
 
     def get_state_dict(model: Any, unwrap: bool = True) -> dict:
         if model is not engine.module:
             return original(model, unwrap)
+        if in_save_state[0] and not unwrap:
+            # save_state's own call: the save hook writes hf_zero's sharded checkpoint and drops
+            # this entry, so gathering the whole model into host memory here would be wasted
+            return {}
         # Stage 3: state_dict() gathers one group at a time into host copies (checkpoint/model_hooks.py);
         # accelerator.save_model reaches this too. Other entries are torch's, as accelerate returns under DDP.
         with all_ranks_call(engine.comm, "accelerator.get_state_dict(model) / accelerator.save_model(model)",
@@ -175,6 +188,7 @@ def _route_state_dict(accelerator: Any, engine: Any) -> None:
             return engine.module.state_dict()
 
     accelerator.get_state_dict = get_state_dict
+    accelerator.save_state = save_state
     optimizer = engine.optimizer
     optimizer.state_dict = lambda: {"hf_zero": _OPTIMIZER_MARKER}
 
