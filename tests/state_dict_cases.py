@@ -167,7 +167,8 @@ def _accelerate(rank: int, root: Path) -> dict:
     out = {"get_state_dict": differences(accelerator.get_state_dict(model), gathered)}
     out["lone"] = _alone_on_rank0(rank, lambda: accelerator.get_state_dict(model))
     # save_state writes hf_zero's sharded checkpoint: the model is not gathered for it
-    out["save_state_gathers"] = _most_gathered_during(model, lambda: accelerator.save_state(str(root / "state")))["calls"]
+    saving = _most_gathered_during(model, lambda: accelerator.save_state(str(root / "state")))
+    out["save_state_gathers"] = saving["calls"]
     accelerator.save_model(model, root, max_shard_size="20KB")
     if rank == 0:
         model.config.save_pretrained(root)
