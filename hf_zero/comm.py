@@ -401,8 +401,7 @@ class PresenceRounds:
         raise RanksAbsent(
             f"{call} gathers parameters that hf_zero stage 3 shards, so every rank must call it: rank(s) {absent} "
             f"did not enter it within {timeout_s:g} s (rank {self.rank} did). Call it on every rank, not under "
-            f"`if rank == 0:` (rank 0 alone writes files). {instead} The wait is the config key "
-            "`presence_timeout`.")
+            f"`if rank == 0:`. {instead} (The wait is the config key `presence_timeout`.)")
 
 
 _rounds: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # default group -> {namespace: rounds}
