@@ -71,6 +71,7 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
         out[name, "then_all_ranks"] = differences(model.state_dict(), want)   # rounds still in step
         engine.destroy()
     out["bf16"] = _bf16(rank)
+    out["offload_param_nvme"] = _offload_param_nvme(Path(out_root) / "swap")
     out["peft"] = _peft()
     out["save_pretrained"] = _save_pretrained(rank, Path(out_root) / "save_pretrained")
     out["accelerate"] = _accelerate(rank, Path(out_root) / "accelerate")
@@ -105,6 +106,19 @@ def _bf16(rank: int) -> list[str]:
     model = copy.deepcopy(reference)
     engine = hf_zero.initialize(model, _config(bf16={"enabled": True}))
     result = differences(model.state_dict(), reference.to(torch.bfloat16).state_dict())
+    engine.destroy()
+    return result
+
+
+def _offload_param_nvme(swap: Path) -> list[str]:
+    """Shards that live in a swap file (offload_param nvme) are gathered the same way."""
+    swap.mkdir(parents=True, exist_ok=True)
+    reference = tiny_llama()
+    model = copy.deepcopy(reference)
+    zero = _config()["zero_optimization"]
+    engine = hf_zero.initialize(model, _config(zero_optimization={
+        **zero, "offload_param": {"device": "nvme", "nvme_path": str(swap), "max_in_cpu": 0}}))
+    result = differences(model.state_dict(), reference.state_dict())
     engine.destroy()
     return result
 

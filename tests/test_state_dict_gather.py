@@ -48,6 +48,10 @@ def test_state_dict_keeps_the_dtype_the_module_holds(results):
     assert all(r["bf16"] == [] for r in results)
 
 
+def test_state_dict_of_parameters_offloaded_to_nvme_equals_the_unsharded_models(results):
+    assert all(r["offload_param_nvme"] == [] for r in results)
+
+
 def test_peft_adapter_state_dict_equals_the_unsharded_peft_models(results):
     assert all(r["peft"] == [] for r in results)
 
