@@ -61,7 +61,11 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
         model = copy.deepcopy(reference)
         engine = hf_zero.initialize(model, _config())
         most = _most_gathered_during(model, model.state_dict)
-        out[name, "all_ranks"] = differences(most.pop("result"), want)
+        got = most.pop("result")
+        out[name, "all_ranks"] = differences(got, want)
+        # tied names share one tensor, as torch's entries share the parameter's storage
+        out[name, "tied_shared"] = (got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()
+                                    if name == "gpt2" else None)
         out[name, "most_gathered_groups"] = most["most"]
         out[name, "sharded_after"] = all(p.numel() == 0 for p in model.parameters())
         block = model.transformer.h[0] if name == "gpt2" else model.model.layers[0]
