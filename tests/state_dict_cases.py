@@ -71,6 +71,7 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
         block = model.transformer.h[0] if name == "gpt2" else model.model.layers[0]
         ref_block = reference.transformer.h[0] if name == "gpt2" else reference.model.layers[0]
         out[name, "submodule"] = differences(block.state_dict(), ref_block.state_dict())
+        out[name, "prefixed"] = differences(block.state_dict(prefix="block"), ref_block.state_dict(prefix="block"))
         out[name, "lone"] = _alone_on_rank0(rank, model.state_dict)
         out[name, "then_all_ranks"] = differences(model.state_dict(), want)   # rounds still in step
         engine.destroy()

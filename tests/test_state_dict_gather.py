@@ -36,7 +36,7 @@ def test_state_dict_on_every_rank_equals_the_unsharded_models(results, name):
 
 @pytest.mark.parametrize("name", ("gpt2", "llama"))
 def test_state_dict_of_a_submodule_equals_the_unsharded_submodules(results, name):
-    assert all(r[name, "submodule"] == [] for r in results)
+    assert all(r[name, "submodule"] == [] and r[name, "prefixed"] == [] for r in results)
 
 
 @pytest.mark.parametrize("name", ("gpt2", "llama"))

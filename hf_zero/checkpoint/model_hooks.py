@@ -90,10 +90,11 @@ def _state_dict_post_hook(engine: "ZeroEngine") -> Callable:
             stack.clear()
         if stack or _released_allowed:
             return   # the outermost call fills the whole dict (one gather per group)
-        entries = [(name, p) for name, p in module.named_parameters(prefix=prefix[:-1], remove_duplicate=False)
-                   if _is_released(p) and _empty_value(state_dict.get(name))]
+        # torch's keys: the call's prefix + the dotted local name (tied names included)
+        entries = [(prefix + name, p) for name, p in module.named_parameters(remove_duplicate=False)
+                   if _is_released(p) and _empty_value(state_dict.get(prefix + name))]
         if entries:
-            call = "model.state_dict()" if module is engine.module else f"state_dict() of a submodule ({prefix!r})"
+            call = "model.state_dict()" if module is engine.module else f"{type(module).__name__}.state_dict()"
             with all_ranks_call(engine.comm, call, GATHER_INSTEAD):
                 _gather_into(state_dict, entries)
 
