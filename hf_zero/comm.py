@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
-
-import pickle
 
 import torch
 import torch.distributed as dist
@@ -88,6 +87,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+DEFAULT_PRESENCE_TIMEOUT_S = 60.0   # presence.py: how long a gathering call waits for every rank
+
+
 class Collectives:
     """The collectives of one data-parallel group, each counted in ``stats``."""
 
@@ -100,6 +102,8 @@ class Collectives:
         self.world_size = dist.get_world_size(group) if initialized else 1
         self.rank = dist.get_rank(group) if initialized else 0
         self.checker: Optional[CollectiveChecker] = None   # in debug mode (config debug_collectives)
+        # how long all_ranks_call waits for every rank (config presence_timeout; set by the engine)
+        self.presence_timeout_s = DEFAULT_PRESENCE_TIMEOUT_S
 
     def _check(self, kind: str, tensor: Optional[torch.Tensor] = None) -> None:
         """``tensor`` is None for object collectives and barriers (no shape to compare)."""

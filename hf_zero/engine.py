@@ -64,7 +64,7 @@ class ZeroEngine:
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
         model.no_sync = self.no_sync
         model.zero_grad = self.zero_grad
-        # model.save_pretrained gathers (stage 3); model.state_dict() refuses to return empty tensors
+        # stage 3: model.save_pretrained and model.state_dict() gather when every rank calls them
         self._undo_save_hooks = install_save_hooks(self)
         self.comm.stats.reset()
 

@@ -80,11 +80,10 @@ def export_after_training(rank: int, world: int, dirs: dict[str, str], out_root:
         extract_model_from_parallel(model).save_pretrained(root / "save_pretrained", is_main_process=rank == 0,
                                                            save_function=torch.save, max_shard_size=SHARD)
         engine.save_checkpoint(str(root / "ckpt"))
-        try:
-            model.state_dict()
-            out[name, "state_dict_raised"] = False
-        except RuntimeError as err:
-            out[name, "state_dict_raised"] = "GatheredParameters" in str(err)
+        # every rank: gathers one unit at a time (fused MoE experts included), as GatheredParameters did
+        got = model.state_dict()
+        out[name, "state_dict_equal"] = list(got) == list(gathered) and all(
+            got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in gathered.items())
         engine.destroy()
         if rank != 0:
             continue

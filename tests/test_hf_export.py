@@ -34,8 +34,8 @@ def test_reloaded_by_transformers_gives_the_trained_logits(results, name, kind):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_state_dict_of_a_sharded_model_raises_saying_what_to_call(results, name):
-    assert all(r[name, "state_dict_raised"] for r in results)
+def test_state_dict_of_a_sharded_model_on_every_rank_gathers_the_trained_values(results, name):
+    assert all(r[name, "state_dict_equal"] for r in results)
 
 
 def test_lora_model_save_pretrained_under_stage_3_writes_the_trained_adapter(results):

@@ -42,6 +42,7 @@ EXACT = {
     "accelerate:Accelerator.prepare": ["self", "args", "device_placement"],
     "accelerate:Accelerator.clip_grad_norm_": ["self", "parameters", "max_norm", "norm_type"],
     "accelerate:Accelerator.get_state_dict": ["self", "model", "unwrap"],
+    "accelerate:Accelerator.save_state": ["self", "output_dir", "safe_serialization", "save_model_func_kwargs"],
     "accelerate:Accelerator.backward": ["self", "loss", "kwargs"],
     "accelerate:Accelerator.register_save_state_pre_hook": ["self", "hook"],
     "accelerate:Accelerator.register_load_state_pre_hook": ["self", "hook"],

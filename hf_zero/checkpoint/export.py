@@ -19,15 +19,22 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from hf_zero.checkpoint.hf_layout import HfLayout, is_transformers_model
 from hf_zero.checkpoint.layout import true_shape
-from hf_zero.checkpoint.model_hooks import released_state_dict_allowed
+from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD, released_state_dict_allowed
 from hf_zero.comm import Collectives, rank_local_step
+from hf_zero.presence import all_ranks_call
 from hf_zero.checkpoint.safetensors_io import write_safetensors
 
 
 def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool,
                   max_shard_size: int | str = "50GB", comm: Optional[Collectives] = None) -> None:
-    """Write ``module``; with ``comm`` a failure on the writing rank is every rank's error."""
-    save_dir = Path(save_dir)
+    """Write ``module``; with ``comm`` a failure on the writing rank is every rank's error, and a
+    call that some rank did not make raises on the others (presence.py's [Note: presence check])."""
+    with all_ranks_call(comm or Collectives(None), "engine.save_16bit_model()", GATHER_INSTEAD):
+        _save_model_hf(module, Path(save_dir), dtype, is_writer, max_shard_size, comm)
+
+
+def _save_model_hf(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
+                   max_shard_size: int | str, comm: Optional[Collectives]) -> None:
     groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
               if getattr(p, "_hf_zero_group", None) is not None}
     if groups and getattr(module, "peft_config", None) is not None:

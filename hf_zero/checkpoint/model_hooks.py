@@ -1,28 +1,49 @@
-"""``model.save_pretrained`` and ``model.state_dict`` on a model hf_zero shards in place.
+"""``model.state_dict()`` and ``model.save_pretrained`` on a model hf_zero shards in place at stage 3.
 
-Stage 3 leaves each parameter empty between uses, so transformers' ``save_pretrained`` and
-torch's ``state_dict`` would write or return ``torch.Size([0])`` tensors. Under stage 3 the
-engine routes ``model.save_pretrained(dir, is_main_process=...)`` (what
-``accelerator.unwrap_model(model).save_pretrained(...)`` calls on every rank) to
-``engine.save_16bit_model``, which gathers one output file at a time and writes
-save_pretrained's layout from rank 0: every rank must call it, as with DeepSpeed's
-``save_16bit_model`` (a call on one rank alone waits for the others in the first gather). A
-call with an explicit ``state_dict=`` goes to transformers unchanged. ``state_dict()`` cannot gather (it may be
-called on one rank only, and every rank would need the whole model), so while any parameter is
-released it raises, saying what to call instead.
+Stage 3 leaves each parameter empty between uses, so torch's ``state_dict`` and transformers'
+``save_pretrained`` would return or write ``torch.Size([0])`` tensors. Instead, on the engine's
+model and each of its submodules:
+
+- ``state_dict()`` (``keep_vars=False``, the default) gathers the released parameters one
+  group (unit) at a time, copies each out to the host (one copy per tied parameter, shared by
+  its names, as torch's entries share storage) and releases the group again: the result has
+  torch's key set (tied names and persistent buffers included) with full tensors in the dtype
+  the module holds, equal to an unsharded model's ``state_dict()``. Gathered parameters are
+  CPU copies; persistent parameters and buffers are returned as torch returns them. Every rank
+  must call it, as with DeepSpeed; peft's ``get_peft_model_state_dict(model)`` goes through it
+  (and so gathers the frozen base too: ``model.save_pretrained`` writes the adapter alone).
+  ``state_dict(keep_vars=True)`` returns the live parameters, empty between uses, as before.
+- ``save_pretrained(dir, is_main_process=...)`` (what ``accelerator.unwrap_model(model)
+  .save_pretrained(...)`` calls) is routed to ``engine.save_16bit_model``, which gathers one
+  output file at a time and writes save_pretrained's layout from rank 0; every rank calls it.
+  A call with an explicit ``state_dict=`` goes to transformers unchanged.
+
+Both first check that every rank entered the call (presence.py's [Note: presence check]): a call
+made on some ranks only (``if rank == 0: model.save_pretrained(d)``) raises there after
+``presence_timeout`` seconds, naming the absent ranks and what to call instead, rather than
+waiting in its first gather. hf_zero's own reads of the structure
+(:func:`released_state_dict_allowed`) neither gather nor check.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
+
+from hf_zero.presence import all_ranks_call
 
 if TYPE_CHECKING:
     from hf_zero.engine import ZeroEngine
 
 _released_allowed = 0   # > 0 inside hf_zero's own reads of the state dict structure
+_calls = threading.local()   # .stack: (module, prefix) of the state_dict() calls in progress
+
+GATHER_INSTEAD = ("Or gather on every rank: `with hf_zero.GatheredParameters(list(model.parameters())): ...`, or save "
+                  "with model.save_pretrained(dir, is_main_process=rank == 0) / engine.save_16bit_model(dir) called "
+                  "on every rank (rank 0 writes).")
 
 
 @contextlib.contextmanager
@@ -36,28 +57,94 @@ def released_state_dict_allowed() -> Iterator[None]:
         _released_allowed -= 1
 
 
-def _refuse_released(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    if _released_allowed:
-        return
-    for name, p in module.named_parameters(remove_duplicate=False):
-        value = state_dict.get(prefix + name)
-        released = getattr(p, "_hf_zero_group", None) is not None and p.numel() == 0 and getattr(p, "ds_numel", 0) > 0
-        if released and value is not None and not isinstance(value, torch.nn.Parameter):
-            raise RuntimeError(
-                f"model.state_dict() on a model sharded by hf_zero stage 3 would return an empty tensor for "
-                f"'{prefix + name}'. On every rank, call it inside `with hf_zero.GatheredParameters("
-                "list(model.parameters())):`, or save with engine.save_16bit_model(dir) / model.save_pretrained(dir) "
-                "(gathers one output file at a time; rank 0 writes), or use accelerator.get_state_dict(model)")
+def _is_released(p: torch.Tensor) -> bool:
+    return getattr(p, "_hf_zero_group", None) is not None and p.numel() == 0 and getattr(p, "ds_numel", 0) > 0
+
+
+def _stack() -> list:
+    if not hasattr(_calls, "stack"):
+        _calls.stack = []
+    return _calls.stack
+
+
+def _is_child_call(parent: tuple, module: torch.nn.Module, prefix: str) -> bool:
+    """torch's state_dict() recursion: ``module`` is a child of the call in progress."""
+    parent_module, parent_prefix = parent
+    return any(child is module and prefix == f"{parent_prefix}{name}."
+               for name, child in parent_module._modules.items())
+
+
+def _enter_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) -> None:
+    stack = _stack()
+    if stack and not _is_child_call(stack[-1], module, prefix):
+        stack.clear()   # left over from a state_dict() that raised part-way: this is a new call
+    stack.append((module, prefix))
+
+
+def _state_dict_post_hook(engine: "ZeroEngine") -> Callable:
+    def fill_released(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        stack = _stack()
+        if stack and stack[-1][0] is module and stack[-1][1] == prefix:
+            stack.pop()
+        else:
+            stack.clear()
+        if stack or _released_allowed:
+            return   # the outermost call fills the whole dict (one gather per group)
+        # torch's keys: the call's prefix + the dotted local name (tied names included)
+        entries = [(prefix + name, p) for name, p in module.named_parameters(remove_duplicate=False)
+                   if _is_released(p) and _empty_value(state_dict.get(prefix + name))]
+        if entries:
+            call = "model.state_dict()" if module is engine.module else f"{type(module).__name__}.state_dict()"
+            with all_ranks_call(engine.comm, call, GATHER_INSTEAD):
+                _gather_into(state_dict, entries)
+
+    return fill_released
+
+
+def _empty_value(value: Any) -> bool:
+    """A detached empty entry (keep_vars=True entries are the parameters themselves: left as they are)."""
+    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.numel() == 0
+
+
+def _gather_into(state_dict: dict, entries: list[tuple[str, torch.nn.Parameter]]) -> None:
+    """Gather each group once, in the entries' order (the same on every rank), copy its
+    parameters to the host and release it: at most one group is gathered at a time."""
+    by_group: dict[int, list] = {}
+    for name, p in entries:
+        by_group.setdefault(id(p._hf_zero_group), []).append((name, p))
+    copies: dict[int, torch.Tensor] = {}   # tied parameters: one copy shared by their names
+    for members in by_group.values():
+        group = members[0][1]._hf_zero_group
+        gathered_here = not group.gathered
+        if gathered_here:
+            group.gather(group.comm)
+        else:
+            group.wait()   # a prefetch in flight: complete it, the stage releases it later
+        try:
+            for name, p in members:
+                if id(p) not in copies:
+                    copies[id(p)] = p.detach().to("cpu", copy=True)
+                state_dict[name] = copies[id(p)]
+        finally:
+            if gathered_here:
+                group.release()
 
 
 def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
-    """Route ``save_pretrained`` and guard ``state_dict`` on ``engine.module``; returns the undo."""
+    """Gather in ``state_dict`` and route ``save_pretrained`` on ``engine.module`` (stage 3);
+    returns the undo."""
     module = engine.module
-    handle = module.register_state_dict_post_hook(_refuse_released)
-    # Stages 0-2 hold whole parameters: transformers' own save_pretrained writes the same layout
-    # and may be called on rank 0 alone, as in a DDP script; only stage 3 needs every rank.
+    # Stages 0-2 hold whole parameters: torch's state_dict and transformers' save_pretrained
+    # are right as they are and may be called on rank 0 alone, as in a DDP script.
+    engine.comm.presence_timeout_s = float(engine.config.presence_timeout)
+    if engine.stage.stage != 3:
+        return lambda: None
+    post = _state_dict_post_hook(engine)
+    # every submodule: a submodule's state_dict() is an outermost call of its own
+    handles = [h for m in module.modules()
+               for h in (m.register_state_dict_pre_hook(_enter_state_dict), m.register_state_dict_post_hook(post))]
     # (a peft model writes its adapter: save_16bit_model gathers the adapter and calls peft)
-    routed = engine.stage.stage == 3 and hasattr(module, "save_pretrained")
+    routed = hasattr(module, "save_pretrained")
     if routed:
         original = module.save_pretrained
 
@@ -65,13 +152,15 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
             if state_dict is not None:   # the caller gathered: transformers / peft write it as given
                 return original(save_directory, *args, state_dict=state_dict, **kwargs)
             # save_function / safe_serialization do not apply: safetensors are written by rank 0
-            engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
-                                    is_main_process=kwargs.get("is_main_process", True))
+            with all_ranks_call(engine.comm, "model.save_pretrained()", GATHER_INSTEAD):
+                engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
+                                        is_main_process=kwargs.get("is_main_process", True))
 
         module.save_pretrained = save_pretrained
 
     def undo() -> None:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if routed:
             module.__dict__.pop("save_pretrained", None)
 

@@ -266,6 +266,11 @@ class HfZeroConfig:
                                  "raise naming the first divergence instead of hanging (also "
                                  "HF_ZERO_DEBUG_COLLECTIVES=1). Costs a store round trip per collective.")
     debug_collectives_timeout: float = _f(60.0, "Seconds to wait for the other ranks in that check.", gt=0.0)
+    presence_timeout: float = _f(60.0, "Seconds a call that gathers stage-3 parameters on every rank "
+                                 "(model.state_dict(), model.save_pretrained(), engine.save_16bit_model(), "
+                                 "accelerate's get_state_dict / save_model) waits for the other ranks to enter it; "
+                                 "then the ranks that came raise, naming the absent ones, instead of hanging in "
+                                 "the first gather.", gt=0.0)
     allow_unhonoured_keys: bool = _f(False, "hf_zero extension: run a config holding DeepSpeed keys that change "
                                      "numerics or memory and that hf_zero does not honour (each still warned "
                                      "about by name); default: such keys are errors. See docs/config.md.")

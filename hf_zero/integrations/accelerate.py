@@ -19,9 +19,12 @@ accelerator instance only:
   loss scale (accelerate's GradScaler is switched off: its step never runs on our optimizer).
 - ``clip_grad_norm_`` on the model's parameters: returns the global norm and makes the next
   optimizer step clip to ``max_norm`` (clipping happens on the partitioned gradients).
-- ``get_state_dict``: full tensors (stage 3 gathers; every rank must call it).
+- ``get_state_dict`` (and so ``save_model``): full tensors (stage 3 gathers one group at a time
+  into host copies; every rank must call it, a call on some ranks only raises there after
+  ``presence_timeout``).
 - ``save_state`` / ``load_state``: a pre-hook writes / reads an hf_zero sharded checkpoint in
-  ``<dir>/hf_zero`` (any world size); accelerate's own model file is skipped and its
+  ``<dir>/hf_zero`` (any world size); accelerate's own model file is skipped (and the model is
+  not gathered for it: ``get_state_dict`` returns ``{}`` inside ``save_state``) and its
   optimizer file holds only a marker (its default would save rank 0's shard only).
 """
 
@@ -158,21 +161,35 @@ def _route_clipping(accelerator: Any, engine: Any) -> None:
     accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with whole tensors (gathering stage-3 shards; all ranks call it)."""
-    from hf_zero import GatheredParameters
-
-    with GatheredParameters(list(module.parameters())):
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def _route_state_dict(accelerator: Any, engine: Any) -> None:
-    original = accelerator.get_state_dict
+    from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD
+    from hf_zero.presence import all_ranks_call
+
+    original, original_save_state = accelerator.get_state_dict, accelerator.save_state
+    in_save_state = [False]
+
+    def save_state(*args: Any, **kwargs: Any) -> Any:
+        in_save_state[0] = True
+        try:
+            return original_save_state(*args, **kwargs)
+        finally:
+            in_save_state[0] = False
 
     def get_state_dict(model: Any, unwrap: bool = True) -> dict:
-        return full_state_dict(engine.module) if model is engine.module else original(model, unwrap)
+        if model is not engine.module:
+            return original(model, unwrap)
+        if in_save_state[0] and not unwrap:
+            # save_state's own call: the save hook writes hf_zero's sharded checkpoint and drops
+            # this entry, so gathering the whole model into host memory here would be wasted
+            return {}
+        # Stage 3: state_dict() gathers one group at a time into host copies (checkpoint/model_hooks.py);
+        # accelerator.save_model reaches this too. Other entries are torch's, as accelerate returns under DDP.
+        with all_ranks_call(engine.comm, "accelerator.get_state_dict(model) / accelerator.save_model(model)",
+                            GATHER_INSTEAD):
+            return engine.module.state_dict()
 
     accelerator.get_state_dict = get_state_dict
+    accelerator.save_state = save_state
     optimizer = engine.optimizer
     optimizer.state_dict = lambda: {"hf_zero": _OPTIMIZER_MARKER}
 
