@@ -118,6 +118,14 @@ def test_decay_needs_total_steps():
         _scheduler({"type": "WarmupDecayLR", "params": {}}, _optimizer([0.1]))
 
 
+def test_null_warmup_values_are_refused_by_name():
+    # null passes the parser for "auto"-capable fields; before, it crashed later inside the schedule.
+    with pytest.raises(Exception, match="warmup_min_lr.*not null"):
+        _scheduler({"type": "WarmupLR", "params": {"warmup_min_lr": None}}, _optimizer([0.1]))
+    with pytest.raises(Exception, match="warmup_num_steps.*not null"):
+        _scheduler({"type": "WarmupLR", "params": {"warmup_num_steps": None}}, _optimizer([0.1]))
+
+
 def _scaler(config: dict) -> DynamicLossScaler:
     return build_loss_scaler(load_config({"fp16": {"enabled": True, **config}}).fp16)
 
