@@ -95,9 +95,9 @@ class NvmeOffload(SubGroupOffload):
         super().attach(inner, update)
         needed = sum(self._file_bytes(sg) for sg in self.plan)
         root = check_swap_dir(self.nvme_path, needed, KEY)
-        swap_dir = self.swap_dir = SwapDir(root, self.rank)
+        self.swap_dir = SwapDir(root, self.rank)
         self.io = AsyncFileIO()
-        self.files = [swap_dir.allocate(f"sub_group_{sg.index:05d}.bin", self._file_bytes(sg))
+        self.files = [self.swap_dir.allocate(f"sub_group_{sg.index:05d}.bin", self._file_bytes(sg))
                       for sg in self.plan]
         slot_bytes = len(self._kinds()) * self._stride(max_sub_group_numel(self.plan))
         self.slots = [_Slot(aligned_buffer(slot_bytes, self.pin)) for _ in range(self.num_slots)]
