@@ -85,11 +85,11 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
                                          "or pass optimizer=None")])
     matched, derived, defaults = accelerate_values(accelerator, micro_batch_size, raw)
     derived.update(derived_from_hidden_size(hidden_size_of(model)))
-    config = resolve_auto(spec, matched, derived, "the Accelerator", defaults)
-    engine = hf_zero.initialize(model, config, optimizer=optimizer)
+    resolved = resolve_auto(spec, matched, derived, "the Accelerator", defaults)
+    engine = hf_zero.initialize(model, resolved, optimizer=optimizer)
     mark_prepared(engine)
     # accelerate pairs a scheduler with its optimizer through ``prepared.optimizer``
-    engine.optimizer.optimizer = engine.optimizer
+    setattr(engine.optimizer, "optimizer", engine.optimizer)
     install_step_hooks(engine)
     _step_config_scheduler(engine)
     accelerator.scaler = None   # hf_zero owns fp16 loss scaling (see the note)
@@ -219,7 +219,7 @@ def install_prepare_patch() -> None:
             args = _shard_in_prepare(self, args)
         return original(self, *args, device_placement=device_placement)
 
-    prepare._hf_zero_patched = True
+    setattr(prepare, "_hf_zero_patched", True)   # read above: patch once
     prepare.__doc__ = original.__doc__
     Accelerator.prepare = prepare
 
