@@ -15,7 +15,7 @@ released it raises, saying what to call instead.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 
@@ -59,7 +59,7 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
     # (a peft model writes its adapter: save_16bit_model gathers the adapter and calls peft)
     routed = engine.stage.stage == 3 and hasattr(module, "save_pretrained")
     if routed:
-        original = module.save_pretrained
+        original = cast(Callable[..., None], module.save_pretrained)   # transformers' or peft's method
 
         def save_pretrained(save_directory: Any, *args: Any, state_dict: Any = None, **kwargs: Any) -> None:
             if state_dict is not None:   # the caller gathered: transformers / peft write it as given
@@ -68,7 +68,7 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
             engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
                                     is_main_process=kwargs.get("is_main_process", True))
 
-        module.save_pretrained = save_pretrained
+        setattr(module, "save_pretrained", save_pretrained)   # an instance attribute: undo pops it
 
     def undo() -> None:
         handle.remove()
