@@ -20,7 +20,7 @@ import os
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -310,11 +310,11 @@ class rank_local_step:  # noqa: N801 (used as a context manager, like contextlib
     def __enter__(self) -> "rank_local_step":
         return self
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind, error, traceback) -> Literal[False]:   # never suppresses: a checker may rely on it
         if error is not None and not isinstance(error, Exception):
             return False   # KeyboardInterrupt / SystemExit: not something to agree on
         agree_on_failure(self.comm, error, self.what, self.error_class)
-        return True   # no error anywhere (or agree raised)
+        return False   # no error anywhere (agree_on_failure raised otherwise): nothing to suppress
 
 
 def rank_local_call(what: str):

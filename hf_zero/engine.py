@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Optional, Union
+import functools
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 class ZeroEngine:
     """Holds the sharded model, its optimizer and schedule; see module docstring."""
 
+    partition_comm: Collectives   # set by engine_build.shard_model (the MiCS/hybrid group, or comm)
+
     def __init__(self, model: nn.Module, config: HfZeroConfig, optimizer: Optional[torch.optim.Optimizer],
                  lr_scheduler: Any, group: Optional[dist.ProcessGroup]):
         # The phases of engine_build.py, in order; each returns what it built.
@@ -52,18 +55,19 @@ class ZeroEngine:
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
         self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.partition_comm,
-                                       float(self.config.gradient_clipping))
+                                       float(cast(float, self.config.gradient_clipping)))   # "auto" refused
         self.lr_scheduler = resolve_scheduler(lr_scheduler, self.config, self.optimizer)
 
-        self.gradient_accumulation_steps: int = self.config.gradient_accumulation_steps
+        # resolve_batch_sizes (in check_and_place) filled it
+        self.gradient_accumulation_steps: int = cast(int, self.config.gradient_accumulation_steps)
         self.micro_steps = 0
         self.global_steps = 0
         self.carried_rng_states: dict[str, dict] = {}   # RNG of ranks a loaded checkpoint had and this run lacks
         self.last_report: dict[str, float] = {}   # the latest per-step report (integrations log it)
         self._bytes_at_report = 0
         # In-place sharding: integrations call model.no_sync() / model.zero_grad().
-        model.no_sync = self.no_sync
-        model.zero_grad = self.zero_grad
+        setattr(model, "no_sync", self.no_sync)       # instance attributes over the model's own
+        setattr(model, "zero_grad", self.zero_grad)
         # stage 3: model.save_pretrained and model.state_dict() gather when every rank calls them
         self._undo_save_hooks = install_save_hooks(self)
         self.comm.stats.reset()
@@ -102,7 +106,7 @@ class ZeroEngine:
 
         for chunk, start, length in ranges:
             self.offload.write_state("master", group_index, chunk, start, length,
-                                     lambda offset, part, c=chunks[chunk], s=start: fill(offset, part, c, s))
+                                     functools.partial(fill, chunk=chunks[chunk], start=start))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the scaled loss; reductions are deferred until the boundary micro-step."""

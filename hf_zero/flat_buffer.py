@@ -14,6 +14,7 @@ from hf_zero.partition import BucketPlan, plan_buckets, total_numel
 
 def views_by_param(plans: list[BucketPlan], shapes: list[torch.Size], buffer: torch.Tensor) -> list[torch.Tensor]:
     """Views of a flat ``buffer`` laid out by ``plans``, one per parameter, shaped ``shapes[i]``."""
+    # Placeholders: the plans cover every parameter, so each slot is filled below.
     views: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
     for plan in plans:
         for index, offset in zip(plan.param_indices, plan.param_offsets):

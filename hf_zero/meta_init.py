@@ -37,12 +37,21 @@ import copy
 import logging
 import zlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol, cast
 
 import torch
 from torch import nn
 
 from hf_zero.comm import rank_local_call
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+    from transformers import PreTrainedModel
+
+
+class _ResetsParameters(Protocol):   # torch's layers: nn.Linear, nn.Embedding, nn.LayerNorm, ...
+    def reset_parameters(self) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +164,7 @@ class ParameterSource:
     def _read_checkpoint(self, key: str, name: str, start: int, out: torch.Tensor) -> None:
         """Read from the checkpoint; a failure is kept for ``agree_on_reads`` (module note)."""
         if self.read_failure is None:
+            assert self.files is not None   # read_into only reads keys of the plan
             try:
                 self.files.read_into(key, start, out)
                 return
@@ -221,17 +231,17 @@ class ParameterSource:
                 init._init_weights(module)
                 for n in metas:   # persistent buffers the checkpoint holds are loaded, as transformers does
                     key = self.files.key_for(f"{name}.{n}" if name else n) if self.files is not None else None
-                    if key is not None:
+                    if key is not None and self.files is not None:
                         self._read_checkpoint(key, f"{name}.{n}", 0, module._buffers[n].view(-1))
 
 
-def _nearest_initializers(model: nn.Module) -> dict[int, nn.Module]:
+def _nearest_initializers(model: nn.Module) -> dict[int, PreTrainedModel]:
     """id(module) -> the closest enclosing transformers PreTrainedModel (whose _init_weights applies)."""
-    found: dict[int, nn.Module] = {}
+    found: dict[int, PreTrainedModel] = {}
 
-    def visit(module: nn.Module, current: Optional[nn.Module]) -> None:
+    def visit(module: nn.Module, current: Optional[PreTrainedModel]) -> None:
         if hasattr(module, "_init_weights") and hasattr(module, "config"):
-            current = module
+            current = cast("PreTrainedModel", module)   # what these two attributes identify
         if current is not None:
             found[id(module)] = current
         for child in module.children():
@@ -250,18 +260,19 @@ def _post_order(scratch: nn.Module, original: nn.Module) -> list[tuple[nn.Module
     return pairs
 
 
-def _initialise_module(module: nn.Module, initializer: Optional[nn.Module], model: nn.Module) -> None:
+def _initialise_module(module: nn.Module, initializer: Optional[PreTrainedModel], model: nn.Module) -> None:
     # Parents come after children: a LoRA layer re-initialises its lora_A / lora_B as peft does.
     if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
+        lora_layer = cast("LoraLayer", module)   # what the two attributes identify
         configs = getattr(model, "peft_config", {})
-        for adapter in module.lora_A:
+        for adapter in lora_layer.lora_A:
             init = getattr(configs.get(adapter), "init_lora_weights", True)
-            module.reset_lora_parameters(adapter, init)
+            lora_layer.reset_lora_parameters(adapter, init)
         return
     if initializer is not None:
         initializer._init_weights(module)
     elif hasattr(module, "reset_parameters"):
-        module.reset_parameters()
+        cast(_ResetsParameters, module).reset_parameters()
     elif any(True for _ in module.parameters(recurse=False)):
         name = next(n for n, _ in module.named_parameters(recurse=False))
         raise ValueError(f"zero_init: cannot initialise parameter '{name}' of {type(module).__name__}: no "

@@ -137,9 +137,9 @@ def _sync_patch() -> None:
 
     if active:
         _original = PreTrainedModel.__dict__["from_pretrained"]
-        PreTrainedModel.from_pretrained = classmethod(_from_pretrained_partitioned)
+        setattr(PreTrainedModel, "from_pretrained", classmethod(_from_pretrained_partitioned))
     else:
-        PreTrainedModel.from_pretrained = _original
+        setattr(PreTrainedModel, "from_pretrained", _original)
         _original = None
 
 
@@ -360,5 +360,5 @@ def _watch_adapter_loading() -> None:
                     len(values))
         return result
 
-    load_adapter._hf_zero_patched = True
-    PeftModel.load_adapter = load_adapter
+    setattr(load_adapter, "_hf_zero_patched", True)   # read above: patch once
+    setattr(PeftModel, "load_adapter", load_adapter)

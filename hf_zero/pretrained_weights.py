@@ -42,12 +42,15 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
 
 from hf_zero.checkpoint.safetensors_io import _DTYPES, SafetensorsFile
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +76,14 @@ class PretrainedWeights:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-        self.path, self.model = Path(path), model
+        self.path, self.model = Path(path), cast("PreTrainedModel", model)   # a transformers model (meta-built)
         self.entries: dict[str, tuple[Path, torch.dtype, list[int]]] = {}   # key -> (file, dtype, shape)
         for file in checkpoint_files(self.path):
             handle = SafetensorsFile(file)
             for key, info in handle.header.items():
                 self.entries[key] = (file, _DTYPES[info["dtype"]], list(info["shape"]))
             handle.close()
-        mapping = get_model_conversion_mapping(model)
+        mapping = get_model_conversion_mapping(self.model)
         self._mapping = mapping
         self._renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self._converters = [m for m in mapping if isinstance(m, WeightConverter)]
@@ -104,7 +107,8 @@ class PretrainedWeights:
 
         info = LoadStateDictInfo(missing_keys=set(self.expected), unexpected_keys=set(), mismatched_keys=set(),
                                  error_msgs=[], conversion_errors={}, skipped_pp_keys=set())
-        prefix, groups = self.model.base_model_prefix, {}
+        prefix = self.model.base_model_prefix
+        groups: dict[str, tuple[str, list[tuple[str, str, str]]]] = {}
         for key in sorted(self.entries, key=dot_natural_key):
             renamed, pattern = rename_source_key(key, self._renamings, self._converters, prefix, self.expected)
             if renamed not in self.expected and key in self.expected:
@@ -123,8 +127,8 @@ class PretrainedWeights:
         # As transformers does: saving reverts exactly the transforms this load used (the
         # indices let an offline consolidation rebuild the same list for a meta-built model).
         used = [i for i, transform in enumerate(self._mapping) if transform.was_used()]
-        self.model._weight_conversions = [self._mapping[i] for i in used]
-        self.model._hf_zero_conversions_used = used
+        setattr(self.model, "_weight_conversions", [self._mapping[i] for i in used])
+        setattr(self.model, "_hf_zero_conversions_used", used)
         tied = getattr(self.model, "all_tied_weights_keys", {}) or {}
         info.missing_keys -= {target for target, source in tied.items() if source not in info.missing_keys}
         if hasattr(self.model, "_adjust_missing_and_unexpected_keys"):
@@ -222,7 +226,9 @@ class PretrainedWeights:
             if experts is not None:
                 entries = entries[experts[0]:experts[1] + 1]
             for renamed, key in entries:
-                converter.add_tensor(renamed, key, source_pattern, lambda k=key: self._source(k, dtype, meta))
+                # transformers annotates a Future; its own synchronous loading passes a callable, as here
+                converter.add_tensor(renamed, key, source_pattern,
+                                     lambda k=key: self._source(k, dtype, meta))  # type: ignore[arg-type]
         outputs = converter.convert(first, model=self.model, config=getattr(self.model, "config", None))
         return {name: (value[0] if isinstance(value, list) else value) for name, value in outputs.items()}
 

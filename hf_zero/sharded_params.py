@@ -91,9 +91,10 @@ class ShardedParamGroup:
                     source.read_into(names[index], p, lo - offset, target)
                 else:
                     target.copy_(p.detach().reshape(-1).narrow(0, lo - offset, hi - lo))
-        for p in params:
-            p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()
-            p._hf_zero_group = self   # lets GatheredParameters find what to gather
+        for p in params:   # attributes torch does not declare: DeepSpeed's names (peft reads them) and ours
+            setattr(p, "ds_shape", tuple(p.shape))
+            setattr(p, "ds_numel", p.numel())
+            setattr(p, "_hf_zero_group", self)   # lets GatheredParameters find what to gather
         self.storage.evict()
         self.full = torch.empty(self.full_numel, dtype=dtype, device=device)
         self._works: list = []
@@ -243,12 +244,14 @@ class ShardedParamGroup:
     # inside the group instead of the primary chunks across the world. A step or a load bumps
     # the shard version, so the first forward after it gathers from the primary partition.
     def _secondary_pieces(self) -> list[int]:
+        assert self.secondary_comm is not None   # hpZ paths only (enable_hpz set it)
         return [plan.padded_numel // self.secondary_comm.world_size for plan in self.plans]
 
     def _secondary_current(self) -> bool:
         return self.secondary_comm is not None and self._secondary_version == self.shard_version
 
     def _keep_secondary(self) -> None:
+        assert self.secondary_comm is not None   # release() calls this under hpZ only
         pieces, index = self._secondary_pieces(), self.secondary_comm.rank
         if self._secondary is None:
             self._secondary = torch.empty(sum(pieces), dtype=self.full.dtype, device=self.full.device)
@@ -259,6 +262,8 @@ class ShardedParamGroup:
         self._secondary_version = self.shard_version
 
     def _all_gather_secondary(self, full: torch.Tensor) -> list:
+        # _secondary_current() held: hpZ is on and _keep_secondary filled the copy for this version
+        assert self.secondary_comm is not None and self._secondary is not None
         works, offset = [], 0
         for plan, n in zip(self.plans, self._secondary_pieces()):
             works.append(self.secondary_comm.all_gather(full.narrow(0, plan.start, plan.padded_numel),

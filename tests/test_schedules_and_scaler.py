@@ -113,9 +113,26 @@ def test_imported_deepspeed_position_continues_deepspeeds_schedule(name):
         assert got == pytest.approx(want[k:], rel=1e-12, abs=1e-15), (name, k)
 
 
+def test_import_without_a_numeric_lr_keeps_the_schedule_unimported():
+    # WarmupLR scales the optimizer's lr; with "auto" or no lr in ds_config the position is not
+    # imported (warned), where before the dummy optimizer raised a TypeError.
+    for lr in ("auto", None):
+        params = {} if lr is None else {"lr": lr}
+        ds_config = {"optimizer": {"type": "AdamW", "params": params}, "scheduler": {"type": "WarmupLR"}}
+        assert _lr_scheduler({"lr_scheduler": {"last_batch_iteration": 5}}, ds_config, 1) is None
+
+
 def test_decay_needs_total_steps():
     with pytest.raises(Exception, match="total_num_steps"):
         _scheduler({"type": "WarmupDecayLR", "params": {}}, _optimizer([0.1]))
+
+
+def test_null_warmup_values_are_refused_by_name():
+    # null passes the parser for "auto"-capable fields; before, it crashed later inside the schedule.
+    with pytest.raises(Exception, match="warmup_min_lr.*not null"):
+        _scheduler({"type": "WarmupLR", "params": {"warmup_min_lr": None}}, _optimizer([0.1]))
+    with pytest.raises(Exception, match="warmup_num_steps.*not null"):
+        _scheduler({"type": "WarmupLR", "params": {"warmup_num_steps": None}}, _optimizer([0.1]))
 
 
 def _scaler(config: dict) -> DynamicLossScaler:

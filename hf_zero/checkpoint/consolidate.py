@@ -14,16 +14,19 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
 
 from hf_zero.checkpoint.files import fsync_dir, write_json_atomic
 from hf_zero.checkpoint.hf_layout import HfLayout, meta_model
 from hf_zero.checkpoint.load import checkpoint_path
 from hf_zero.checkpoint.reader import CheckpointReader
 from hf_zero.checkpoint.safetensors_io import write_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,7 +66,7 @@ def _config_json(manifest: dict, dtype: torch.dtype) -> Optional[dict]:
     return config
 
 
-def _meta_model(manifest: dict) -> Optional[torch.nn.Module]:
+def _meta_model(manifest: dict) -> Optional[PreTrainedModel]:
     """The trained transformers model rebuilt on meta (None for other models and old checkpoints),
     with the weight conversions its from_pretrained used, so saving reverts the same ones."""
     if not manifest.get("hf_model_class") or manifest.get("model_config") is None:
@@ -74,11 +77,11 @@ def _meta_model(manifest: dict) -> Optional[torch.nn.Module]:
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         mapping = get_model_conversion_mapping(model)
-        model._weight_conversions = [mapping[i] for i in used]
+        setattr(model, "_weight_conversions", [mapping[i] for i in used])   # as from_pretrained leaves it
     return model
 
 
-def _write_hf_layout(reader: CheckpointReader, model: torch.nn.Module, sources: dict[str, tuple[str, str]],
+def _write_hf_layout(reader: CheckpointReader, model: PreTrainedModel, sources: dict[str, tuple[str, str]],
                      dtype: torch.dtype, max_shard_size: Union[int, str], out_dir: Path) -> None:
     """save_pretrained's files (hf_layout.py), each assembled from the checkpoint's pieces."""
     manifest = reader.manifest
@@ -108,7 +111,8 @@ def consolidate(checkpoint_dir: Union[str, Path], out_dir: Union[str, Path], tag
               **{n: i["shape"] for n, i in reader.manifest["buffers"].items()}}
     meta = {key: torch.empty(shapes[src], dtype=dtype, device="meta") for key, (_, src) in sources.items()}
     pattern = "adapter_model{suffix}.safetensors" if adapter_only else "model{suffix}.safetensors"
-    plan = split_torch_state_dict_into_shards(meta, filename_pattern=pattern, max_shard_size=max_shard_size)
+    plan: Optional[StateDictSplit] = split_torch_state_dict_into_shards(meta, filename_pattern=pattern,
+                                                                        max_shard_size=max_shard_size)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

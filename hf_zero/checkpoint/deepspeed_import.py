@@ -177,12 +177,15 @@ def _lr_scheduler(model_states: dict, ds_config: dict, num_groups: int) -> Optio
         config = load_config({"scheduler": ds_config.get("scheduler"), "optimizer": ds_config.get("optimizer")})
     except ConfigError as err:
         config, problem = None, str(err)
-    if config is None or config.scheduler is None:
+    lr = config.optimizer.params.lr if config is not None and config.optimizer is not None else 1e-3
+    if config is not None and config.scheduler is not None and not isinstance(lr, float):
+        # null or "auto": the lr the schedule scales is not in ds_config
+        problem = f"optimizer.params.lr is {lr!r} in ds_config, not a number"
+    if config is None or config.scheduler is None or not isinstance(lr, float):
         logger.warning("hf_zero import-deepspeed: the LR scheduler position (last_batch_iteration %s) is not "
                        "imported: %s; the loading run's scheduler starts from its beginning",
                        state["last_batch_iteration"], problem)
         return None
-    lr = config.optimizer.params.lr if config.optimizer is not None else 1e-3
     dummy = torch.optim.SGD([{"params": [torch.zeros(1)]} for _ in range(num_groups)], lr=lr)
     scheduler = build_scheduler(config.scheduler, dummy)
     # hf_zero's schedules follow DeepSpeed's step for step: last_epoch = last_batch_iteration + 1
@@ -300,6 +303,7 @@ def import_deepspeed(ds_dir: Union[str, Path], out_dir: Union[str, Path], tag: O
             pieces.update({k: {**v, "file": name} for k, v in states.index.items()})
         if _optim_file_exists(path, world):
             raise CheckpointError(f"{path}: more optimizer files than the dp_world_size ({world}) it records")
+        assert rank0 is not None   # the loop read rank 0's states (world >= 1)
         manifest = _manifest(tag, world, 3 if stage3 else stage, model_states, ds_config, rank0, files, pieces,
                              path, extra)
         write_json_atomic(tmp / "manifest.json", manifest)

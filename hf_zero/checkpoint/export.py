@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, cast
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -23,6 +23,9 @@ from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD, released_state_dict_a
 from hf_zero.comm import Collectives, rank_local_step
 from hf_zero.presence import all_ranks_call
 from hf_zero.checkpoint.safetensors_io import write_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool,
@@ -35,8 +38,7 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
 
 def _save_model_hf(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
                    max_shard_size: int | str, comm: Optional[Collectives]) -> None:
-    groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
-              if getattr(p, "_hf_zero_group", None) is not None}
+    groups = {id(g): g for p in module.parameters() if (g := getattr(p, "_hf_zero_group", None)) is not None}
     if groups and getattr(module, "peft_config", None) is not None:
         # Only the adapter is written: gather the trainable groups, never the frozen base.
         trainable = [g for g in groups.values() if g.params[0].requires_grad and not g.gathered]
@@ -83,7 +85,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
 
 
-def _save_transformers_layout(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
+def _save_transformers_layout(module: PreTrainedModel, save_dir: Path, dtype: torch.dtype, is_writer: bool,
                               max_shard_size: int | str, comm: Optional[Collectives]) -> None:
     entries = module.state_dict(keep_vars=True)   # parameters and persistent buffers, tied names included
     shapes = {n: true_shape(t) for n, t in entries.items()}
@@ -116,7 +118,8 @@ def _save_pretrained(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype
         state = {k: _cast(v, dtype) for k, v in module.state_dict().items()}
     if hasattr(module, "save_pretrained"):
         # transformers/peft handle tied weights, weight-name conversion and adapter filtering
-        module.save_pretrained(save_dir, state_dict=state, safe_serialization=True)
+        save_pretrained = cast(Callable[..., None], module.save_pretrained)   # transformers' or peft's
+        save_pretrained(save_dir, state_dict=state, safe_serialization=True)
     else:
         save_file({k: v.contiguous() for k, v in state.items()}, str(save_dir / "model.safetensors"))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeGuard, Union, cast
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
@@ -26,10 +26,13 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from hf_zero.checkpoint.safetensors_io import write_safetensors
 from hf_zero.comm import Collectives, agree_on_failure
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 logger = logging.getLogger(__name__)
 
 
-def is_transformers_model(module: torch.nn.Module) -> bool:
+def is_transformers_model(module: torch.nn.Module) -> TypeGuard[PreTrainedModel]:
     return hasattr(module, "base_model_prefix") and hasattr(module, "config") and hasattr(module, "save_pretrained")
 
 
@@ -38,7 +41,7 @@ class HfLayout:
     meta-built) whose state dict entries are ``shapes`` (name -> shape; tied duplicates may be
     present or not)."""
 
-    def __init__(self, model: torch.nn.Module, shapes: dict[str, list[int]], dtypes: dict[str, torch.dtype],
+    def __init__(self, model: PreTrainedModel, shapes: dict[str, list[int]], dtypes: dict[str, torch.dtype],
                  max_shard_size: Union[int, str] = "50GB"):
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -86,6 +89,7 @@ class HfLayout:
             values = values_for(self.needed(filename))
             if is_writer and error is None:
                 try:
+                    assert values is not None   # values_for's contract on the writing rank
                     write_safetensors(out_dir / filename, self.file_tensors(filename, values),
                                       metadata={"format": "pt"})
                 except Exception as err:   # held until every rank has taken part in every gather
@@ -133,7 +137,7 @@ def _parameter_shapes(model: torch.nn.Module) -> Iterable[list[int]]:
         yield getattr(p, "ds_shape", None) or list(p.shape)
 
 
-def meta_model(model_class: str, config: dict) -> Optional[torch.nn.Module]:
+def meta_model(model_class: str, config: dict) -> Optional[PreTrainedModel]:
     """A transformers model of class ``model_class`` built on the meta device from a config dict
     (for consolidation: its conversion mapping, tied weights and generation config); None
     when transformers has no such class."""
@@ -166,10 +170,11 @@ def conversion_indices(model: torch.nn.Module) -> Optional[list[int]]:
         return (type(t).__name__, tuple(t._original_source_patterns), tuple(t._original_target_patterns),
                 t.scope_prefix)
 
-    index = {signature(t): i for i, t in enumerate(get_model_conversion_mapping(model))}
+    # _weight_conversions is set by transformers' from_pretrained: the model is a PreTrainedModel
+    index = {signature(t): i for i, t in enumerate(get_model_conversion_mapping(cast("PreTrainedModel", model)))}
     found = [index.get(signature(t)) for t in loaded]
     if None in found:
         logger.warning("hf_zero: %s was loaded with weight conversions hf_zero cannot name; consolidation "
                        "will revert the model type's default ones", type(model).__name__)
         return None
-    return found
+    return cast("list[int]", found)   # no None past the check above

@@ -9,11 +9,14 @@ resharding to another world size, stage or bucket size needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.partition import overlap
+
+if TYPE_CHECKING:
+    from hf_zero.stages.base import ParamGroup
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Piece:
     length: int
 
 
-def owned_pieces(groups: list[FlatParamGroup], rank: int) -> list[Piece]:
+def owned_pieces(groups: Sequence[ParamGroup], rank: int) -> list[Piece]:
     """Every (parameter, range) intersecting ``rank``'s owned chunks, padding excluded."""
     pieces = []
     for gi, group in enumerate(groups):

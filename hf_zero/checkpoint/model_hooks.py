@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 
@@ -111,10 +111,10 @@ def _gather_into(state_dict: dict, entries: list[tuple[str, torch.nn.Parameter]]
     parameters to the host and release it: at most one group is gathered at a time."""
     by_group: dict[int, list] = {}
     for name, p in entries:
-        by_group.setdefault(id(p._hf_zero_group), []).append((name, p))
+        by_group.setdefault(id(getattr(p, "_hf_zero_group")), []).append((name, p))
     copies: dict[int, torch.Tensor] = {}   # tied parameters: one copy shared by their names
     for members in by_group.values():
-        group = members[0][1]._hf_zero_group
+        group = getattr(members[0][1], "_hf_zero_group")
         gathered_here = not group.gathered
         if gathered_here:
             group.gather(group.comm)
@@ -146,7 +146,7 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
     # (a peft model writes its adapter: save_16bit_model gathers the adapter and calls peft)
     routed = hasattr(module, "save_pretrained")
     if routed:
-        original = module.save_pretrained
+        original = cast(Callable[..., None], module.save_pretrained)   # transformers' or peft's method
 
         def save_pretrained(save_directory: Any, *args: Any, state_dict: Any = None, **kwargs: Any) -> None:
             if state_dict is not None:   # the caller gathered: transformers / peft write it as given
@@ -156,7 +156,7 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
                 engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
                                         is_main_process=kwargs.get("is_main_process", True))
 
-        module.save_pretrained = save_pretrained
+        setattr(module, "save_pretrained", save_pretrained)   # an instance attribute: undo pops it
 
     def undo() -> None:
         for handle in handles:

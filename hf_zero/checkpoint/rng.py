@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+from typing import cast
 
 import torch
 
@@ -25,7 +26,9 @@ def capture_rng() -> dict:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # numpy's global generator is the legacy MT19937 RandomState: get_state() gives its tuple form.
+        legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+        kind, keys, pos, has_gauss, cached = legacy
         state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass

@@ -19,9 +19,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Union, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -29,9 +32,15 @@ _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 
 
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU uint8 tensor, shared (an ndarray has the buffer protocol;
+    numpy's stubs do not declare it)."""
+    return memoryview(cast("Buffer", tensor.numpy()))
+
+
 def _raw(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return _bytes_of(flat.view(torch.uint8)) if flat.numel() else memoryview(b"")
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,11 @@ class Streamed:
 
 
 def _write_parts(f, digest, name: str, entry: Union[torch.Tensor, Streamed]) -> None:
-    streamed = isinstance(entry, Streamed)
-    parts, numel = (entry.parts(), entry.numel) if streamed else ((entry,), entry.numel())
+    parts: Iterable[torch.Tensor]
+    if isinstance(entry, Streamed):
+        parts, numel = entry.parts(), entry.numel
+    else:
+        parts, numel = (entry,), entry.numel()
     written = 0
     for part in parts:
         if part.dtype != entry.dtype:
@@ -58,7 +70,7 @@ def _write_parts(f, digest, name: str, entry: Union[torch.Tensor, Streamed]) -> 
         raise RuntimeError(f"'{name}': {written} elements written, the header says {numel}")
 
 
-def write_safetensors(path: Path, tensors: dict[str, Union[torch.Tensor, Streamed]],
+def write_safetensors(path: Path, tensors: Mapping[str, Union[torch.Tensor, Streamed]],
                       metadata: Optional[dict] = None) -> dict:
     """Write ``tensors`` to ``path`` (fsync'ed); returns {"bytes", "sha256"} of the file."""
     header: dict = {}
@@ -121,7 +133,7 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: range [{start}, {start + count}) outside '{key}'")
         direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
         buffer = out if direct else torch.empty(count, dtype=dtype)
-        view = memoryview(buffer.view(-1).view(torch.uint8).numpy()) if count else memoryview(bytearray())
+        view = _bytes_of(buffer.view(-1).view(torch.uint8)) if count else memoryview(bytearray())
         got = os.preadv(self._file.fileno(), [view], self._data_start + first + start * itemsize)
         if got != len(view):
             raise ValueError(f"{self.path}: short read of '{key}' ({got} of {len(view)} bytes)")

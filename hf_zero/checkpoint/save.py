@@ -17,7 +17,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import torch
 from hf_zero.checkpoint.files import (CheckpointError, fsync_dir, validate_tag, write_json_atomic,
@@ -31,6 +31,8 @@ from hf_zero.comm import rank_local_step
 from hf_zero.config import config_to_dict
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+
     from hf_zero.engine import ZeroEngine
 
 def _no_op(path: Path) -> None:
@@ -108,6 +110,7 @@ def _optimizer_meta(engine: "ZeroEngine") -> dict:
         first = group["params"][0] if group["params"] else None
         entry = {}
         for key, value in inner.state.get(first, {}).items() if first is not None else ():
+            assert first is not None   # (no iteration otherwise)
             if isinstance(value, torch.Tensor) and value.numel() == 1 and first.numel() > 1:
                 entry[key] = {"value": value.item(), "dtype": str(value.dtype),
                               "on_param_device": value.device == first.device}
@@ -120,9 +123,10 @@ def _optimizer_meta(engine: "ZeroEngine") -> dict:
 def _model_meta(engine: "ZeroEngine") -> dict:
     module = engine.module
     meta: dict[str, Any] = {"model_class": type(getattr(module, "base_model", module)).__name__}
-    if getattr(module, "peft_config", None) is not None:
-        meta["model_class"] = type(module.get_base_model()).__name__
-    hf_model = module.get_base_model() if getattr(module, "peft_config", None) is not None else module
+    peft_wrapped = getattr(module, "peft_config", None) is not None   # peft's PeftModel
+    hf_model = cast("PeftModel", module).get_base_model() if peft_wrapped else module
+    if peft_wrapped:
+        meta["model_class"] = type(hf_model).__name__
     if hasattr(hf_model, "base_model_prefix"):   # consolidation rebuilds it on meta for save_pretrained's layout
         meta["hf_model_class"] = type(hf_model).__name__
         meta["hf_conversions_used"] = conversion_indices(hf_model)
@@ -158,10 +162,11 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
                     shutil.rmtree(stale, ignore_errors=True)
             tmp_name = f".{tag}.tmp-{uuid.uuid4().hex[:12]}"
             (save_dir / tmp_name).mkdir()
-    tmp = save_dir / comm.broadcast_object(tmp_name)
+    tmp = save_dir / cast(str, comm.broadcast_object(tmp_name))   # rank 0's name
 
     file_name = f"rank_{comm.rank:05d}.safetensors"
-    entry, index = None, {}
+    entry: Optional[dict] = None
+    index: dict[str, dict] = {}
     try:
         with rank_local_step(comm, f"save_checkpoint writing {tmp}/rank_*.safetensors", CheckpointError):
             tensors, index = _rank_tensors(engine)

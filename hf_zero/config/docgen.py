@@ -87,7 +87,7 @@ def _rows(cls: type, prefix: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        nested = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        nested = [a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type) and dataclasses.is_dataclass(a)]
         if nested:
             rows.append(f"| `{prefix}{f.name}` | object | | | {f.metadata['doc']} |")
             rows.extend(_rows(nested[0], f"{prefix}{f.name}."))

@@ -41,11 +41,12 @@ def load_config(config: Union["HfZeroConfig", dict, str, os.PathLike, None] = No
 
     ``overrides`` are top-level keys (``gradient_clipping=0.5``) applied on top.
     """
-    validated = isinstance(config, HfZeroConfig)   # its keys were reported when it was loaded
-    if validated:
+    validated = False
+    if isinstance(config, HfZeroConfig):   # its keys were reported when it was loaded
         if not overrides:
             return config
         config = config_to_dict(config)
+        validated = True
     data, source = read_config_dict(config)
     data.update(overrides)
     # A config object's dict form holds every parameter of every optimizer type: its optimizer
@@ -182,7 +183,7 @@ def _convert(hint: Any, fld: dataclasses.Field, value: Any, path: str,
             return AUTO
         problems.append((path, "'auto' is not allowed for this key"))
         return fld.default
-    nested = [t for t in options if dataclasses.is_dataclass(t)]
+    nested = [t for t in options if isinstance(t, type) and dataclasses.is_dataclass(t)]
     if nested:
         return _build(nested[0], value, path + ".", problems)
     kind = next((t for t in (bool, int, float, tuple, str) if t in options), None)

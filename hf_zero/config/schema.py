@@ -276,7 +276,8 @@ class HfZeroConfig:
                                      "about by name); default: such keys are errors. See docs/config.md.")
 
     @property
-    def stage(self) -> int:
+    def stage(self) -> AutoInt:
+        """``zero_optimization.stage``: an int once integrations have resolved "auto"."""
         return self.zero_optimization.stage
 
     def replace(self, **changes: Any) -> "HfZeroConfig":

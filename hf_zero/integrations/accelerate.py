@@ -89,11 +89,11 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
                                          "or pass optimizer=None")])
     matched, derived, defaults = accelerate_values(accelerator, micro_batch_size, raw)
     derived.update(derived_from_hidden_size(hidden_size_of(model)))
-    config = resolve_auto(spec, matched, derived, "the Accelerator", defaults)
-    engine = hf_zero.initialize(model, config, optimizer=optimizer)
+    resolved = resolve_auto(spec, matched, derived, "the Accelerator", defaults)
+    engine = hf_zero.initialize(model, resolved, optimizer=optimizer)
     mark_prepared(engine)
     # accelerate pairs a scheduler with its optimizer through ``prepared.optimizer``
-    engine.optimizer.optimizer = engine.optimizer
+    setattr(engine.optimizer, "optimizer", engine.optimizer)
     install_step_hooks(engine)
     _step_config_scheduler(engine)
     accelerator.scaler = None   # hf_zero owns fp16 loss scaling (see the note)
@@ -237,7 +237,7 @@ def install_prepare_patch() -> None:
             args = _shard_in_prepare(self, args)
         return original(self, *args, device_placement=device_placement)
 
-    prepare._hf_zero_patched = True
+    setattr(prepare, "_hf_zero_patched", True)   # read above: patch once
     prepare.__doc__ = original.__doc__
     Accelerator.prepare = prepare
     _build_partitioned_after_accelerator(Accelerator)
@@ -247,7 +247,7 @@ def _build_partitioned_after_accelerator(accelerator_class: type) -> None:
     """accelerate's ``zero3_init_flag`` (``ACCELERATE_DEEPSPEED_ZERO3_INIT``): with a stage-3
     config, ``from_pretrained`` builds models partitioned while the ``Accelerator`` lives, as
     its DeepSpeed plugin's ``HfDeepSpeedConfig`` makes transformers do (partitioned_load.py)."""
-    original = accelerator_class.__init__
+    original = accelerator_class.__dict__["__init__"]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
@@ -255,7 +255,7 @@ def _build_partitioned_after_accelerator(accelerator_class: type) -> None:
             build_partitioned_while(self, config_spec(None), "Accelerator(zero3_init_flag)")
 
     __init__.__doc__ = original.__doc__
-    accelerator_class.__init__ = __init__
+    setattr(accelerator_class, "__init__", __init__)
 
 
 def _shard_in_prepare(accelerator: Any, args: tuple) -> tuple:

@@ -53,8 +53,9 @@ def install() -> type:
         return original
     patched = type("Trainer", (ResumeAfterRestartMixin, HfZeroTrainerMixin, original),
                    {"__module__": original.__module__, "__doc__": original.__doc__})
-    transformers.trainer.Trainer = patched
-    transformers.Trainer = patched
+    # Replaced by name in both modules (the classes' declared types do not allow it).
+    setattr(transformers.trainer, "Trainer", patched)
+    setattr(transformers, "Trainer", patched)
     return patched
 
 

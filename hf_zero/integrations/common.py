@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, MutableMapping, Optional, Union
 
 if TYPE_CHECKING:
     from hf_zero.engine import ZeroEngine
@@ -63,7 +63,7 @@ def take_deepspeed_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
     return rest, value
 
 
-def set_cpu_multiprocess(env: dict, cuda: bool) -> None:
+def set_cpu_multiprocess(env: MutableMapping[str, str], cuda: bool) -> None:
     """Without CUDA, make accelerate (and the Trainer, which builds its state through it) join
     the launcher's process group on CPU: a multi-process run under torchrun or accelerate's
     torchrun launcher otherwise becomes independent single processes on a CPU-only machine
@@ -177,12 +177,13 @@ def mark_prepared(engine: "ZeroEngine") -> None:
     stage 3 needs so that a rank that finishes early keeps joining the others' gathers.
     ``is_deepspeed_zero3_enabled()`` stays False: every other branch behind it calls the
     deepspeed package (docs/integrations.md)."""
-    engine.module._is_accelerate_prepared = True
-    engine.optimizer._is_accelerate_prepared = True
+    # Flags other libraries read, set on objects whose classes do not declare them.
+    setattr(engine.module, "_is_accelerate_prepared", True)
+    setattr(engine.optimizer, "_is_accelerate_prepared", True)
     if engine.config.zero_optimization.stage == 3:
         for module in engine.module.modules():
             if callable(getattr(module, "generate", None)):
-                module._is_fsdp_managed_module = True
+                setattr(module, "_is_fsdp_managed_module", True)
 
 
 def scale_backward(accelerator: Any, engine: "ZeroEngine") -> None:

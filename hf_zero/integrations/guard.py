@@ -112,7 +112,7 @@ def install() -> None:
 
         self.optimizer.register_step_post_hook(record)
 
-    ZeroEngine.__init__ = recording_init
+    setattr(ZeroEngine, "__init__", recording_init)   # patched on purpose: every engine built is recorded
     register_optimizer_step_pre_hook(_first_step_check)
     _state["installed"] = True
 

@@ -77,7 +77,10 @@ def choose_config(config: Optional[str], script_args: list[str]) -> str:
         raise ValueError("no config: pass --config CONFIG, or keep the script's --deepspeed CONFIG")
     if config is not None and deepspeed is not None and _normalized(config) != _normalized(deepspeed):
         raise ValueError(f"--config {config} and the script's --deepspeed {deepspeed} differ; give one")
-    return config if config is not None else deepspeed
+    if config is not None:
+        return config
+    assert deepspeed is not None   # both None raised above
+    return deepspeed
 
 
 def _normalized(config: str) -> str:

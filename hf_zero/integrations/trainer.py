@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -70,8 +70,8 @@ def install_partitioned_loading() -> None:
         original(self)
         build_partitioned_while(self, config_spec(getattr(self, "hf_zero", None)), type(self).__name__)
 
-    __post_init__._hf_zero_patched = True
-    TrainingArguments.__post_init__ = __post_init__
+    setattr(__post_init__, "_hf_zero_patched", True)   # read above: patch once
+    setattr(TrainingArguments, "__post_init__", __post_init__)
 
 
 def trainer_values(args: TrainingArguments, max_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -98,7 +98,13 @@ def trainer_values(args: TrainingArguments, max_steps: int) -> tuple[dict[str, A
     return matched, derived
 
 
-class HfZeroTrainerMixin:
+if TYPE_CHECKING:
+    _TrainerBase = Trainer   # for the checker: the mixin overrides and calls Trainer's methods
+else:
+    _TrainerBase = object    # at run time a mixin, put before Trainer (or a subclass) in the bases
+
+
+class HfZeroTrainerMixin(_TrainerBase):
     """Put before ``Trainer`` (or a subclass such as TRL's) in the bases: see the note above."""
 
     hf_zero_engine = None
@@ -152,6 +158,7 @@ class HfZeroTrainerMixin:
         # DeepSpeed's rule: the config's optimizer wins; otherwise the Trainer's (with its
         # weight-decay groups) is rebound to hf_zero's master shards.
         optimizer = super().create_optimizer(model) if config.optimizer is None else None
+        assert self.model is not None   # the Trainer creates its optimizer for a model it holds
         engine = hf_zero.initialize(self.model, config, optimizer=optimizer)
         self.hf_zero_engine = engine
         self.optimizer = engine.optimizer
@@ -189,6 +196,7 @@ class HfZeroTrainerMixin:
         if engine is None:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        assert output_dir is not None   # TrainingArguments.__post_init__ fills a default output_dir
         # Every rank takes part (stage 3 gathers); rank 0 writes. Trainer._save would return
         # early on the other ranks and leave rank 0 alone in the gather.
         engine.save_16bit_model(output_dir, dtype=engine.dtype)
@@ -228,6 +236,7 @@ class HfZeroTrainerMixin:
         if engine is None:
             return super()._load_best_model()
         best = self.state.best_model_checkpoint
+        assert best is not None   # the Trainer calls this only when there is a best checkpoint
         logger.info("hf_zero: loading the best model from %s", best)
         engine.load_checkpoint(os.path.join(best, CHECKPOINT_SUBDIR), load_module_only=True)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 
@@ -29,11 +29,16 @@ FP32 = 4
 KEY = "zero_optimization.offload_optimizer"
 
 
+class _InFlight(Protocol):
+    """A transfer or copy started in the background (AsyncFileIO's, or a device copy's event)."""
+    def wait(self) -> None: ...
+
+
 @dataclass
 class _Slot:
     buffer: torch.Tensor                       # 1D uint8, aligned: one sub-group's regions
     sub_group: Optional[int] = None            # which sub-group the buffer holds / is loading
-    read: object = None                        # the read transfer in flight, if any
+    read: Optional[_InFlight] = None           # the read transfer in flight, if any
     pending: list = field(default_factory=list)   # copy-back and write handles reading the buffer
 
 
@@ -66,6 +71,10 @@ class NvmeOffload(SubGroupOffload):
         self.files: dict[int, Path] = {}   # sub-group index -> its file (offloaded sub-groups only)
         self.swap_dir: Optional[SwapDir] = None
         self.io: Optional[AsyncFileIO] = None
+
+    def _file_io(self) -> AsyncFileIO:
+        assert self.io is not None, "the swap files are opened by attach() and closed by close()"
+        return self.io
 
     # ---- layout -------------------------------------------------------------------------
     def _kinds(self) -> tuple[str, ...]:
@@ -121,7 +130,7 @@ class NvmeOffload(SubGroupOffload):
                     region.narrow(0, s.offset, s.length).copy_(source)
                 if self.on_params_done is not None:   # NVMe-mapped parameter shards: drop what was read
                     self.on_params_done(sources)
-            self.io.write(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
+            self._file_io().write(self.files[sg.index], buffer, self._file_bytes(sg)).wait()
 
     def prepare_states(self, keys: tuple[str, ...]) -> tuple[str, ...]:
         return self.state_keys   # created at attach, fixed by the optimizer; they stay swapped out
@@ -156,6 +165,7 @@ class NvmeOffload(SubGroupOffload):
                 self._read_extent(self.slots[0], extents[0])
             for i, extent in enumerate(extents):
                 slot = self.slots[i % 2]
+                assert slot.read is not None   # started for this extent by _read_extent
                 slot.read.wait()
                 if i + 1 < len(extents):
                     self._read_extent(self.slots[(i + 1) % 2], extents[i + 1])
@@ -171,7 +181,7 @@ class NvmeOffload(SubGroupOffload):
 
     def _read_extent(self, slot: _Slot, extent: _Extent) -> None:
         lo, hi = extent.aligned
-        slot.sub_group, slot.read = None, self.io.read(extent.file, slot.buffer, hi - lo, lo)
+        slot.sub_group, slot.read = None, self._file_io().read(extent.file, slot.buffer, hi - lo, lo)
 
     def _write_offloaded(self, kind: str, group: int, chunk: int, start: int, length: int,
                          fill: Callable[[int, torch.Tensor], None]) -> None:
@@ -190,7 +200,7 @@ class NvmeOffload(SubGroupOffload):
                 if kind == "master":
                     self._master_to_param(group, chunk, start + extent.element, part)
                 lo, hi = extent.aligned
-                slot.pending = [self.io.write(extent.file, slot.buffer, hi - lo, lo)]
+                slot.pending = [self._file_io().write(extent.file, slot.buffer, hi - lo, lo)]
             # Before returning: the next call may read-modify-write a block this one wrote.
             self._finish()
         except SwapIOError as err:
@@ -206,9 +216,10 @@ class NvmeOffload(SubGroupOffload):
         head = extent.first != lo
         tail = extent.first + extent.nbytes != hi
         if head:
-            self.io.read(extent.file, slot.buffer, ALIGN, lo).wait()
+            self._file_io().read(extent.file, slot.buffer, ALIGN, lo).wait()
         if tail and not (head and hi - lo == ALIGN):
-            self.io.read(extent.file, slot.buffer.narrow(0, hi - ALIGN - lo, ALIGN), ALIGN, hi - ALIGN).wait()
+            last_block = slot.buffer.narrow(0, hi - ALIGN - lo, ALIGN)
+            self._file_io().read(extent.file, last_block, ALIGN, hi - ALIGN).wait()
 
     # ---- the step's storage hooks -------------------------------------------------------
     def _slot(self, sub_group: SubGroup) -> _Slot:
@@ -220,11 +231,12 @@ class NvmeOffload(SubGroupOffload):
             return
         self._wait_pending(slot)
         slot.sub_group = sub_group.index
-        slot.read = self.io.read(self.files[sub_group.index], slot.buffer, self._file_bytes(sub_group))
+        slot.read = self._file_io().read(self.files[sub_group.index], slot.buffer, self._file_bytes(sub_group))
 
     def _acquire(self, sub_group: SubGroup) -> SubGroupViews:
         self._prefetch(sub_group)
         slot = self._slot(sub_group)
+        assert slot.read is not None   # started or found in flight by _prefetch
         slot.read.wait()
         kinds = self._kinds()
         regions = {kind: self._region(slot.buffer, sub_group, k) for k, kind in enumerate(kinds)}
@@ -241,7 +253,7 @@ class NvmeOffload(SubGroupOffload):
 
     def _release(self, sub_group: SubGroup, copied) -> None:
         slot = self._slot(sub_group)
-        write = self.io.write(self.files[sub_group.index], slot.buffer, self._file_bytes(sub_group))
+        write = self._file_io().write(self.files[sub_group.index], slot.buffer, self._file_bytes(sub_group))
         slot.read, slot.sub_group = None, None   # the next step reads it again
         slot.pending = [copied, write]
 

@@ -208,6 +208,7 @@ class ParamStore:
             host = torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory and compute_device.type == "cuda")
             storage = ShardStorage(host)
         else:
+            assert self.swap_dir is not None   # device "nvme": opened in __init__
             path = self.swap_dir.allocate(f"shard_{len(self.storages):05d}.bin", numel * dtype.itemsize)
             storage = MappedShard(path, numel, dtype)
             bisect.insort(self._mapped, storage, key=lambda s: s.start)

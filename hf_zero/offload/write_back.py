@@ -62,7 +62,7 @@ def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]], after) -> None:
 class _PinnedSlot:   # CUDA-only: one sub-group of page-locked low-precision staging
     def __init__(self) -> None:
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
-        self.event = None   # the side-stream copy that last read this slot
+        self.event: Optional[torch.cuda.Event] = None   # the side-stream copy that last read this slot
 
     def buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         if dtype not in self.buffers:
@@ -86,8 +86,9 @@ class WriteBack:
         ``after(dsts)`` runs once the copies are done (host copies only: on the thread)."""
         if not copies:
             return _Done()
+        handle: _CudaCopies | _ThreadCopies
         if self._stream is not None:
-            handle = _CudaCopies(self._submit_cuda(copies))
+            handle = _CudaCopies(self._submit_cuda(self._stream, copies))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf_zero-writeback")
@@ -95,7 +96,7 @@ class WriteBack:
         self._pending.append(handle)
         return handle
 
-    def _submit_cuda(self, copies: list[tuple[torch.Tensor, torch.Tensor]]):
+    def _submit_cuda(self, stream: torch.cuda.Stream, copies: list[tuple[torch.Tensor, torch.Tensor]]):
         """CUDA-only branch ([Note: copy-back on CUDA]): host cast into a pinned slot, then
         one DMA per slice on the side stream; returns the event recorded after them."""
         slot = self._slots[self._num_submits % 2]
@@ -111,12 +112,12 @@ class WriteBack:
             staged.copy_(src)   # fp32 -> bf16/fp16 on the host (round to nearest even, as on the device)
             sources.append(staged)
             offset += src.numel()
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             for (dst, _), src in zip(copies, sources):
                 dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(self._stream)
+            event.record(stream)
         slot.event = event
         return event
 

@@ -15,7 +15,7 @@ after each optimizer step that was not skipped), which is how DeepSpeed's engine
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -51,7 +51,7 @@ class WarmupLR(LRScheduler):
             return _warmup_gamma(iteration, self.warmup_steps, self.warmup_type)
         return 1.0
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         iteration = self.last_epoch - 1          # DeepSpeed's last_batch_iteration
         max_lrs = self.base_lrs if self.max_lr is None else [self.max_lr] * len(self.base_lrs)
         if iteration < 0:
@@ -99,7 +99,7 @@ class WarmupCosineLR(LRScheduler):
         cosine = (1 + math.cos(math.pi * min(1.0, progress))) / 2   # clamped: stays at the floor
         return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * cosine)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         return [base * self._ratio(self.last_epoch - 1) for base in self.base_lrs]
 
 
@@ -119,12 +119,18 @@ def build_scheduler(config: SchedulerConfig, optimizer: torch.optim.Optimizer) -
                            for n in autos])
     if config.type != "WarmupLR" and params.total_num_steps is None:
         raise ConfigError([("scheduler.params.total_num_steps", f"is required by {config.type}")])
-    warmup = {"warmup_min_lr": params.warmup_min_lr, "warmup_num_steps": params.warmup_num_steps,
-              "warmup_type": params.warmup_type}
+    nulls = [name for name in ("warmup_min_lr", "warmup_num_steps") if getattr(params, name) is None]
+    if nulls:   # the parser lets null through for AutoFloat/AutoInt fields; these two need a number
+        raise ConfigError([(f"scheduler.params.{n}", "must be a number, not null") for n in nulls])
+    # Past the checks above no field is "auto" (the str of AutoFloat/AutoInt), only
+    # warmup_max_lr may be None, and total_num_steps is set wherever it is used.
+    min_lr, num_steps = cast(float, params.warmup_min_lr), cast(int, params.warmup_num_steps)
+    max_lr, total_steps = cast(Optional[float], params.warmup_max_lr), cast(int, params.total_num_steps)
     if config.type == "WarmupLR":
-        return WarmupLR(optimizer, warmup_max_lr=params.warmup_max_lr, **warmup)
+        return WarmupLR(optimizer, min_lr, max_lr, num_steps, params.warmup_type)
     if config.type == "WarmupDecayLR":
-        max_lr = DEEPSPEED_DECAY_DEFAULT_MAX_LR if params.warmup_max_lr is None else params.warmup_max_lr
-        return WarmupDecayLR(optimizer, params.total_num_steps, warmup_max_lr=max_lr, **warmup)
-    return WarmupCosineLR(optimizer, params.total_num_steps, params.warmup_min_ratio, params.warmup_num_steps,
+        max_lr = DEEPSPEED_DECAY_DEFAULT_MAX_LR if max_lr is None else max_lr
+        return WarmupDecayLR(optimizer, total_steps, warmup_max_lr=max_lr, warmup_min_lr=min_lr,
+                             warmup_num_steps=num_steps, warmup_type=params.warmup_type)
+    return WarmupCosineLR(optimizer, total_steps, params.warmup_min_ratio, num_steps,
                           params.cos_min_ratio, params.warmup_type)

@@ -20,16 +20,33 @@ import abc
 import contextlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Generic, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import torch
+from torch import nn
 
 from hf_zero.comm import Collectives
 from hf_zero.diagnostics.step_report import StepTimers, timed
-from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.partition import BucketPlan
 
 MAX_INFLIGHT_BUCKETS = 2  # bounds transient reduction buffers; two keep the wire busy
+
+
+class ParamGroup(Protocol):
+    """What the shared stage code reads of a parameter group: flat_buffer.FlatParamGroup
+    (stages 0-2) and sharded_params.ShardedParamGroup (stage 3) both provide it."""
+    params: list[nn.Parameter]
+    names: list[str]
+    plans: list[BucketPlan]
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+GroupT = TypeVar("GroupT", bound=ParamGroup)
 
 
 @dataclass(eq=False)
@@ -50,7 +67,7 @@ class _Pending:
     on_done: Callable[[], None]     # runs after the wait (copy out, free buffers)
 
 
-class ZeroStage(abc.ABC):
+class ZeroStage(abc.ABC, Generic[GroupT]):
     """Gradient reduction and parameter refresh for one ZeRO stage (strategy object)."""
 
     stage: int
@@ -58,9 +75,9 @@ class ZeroStage(abc.ABC):
     keeps_full_grads: bool          # a full-size gradient buffer exists between steps
 
     # Groups of frozen parameters that the stage shards too (stage 3); none below stage 3.
-    frozen_groups: Sequence[FlatParamGroup] = ()
+    frozen_groups: Sequence[GroupT] = ()
 
-    def __init__(self, groups: list[FlatParamGroup], comm: Collectives, overlap_comm: bool = True,
+    def __init__(self, groups: list[GroupT], comm: Collectives, overlap_comm: bool = True,
                  timers: Optional[StepTimers] = None):
         self.groups = groups
         self.comm = comm
@@ -197,11 +214,11 @@ class ZeroStage(abc.ABC):
 
     # ---- what each stage supplies ----------------------------------------------------
     @abc.abstractmethod
-    def _accept_grad(self, group: FlatParamGroup, index: int, param: torch.Tensor) -> None:
+    def _accept_grad(self, group: GroupT, index: int, param: torch.Tensor) -> None:
         """Move ``param.grad`` (just accumulated) into the stage's gradient storage."""
 
     @abc.abstractmethod
-    def _launch(self, group: FlatParamGroup, bucket: Bucket) -> tuple[object, Callable[[], None]]:
+    def _launch(self, group: GroupT, bucket: Bucket) -> tuple[object, Callable[[], None]]:
         """Start the bucket's reduction; return (work, completion callback)."""
 
     def _prepare_unused(self, bucket: Bucket) -> None:
@@ -227,7 +244,7 @@ class ZeroStage(abc.ABC):
     def after_step(self) -> None:
         """Make every rank's full parameters current after the optimizer updated its chunks."""
 
-    def parameter_groups(self) -> list[FlatParamGroup]:
+    def parameter_groups(self) -> list[GroupT]:
         """Every group that owns parameter storage: trainable, plus frozen ones (stage 3)
         (storage accounting, the initial broadcast, checkpoints)."""
         return list(self.groups) + list(self.frozen_groups)

@@ -8,7 +8,7 @@ from hf_zero.flat_buffer import FlatParamGroup
 from hf_zero.stages.base import ZeroStage
 
 
-class FullGradStage(ZeroStage):
+class FullGradStage(ZeroStage[FlatParamGroup]):
     """Keeps one gradient buffer per group, laid out like the parameters.
 
     Autograd accumulates straight into the views (``param.grad`` is set before backward), so

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Generic, Optional
 
 import torch
 
 from hf_zero.diagnostics.step_report import timed
-from hf_zero.stages.base import ZeroStage
+from hf_zero.flat_buffer import FlatParamGroup
+from hf_zero.stages.base import GroupT, ZeroStage
 
 if TYPE_CHECKING:
     from hf_zero.quantized_comm import QuantizedCollectives
+
+    _StageBase = ZeroStage   # for the checker: the mixin's methods use ZeroStage's attributes
+else:
+    _StageBase = Generic     # at run time a plain mixin, listed before a ZeroStage subclass
 
 
 def _nothing() -> None:
     pass
 
 
-class PartitionedMixin:
+class PartitionedMixin(_StageBase[GroupT]):
     """Each rank owns chunk ``rank`` of every bucket (partition.py's ownership note)."""
 
     partitions_optimizer = True
@@ -30,24 +35,25 @@ class PartitionedMixin:
         self.allgather_bucket_numel = allgather_bucket_numel
         self.quantized_gradients, self.quantized_weights = quantized_gradients, quantized_weights
 
-    def _reduce_scatter(self: ZeroStage, output: torch.Tensor, input: torch.Tensor):
+    def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor):
         """Start a bucket's reduce-scatter; returns (work, finish) with finish() run after the wait."""
         if self.quantized_gradients is not None:
             return self.quantized_gradients.reduce_scatter_sum(output, input)
         return self.comm.reduce_scatter_sum(output, input, async_op=True), _nothing
 
-    def owned_params(self: ZeroStage) -> list[list[torch.Tensor]]:
+    # Methods that read FlatParamGroup's ``data`` (stage 3 overrides owned_params and after_step).
+    def owned_params(self: PartitionedMixin[FlatParamGroup]) -> list[list[torch.Tensor]]:
         return [[g.chunk(g.data, p, self.partition_rank) for p in g.plans] for g in self.groups]
 
     @property
-    def grad_divisor(self: ZeroStage) -> float:
+    def grad_divisor(self) -> float:
         return float(self.comm.data_parallel_size)   # with replicas (mics_shard_size): all ranks
 
-    def after_step(self: ZeroStage) -> None:
+    def after_step(self: PartitionedMixin[FlatParamGroup]) -> None:
         with timed(self.timers, "allgather"):
             self._gather_partitions()
 
-    def _gather_partitions(self: ZeroStage) -> None:
+    def _gather_partitions(self: PartitionedMixin[FlatParamGroup]) -> None:
         # In-place all-gather: this rank's updated chunk is already in place in ``data``.
         # At most ``allgather_bucket_numel`` elements are in flight at once.
         if self.quantized_weights is not None:

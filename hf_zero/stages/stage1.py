@@ -10,7 +10,7 @@ from hf_zero.stages.full_grads import FullGradStage
 from hf_zero.stages.partitioned import PartitionedMixin
 
 
-class PartitionedOptimizerStage(PartitionedMixin, FullGradStage):
+class PartitionedOptimizerStage(PartitionedMixin[FlatParamGroup], FullGradStage):
     stage = 1
 
     def __init__(self, *args, allgather_bucket_numel: int, quantized_gradients=None, quantized_weights=None,

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from hf_zero.flat_buffer import FlatParamGroup, shard_chunks
+from hf_zero.flat_buffer import shard_chunks
 from hf_zero.partition import shard_numel
-from hf_zero.stages.base import Bucket, ZeroStage
+from hf_zero.stages.base import Bucket, GroupT, ZeroStage
 from hf_zero.stages.partitioned import PartitionedMixin
 
 
-class PartitionedGradientStage(PartitionedMixin, ZeroStage):
+class PartitionedGradientStage(PartitionedMixin[GroupT], ZeroStage[GroupT]):
     stage = 2
     keeps_full_grads = False
 
-    def __init__(self, groups: list[FlatParamGroup], *args, allgather_bucket_numel: int, quantized_gradients=None,
+    def __init__(self, groups: list[GroupT], *args, allgather_bucket_numel: int, quantized_gradients=None,
                  quantized_weights=None, **kwargs):
         self._set_partition_options(allgather_bucket_numel, quantized_gradients, quantized_weights)
         self._grad_shards: list[torch.Tensor] | None = None   # allocated by the first backward
@@ -56,7 +56,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
                                              device=group.device)
         return self._staging[key]
 
-    def _accept_grad(self, group: FlatParamGroup, index: int, param: torch.Tensor) -> None:
+    def _accept_grad(self, group: GroupT, index: int, param: torch.Tensor) -> None:
         group_index = self.groups.index(group)
         bucket = self._where[(group_index, index)]
         offset = bucket.plan.param_offsets[bucket.plan.param_indices.index(index)] - bucket.plan.start
@@ -69,7 +69,7 @@ class PartitionedGradientStage(PartitionedMixin, ZeroStage):
     def _prepare_unused(self, bucket: Bucket) -> None:
         self._staging_for(bucket)
 
-    def _launch(self, group: FlatParamGroup, bucket: Bucket):
+    def _launch(self, group: GroupT, bucket: Bucket):
         key = (bucket.group_index, bucket.plan.start)
         staging = self._staging.pop(key)
         shard_chunk = self._shard_chunks[bucket.group_index][self._plan_index[key]]

@@ -58,7 +58,7 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class PartitionedParameterStage(PartitionedGradientStage):
+class PartitionedParameterStage(PartitionedGradientStage[ShardedParamGroup]):
     stage = 3
 
     def __init__(self, groups: list[ShardedParamGroup], units: list[Unit], root: Unit, persistent: Unit,
@@ -77,21 +77,23 @@ class PartitionedParameterStage(PartitionedGradientStage):
         self._finish_queued_from_output = False
         self.pass_state = PassState()        # stage3_pass.py's [Note: stage-3 pass state]
         self._kept_by_nested: set[int] = set()   # units gathered when a nested no-grad pass began
-        self._suspended_trace = None         # the training pass's planner state during a nested pass
+        self._suspended_trace: Optional[tuple] = None   # the training pass's planner state during a nested pass
         persistent.gather()
         self._module_handles = [
             model.register_forward_pre_hook(self._root_pre_forward),
             model.register_forward_hook(self._root_post_forward, always_call=True),
         ]
         for unit in units:
-            self._module_handles.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit),
-                                                                              with_kwargs=True))
+            module = unit.module
+            assert module is not None   # block units have one (only the root and persistent set do not)
+            self._module_handles.append(module.register_forward_pre_hook(self._make_pre_forward(unit),
+                                                                         with_kwargs=True))
             # always_call: a block that raises is released and its forward depth restored
-            self._module_handles.append(unit.module.register_forward_hook(self._make_post_forward(unit),
-                                                                          always_call=True))
-            for name, sub in unit.module.named_modules():
+            self._module_handles.append(module.register_forward_hook(self._make_post_forward(unit),
+                                                                     always_call=True))
+            for name, sub in module.named_modules():
                 direct = list(sub.parameters(recurse=False))
-                if sub is not unit.module and direct and all(owner.get(id(p)) is unit for p in direct):
+                if sub is not module and direct and all(owner.get(id(p)) is unit for p in direct):
                     self._module_handles.append(sub.register_forward_pre_hook(self._make_borrow_check(unit, name)))
         self._warned_borrow: set[int] = set()
 
@@ -137,6 +139,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
     def _end_pass(self) -> None:
         """Release every unit, clear per-pass counters, back to IDLE (stage3_pass.py's note)."""
         if self.pass_state.phase is PassPhase.NESTED_NO_GRAD:
+            assert self._suspended_trace is not None   # set on entering NESTED_NO_GRAD
             self.planner.resume(self._suspended_trace)
         self._release_all()
         self.planner.end_pass()
@@ -173,6 +176,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
             for unit in self._all_units:   # release only what the nested pass gathered itself
                 if unit.index not in self._kept_by_nested:
                     unit.release()
+            assert self._suspended_trace is not None   # set on entering NESTED_NO_GRAD
             self.planner.resume(self._suspended_trace)
             state.enter(PassPhase.AWAITING_BACKWARD)
         elif state.phase is PassPhase.NO_GRAD:
@@ -309,7 +313,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
 
     def parameter_groups(self) -> list[ShardedParamGroup]:
         """Every sharded group, trainable and frozen (storage accounting, checkpoints)."""
-        return list(self.groups) + self.frozen_groups
+        return list(self.groups) + list(self.frozen_groups)
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
@@ -323,7 +327,7 @@ class PartitionedParameterStage(PartitionedGradientStage):
             group.gather()
             for p in group.params:
                 p.data = p.data.clone()
-                del p._hf_zero_group
+                delattr(p, "_hf_zero_group")   # the tag sharded_params put on it
             group.full.untyped_storage().resize_(0)
             group.state = GatherState.RELEASED
 
