@@ -3,7 +3,7 @@
 Every rank must enter the block (gathering is a collective). With ``modifier_rank=r``, the
 values rank ``r`` holds when the block exits are broadcast and written back into every
 rank's shard, for the parameters passed only; the fp32 masters of exactly those elements
-are re-read once (engine._reload_masters), every other master stays bit-identical.
+are re-read once (engine_build.MasterReload), every other master stays bit-identical.
 Parameters that are not partitioned (stages 0-2, frozen parameters outside stage 3) are
 left as they are: there ``modifier_rank`` warns that the edit reaches neither the other
 ranks nor the optimizer's masters.

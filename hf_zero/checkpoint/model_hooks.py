@@ -57,7 +57,7 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
     # Stages 0-2 hold whole parameters: transformers' own save_pretrained writes the same layout
     # and may be called on rank 0 alone, as in a DDP script; only stage 3 needs every rank.
     # (a peft model writes its adapter: save_16bit_model gathers the adapter and calls peft)
-    routed = engine.stage.stage == 3 and hasattr(module, "save_pretrained")
+    routed = engine.zero_optimization_stage() == 3 and hasattr(module, "save_pretrained")
     if routed:
         original = module.save_pretrained
 
