@@ -17,13 +17,15 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
+from hf_zero.sharded_params import sharded_group_of
+
 logger = logging.getLogger(__name__)
 
 
 def _groups_of(params: Iterable[torch.Tensor]) -> list:
     groups, seen = [], set()
     for p in params:
-        group = getattr(p, "_hf_zero_group", None)
+        group = sharded_group_of(p)
         if group is not None and id(group) not in seen:
             seen.add(id(group))
             groups.append(group)
@@ -31,12 +33,12 @@ def _groups_of(params: Iterable[torch.Tensor]) -> list:
 
 
 def _warn_not_partitioned(params: list[torch.Tensor], modifier_rank: int) -> None:
-    if any(getattr(p, "_hf_zero_group", None) is None for p in params):
+    if any(sharded_group_of(p) is None for p in params):
         logger.warning("hf_zero.GatheredParameters(modifier_rank=%d): %d of %d parameters are not partitioned "
                        "(ZeRO stage 0-2, or not managed by hf_zero); for them the call does nothing: an edit made "
                        "on rank %d is not broadcast and does not reach the optimizer's fp32 masters. Edit them on "
                        "every rank before hf_zero.initialize, or load the values with a checkpoint",
-                       modifier_rank, sum(getattr(p, "_hf_zero_group", None) is None for p in params), len(params),
+                       modifier_rank, sum(sharded_group_of(p) is None for p in params), len(params),
                        modifier_rank)
 
 
@@ -59,6 +61,6 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
                     # HybridCollectives (mics_shard_size) broadcasts over every rank: each shard
                     # group's copy gets rank ``modifier_rank``'s values.
                     group.comm.broadcast(group.full, src_rank=modifier_rank)
-                    group.write_back_full([p for p in params if getattr(p, "_hf_zero_group", None) is group])
+                    group.write_back_full([p for p in params if sharded_group_of(p) is group])
         for group in newly:
             group.release()

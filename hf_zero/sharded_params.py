@@ -43,6 +43,12 @@ from hf_zero.meta_init import set_parameter_tensor
 from hf_zero.offload.param_store import ParamStore
 
 
+def sharded_group_of(param: torch.Tensor) -> Optional["ShardedParamGroup"]:
+    """The stage-3 group holding ``param``'s shard (GatheredParameters, export); None for a
+    parameter no stage-3 group shards. The one reader of the tag the group puts on it."""
+    return getattr(param, "_hf_zero_group", None)
+
+
 class GatherState(enum.Enum):
     RELEASED = "released"     # only ``shard`` is held; param.data is empty
     GATHERING = "gathering"   # ``full`` allocated, all-gathers in flight; param.data still empty

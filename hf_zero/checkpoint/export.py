@@ -22,14 +22,15 @@ from hf_zero.checkpoint.layout import true_shape
 from hf_zero.checkpoint.model_hooks import released_state_dict_allowed
 from hf_zero.comm import Collectives, rank_local_step
 from hf_zero.checkpoint.safetensors_io import write_safetensors
+from hf_zero.sharded_params import sharded_group_of
 
 
 def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dtype, is_writer: bool,
                   max_shard_size: int | str = "50GB", comm: Optional[Collectives] = None) -> None:
     """Write ``module``; with ``comm`` a failure on the writing rank is every rank's error."""
     save_dir = Path(save_dir)
-    groups = {id(p._hf_zero_group): p._hf_zero_group for p in module.parameters()
-              if getattr(p, "_hf_zero_group", None) is not None}
+    groups = {id(sharded_group_of(p)): sharded_group_of(p) for p in module.parameters()
+              if sharded_group_of(p) is not None}
     if groups and getattr(module, "peft_config", None) is not None:
         # Only the adapter is written: gather the trainable groups, never the frozen base.
         trainable = [g for g in groups.values() if g.params[0].requires_grad and not g.gathered]
@@ -60,7 +61,7 @@ def _groups_gathered(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     on every rank: a collective each), and release them afterwards."""
     groups = {}
     for tensor in tensors:
-        group = getattr(tensor, "_hf_zero_group", None)
+        group = sharded_group_of(tensor)
         if group is not None and not group.gathered:
             groups[id(group)] = group
     for group in groups.values():

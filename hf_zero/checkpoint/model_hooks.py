@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
+from hf_zero.sharded_params import sharded_group_of
+
 if TYPE_CHECKING:
     from hf_zero.engine import ZeroEngine
 
@@ -41,7 +43,7 @@ def _refuse_released(module: torch.nn.Module, state_dict: dict, prefix: str, loc
         return
     for name, p in module.named_parameters(remove_duplicate=False):
         value = state_dict.get(prefix + name)
-        released = getattr(p, "_hf_zero_group", None) is not None and p.numel() == 0 and getattr(p, "ds_numel", 0) > 0
+        released = sharded_group_of(p) is not None and p.numel() == 0 and getattr(p, "ds_numel", 0) > 0
         if released and value is not None and not isinstance(value, torch.nn.Parameter):
             raise RuntimeError(
                 f"model.state_dict() on a model sharded by hf_zero stage 3 would return an empty tensor for "
