@@ -23,7 +23,8 @@ order is enforced by data: a phase needs the previous one's result to be called.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from functools import partial
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -157,17 +158,20 @@ def stage_services(comm: Collectives, config: HfZeroConfig, timers: Optional[Ste
 def shard_model(ctx: BuildContext, model: nn.Module) -> Sharded:
     """Shard ``model`` in place: the stage, its groups and the collectives it partitions over."""
     zero = ctx.config.zero_optimization
+    # check_supported refused unresolved "auto" values: these are ints from here on.
+    stage_number = cast(int, zero.stage)
+    reduce_bucket, allgather_bucket = cast(int, zero.reduce_bucket_size), cast(int, zero.allgather_bucket_size)
     if ctx.dtype != torch.float32:
         model.to(ctx.dtype)
-    source = meta_source(ctx, model, zero.stage) if has_meta_parameters(model) else None
+    source = meta_source(ctx, model, stage_number) if has_meta_parameters(model) else None
     # mics_shard_size: the stage partitions over its shard group; zero_hpz_partition_size:
     # stage-3 groups keep a secondary partition over k ranks (hf_zero/topology.py).
     partition_comm = build_hybrid_collectives(ctx.comm, zero.mics_shard_size) or ctx.comm
-    secondary_comm = build_hpz_collectives(ctx.comm, zero.zero_hpz_partition_size if zero.stage == 3 else 1)
+    secondary_comm = build_hpz_collectives(ctx.comm, zero.zero_hpz_partition_size if stage_number == 3 else 1)
     stage, flat_groups, group_spec = build_groups_and_stage(
-        zero.stage, model, ctx.specs, partition_comm,
-        bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
-        overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
+        stage_number, model, ctx.specs, partition_comm,
+        bucket_numel=max(1, reduce_bucket),   # 0: per parameter
+        overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, allgather_bucket),
         stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                             max_live_numel=zero.stage3_max_live_parameters,
                             persistence_threshold=zero.stage3_param_persistence_threshold,
@@ -265,13 +269,16 @@ class MasterReload:
             return   # the parameter chunk is the master itself
         chunks = masters.owned_params[group_index]
 
-        def fill(offset: int, part: torch.Tensor, chunk: torch.Tensor, start: int) -> None:
-            edited = chunk.narrow(0, start + offset, part.numel())
-            part.copy_(torch.where(part.to(edited.dtype) == edited, part, edited.to(part.dtype)))
-
         for chunk, start, length in ranges:
             self.offload.write_state("master", group_index, chunk, start, length,
-                                     lambda offset, part, c=chunks[chunk], s=start: fill(offset, part, c, s))
+                                     partial(_keep_unedited, chunks[chunk], start))
+
+
+def _keep_unedited(param_chunk: torch.Tensor, start: int, offset: int, part: torch.Tensor) -> None:
+    """Master ``part`` (elements ``start + offset`` on of ``param_chunk``'s master) takes the
+    parameter's value only where the parameter no longer equals the master in its dtype."""
+    edited = param_chunk.narrow(0, start + offset, part.numel())
+    part.copy_(torch.where(part.to(edited.dtype) == edited, part, edited.to(part.dtype)))
 
 
 def fused_update(fused_kernels: str, inner: torch.optim.Optimizer, offload: Any) -> Optional["FusedAdamW"]:

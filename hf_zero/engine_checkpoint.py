@@ -23,7 +23,9 @@ class EngineCheckpointState:
     def __init__(self, engine: "ZeroEngine"):
         self._engine = engine
         self._stage, self._offload = engine.stage, engine.offload
-        self._frozen_groups = list(engine.stage.frozen_groups)
+        # Stage 3's ShardedParamGroups (shard_chunks, refresh); the base interface types them
+        # as FlatParamGroup, whose layout (plans, params, names) owned_pieces reads.
+        self._frozen_groups: list[Any] = list(engine.stage.frozen_groups)
         self.comm = engine.comm
         self.module: nn.Module = engine.module
         self.config = engine.config
