@@ -94,7 +94,7 @@ class Collectives:
     """The collectives of one data-parallel group, each counted in ``stats``."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, stats: Optional[CommStats] = None,
-                 label: str = "world"):
+                 label: str = "world", presence_timeout_s: float = DEFAULT_PRESENCE_TIMEOUT_S):
         self.group = group
         self.label = label   # the process group's name in CommStats.by_group()
         self.stats = stats if stats is not None else CommStats()
@@ -102,8 +102,8 @@ class Collectives:
         self.world_size = dist.get_world_size(group) if initialized else 1
         self.rank = dist.get_rank(group) if initialized else 0
         self.checker: Optional[CollectiveChecker] = None   # in debug mode (config debug_collectives)
-        # how long all_ranks_call waits for every rank (config presence_timeout; set by the engine)
-        self.presence_timeout_s = DEFAULT_PRESENCE_TIMEOUT_S
+        # how long presence.all_ranks_call waits for every rank (the engine passes config presence_timeout)
+        self.presence_timeout_s = presence_timeout_s
 
     def _check(self, kind: str, tensor: Optional[torch.Tensor] = None) -> None:
         """``tensor`` is None for object collectives and barriers (no shape to compare)."""

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import functools
-from typing import Any, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -23,12 +22,15 @@ from hf_zero.accounting import bytes_by_category
 from hf_zero.checkpoint.model_hooks import install_save_hooks
 from hf_zero.comm import Collectives
 from hf_zero.config import HfZeroConfig, load_config
-from hf_zero.diagnostics.step_report import StepTimers, format_report, peak_rss_bytes, timed
-from hf_zero.engine_build import (agree_on_model, build_update, check_and_place, resolve_scheduler, shard_model,
-                                  stage_services)
+from hf_zero.diagnostics.step_report import format_report, peak_rss_bytes, timed
+from hf_zero.engine_build import agree_on_model, build_update, check_and_place, resolve_scheduler, shard_model
+from hf_zero.offload import OptimizerOffload
 from hf_zero.optim.loss_scaler import build_loss_scaler
 from hf_zero.optim.master_weights import MasterWeights
 from hf_zero.optim.zero_optimizer import ZeroOptimizer
+
+if TYPE_CHECKING:
+    from hf_zero.engine_checkpoint import EngineCheckpointState
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +42,22 @@ class ZeroEngine:
 
     def __init__(self, model: nn.Module, config: HfZeroConfig, optimizer: Optional[torch.optim.Optimizer],
                  lr_scheduler: Any, group: Optional[dist.ProcessGroup]):
-        # The phases of engine_build.py, in order; each returns what it built.
-        self.comm = Collectives(group)
-        placed = check_and_place(self.comm, model, config, optimizer)
-        self.config, self.device, self.dtype = placed.config, placed.device, placed.dtype
-        self.param_store = placed.param_store
-        agree_on_model(self.comm, model, self.config)
+        # The phases of engine_build.py, in order; each returns what it built ([Note: explicit
+        # wiring] there). The engine keeps references to what they built, and changes none of it.
+        self.comm = Collectives(group, presence_timeout_s=float(config.presence_timeout))
+        ctx = check_and_place(self.comm, model, config, optimizer)
+        agree_on_model(self.comm, model, ctx.config)
+        self.config, self.device, self.dtype, self.timers = ctx.config, ctx.device, ctx.dtype, ctx.timers
+        self.param_store = ctx.param_store
         self.module = model
-        self.timers = StepTimers(self.device) if self.config.wall_clock_breakdown else None
-        self.stage, self.flat_groups, group_spec = shard_model(
-            self, model, placed.specs, stage_services(self.comm, self.config, self.timers))
-        self.offload, inner = build_update(self, placed.specs, group_spec, optimizer)
+        sharded = shard_model(ctx, model)
+        self.stage, self.flat_groups, self.partition_comm = sharded.stage, sharded.flat_groups, sharded.partition_comm
+        update = build_update(ctx, sharded, optimizer)
+        self.offload: OptimizerOffload = update.offload
         self.masters: MasterWeights = self.offload.masters
         self.param_store.evict_all()   # pages touched while building masters / states
         self.scaler = build_loss_scaler(self.config.fp16)
-        self.optimizer = ZeroOptimizer(inner, self.stage, self.offload, self.scaler, self.partition_comm,
+        self.optimizer = ZeroOptimizer(update.inner, self.stage, self.offload, self.scaler, self.partition_comm,
                                        float(cast(float, self.config.gradient_clipping)))   # "auto" refused
         self.lr_scheduler = resolve_scheduler(lr_scheduler, self.config, self.optimizer)
 
@@ -69,7 +72,7 @@ class ZeroEngine:
         setattr(model, "no_sync", self.no_sync)       # instance attributes over the model's own
         setattr(model, "zero_grad", self.zero_grad)
         # stage 3: model.save_pretrained and model.state_dict() gather when every rank calls them
-        self._undo_save_hooks = install_save_hooks(self)
+        self._undo_save_hooks = install_save_hooks(self, self.comm)
         self.comm.stats.reset()
 
     # ---- training loop ------------------------------------------------------------------
@@ -89,24 +92,6 @@ class ZeroEngine:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to differentiate: x loss scale (fp16) / gradient accumulation steps."""
         return loss.float() * (self.scaler.scale / self.gradient_accumulation_steps)
-
-    def _reload_masters(self, group, ranges: list[tuple[int, int, int]]) -> None:
-        """Shard ranges of ``group`` were edited outside the optimizer (GatheredParameters with
-        modifier_rank): re-read the master elements there whose parameter value no longer
-        equals the master rounded to the parameter's dtype. Every other master element stays
-        bit-identical (re-reading it from a bf16 parameter would drop its low bits)."""
-        if not self.masters.keeps_copy:
-            return   # the parameter chunk is the master itself
-        group_index = self.flat_groups.index(group)
-        chunks = self.masters.owned_params[group_index]
-
-        def fill(offset: int, part: torch.Tensor, chunk: torch.Tensor, start: int) -> None:
-            edited = chunk.narrow(0, start + offset, part.numel())
-            part.copy_(torch.where(part.to(edited.dtype) == edited, part, edited.to(part.dtype)))
-
-        for chunk, start, length in ranges:
-            self.offload.write_state("master", group_index, chunk, start, length,
-                                     functools.partial(fill, chunk=chunks[chunk], start=start))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the scaled loss; reductions are deferred until the boundary micro-step."""
@@ -232,7 +217,18 @@ class ZeroEngine:
         for group in self.optimizer.inner.param_groups:   # a user-held optimizer must not pin the masters
             group["params"] = []
 
+    def zero_optimization_stage(self) -> int:
+        """The ZeRO stage (0-3), as DeepSpeed's engine reports it."""
+        return self.stage.stage
+
     # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint_state(self) -> "EngineCheckpointState":
+        """What a checkpoint saves and where it loads it ([Note: checkpoint interface] in
+        hf_zero/checkpoint/state.py); read at the time of the call."""
+        from hf_zero.engine_checkpoint import EngineCheckpointState
+
+        return EngineCheckpointState(self)
+
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None):
         """Sharded, atomic checkpoint on every rank (see hf_zero/checkpoint/save.py); returns its path."""
         from hf_zero.checkpoint import save_checkpoint

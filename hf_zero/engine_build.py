@@ -1,22 +1,30 @@
 """The phases of ``ZeroEngine.__init__``, in the order they must run (engine.py calls them).
 
-1. :func:`check_and_place` (rank-local: config, parameter groups, device, parameter store;
-   the ranks agree on the outcome), then :func:`agree_on_model` (fingerprints; debug checker).
+1. :func:`check_and_place` (rank-local: config, parameter groups, device, parameter store,
+   timers; the ranks agree on the outcome) returns the frozen :class:`BuildContext` every
+   later phase reads; then :func:`agree_on_model` (fingerprints; debug checker).
 2. :func:`shard_model`: cast, materialise a ``zero_init`` model, lay out the groups, build the
-   stage with its services, start every rank from rank 0's weights.
+   stage with its services (timers, ZeRO++ collectives, hybrid / hpZ groups, all given to
+   constructors), start every rank from rank 0's weights; returns :class:`Sharded`.
 3. :func:`build_update`: the offload backend (masters, where the update runs) and the inner
-   optimizer over the masters.
-   With ``fused_kernels: "triton"``, :func:`fused_update` is the in-memory backend's update
-   strategy (given to ``attach``).
+   optimizer over the masters, built from :class:`Sharded`; subscribes the backend's
+   master re-read to the stage's shard edits (the one edge that must point back: the
+   backend is built from the stage's owned chunks). With ``fused_kernels: "triton"``,
+   :func:`fused_update` is the in-memory backend's update strategy (given to ``attach``).
 4. :func:`resolve_scheduler`: the schedule over the engine's optimizer.
 
-Each phase takes what it needs and returns what it built; nothing is injected afterwards.
+[Note: explicit wiring]
+Each phase takes what it needs and returns what it built; no phase assigns attributes onto
+an object another phase built, and no code outside ``stages/`` asks a stage or its groups
+what they have with ``hasattr`` / ``getattr`` (``tests/test_wiring.py`` keeps it so). The
+order is enforced by data: a phase needs the previous one's result to be called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from functools import partial
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -34,7 +42,7 @@ from hf_zero.optim.build import bind_tensor_layout, build_optimizer, check_optim
 from hf_zero.optim.lr_schedules import build_scheduler
 from hf_zero.param_groups import ParamGroupSpec, collect_param_groups
 from hf_zero.stages import StageServices, ZeroStage, build_groups_and_stage
-from hf_zero.topology import build_hybrid_collectives, enable_hpz, hybrid_sharding_problems
+from hf_zero.topology import build_hpz_collectives, build_hybrid_collectives, hybrid_sharding_problems
 
 if TYPE_CHECKING:
     from hf_zero.optim.fused_step import FusedAdamW
@@ -69,19 +77,41 @@ def model_dtype(config: HfZeroConfig) -> torch.dtype:
     return torch.float32
 
 
-@dataclass
-class Placement:
-    """What the rank-local checks decided: the resolved config and where things live."""
+@dataclass(frozen=True)
+class BuildContext:
+    """What the rank-local checks decided, built once and read by every later phase: the
+    resolved config, where things live, the world's collectives and the phase timers."""
 
+    comm: Collectives
     config: HfZeroConfig
     specs: list[ParamGroupSpec]
     device: torch.device
     dtype: torch.dtype
     param_store: ParamStore
+    timers: Optional[StepTimers]   # wall_clock_breakdown; None when off
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """What :func:`shard_model` built: the stage, its trainable groups (``stage.groups``),
+    the optimizer group of each, and the collectives the stage partitions over."""
+
+    stage: ZeroStage
+    flat_groups: list
+    group_spec: list[int]
+    partition_comm: Collectives   # the world, or the shard group with mics_shard_size
+
+
+@dataclass(frozen=True)
+class Update:
+    """What :func:`build_update` built: the offload backend and the inner optimizer."""
+
+    offload: OptimizerOffload
+    inner: torch.optim.Optimizer
 
 
 def check_and_place(comm: Collectives, model: nn.Module, config: HfZeroConfig,
-                    optimizer: Optional[torch.optim.Optimizer]) -> Placement:
+                    optimizer: Optional[torch.optim.Optimizer]) -> BuildContext:
     """Rank-local checks before the first collective, then the ranks agree: a failure on one
     rank is the same error on all (comm.agree_on_failure), never a hang."""
     with rank_local_step(comm, "hf_zero.initialize"):
@@ -101,7 +131,8 @@ def check_and_place(comm: Collectives, model: nn.Module, config: HfZeroConfig,
         # Where stage-3 shards live (offload_param; 'none' below stage 3, refused above);
         # an NVMe path is checked here, before any work.
         param_store = build_param_store(config.zero_optimization, model, dtype, comm.world_size, comm.rank, device)
-    return Placement(config, specs, device, dtype, param_store)
+    timers = StepTimers(device) if config.wall_clock_breakdown else None
+    return BuildContext(comm, config, specs, device, dtype, param_store, timers)
 
 
 def agree_on_model(comm: Collectives, model: nn.Module, config: HfZeroConfig) -> None:
@@ -124,46 +155,50 @@ def stage_services(comm: Collectives, config: HfZeroConfig, timers: Optional[Ste
                          quantized_weights=quantized if zero.zero_quantized_weights else None)
 
 
-def shard_model(engine: Any, model: nn.Module, specs: list[ParamGroupSpec],
-                services: StageServices) -> tuple[ZeroStage, list, list[int]]:
-    """Shard ``model`` in place: returns (stage, trainable groups, optimizer group of each)."""
-    zero = engine.config.zero_optimization
-    if engine.dtype != torch.float32:
-        model.to(engine.dtype)
-    source = meta_source(engine, model, zero.stage) if has_meta_parameters(model) else None
-    # mics_shard_size: the stage partitions over its shard group (hf_zero/topology.py).
-    engine.partition_comm = build_hybrid_collectives(engine.comm, zero.mics_shard_size) or engine.comm
+def shard_model(ctx: BuildContext, model: nn.Module) -> Sharded:
+    """Shard ``model`` in place: the stage, its groups and the collectives it partitions over."""
+    zero = ctx.config.zero_optimization
+    # check_supported refused unresolved "auto" values: these are ints from here on.
+    stage_number = cast(int, zero.stage)
+    reduce_bucket, allgather_bucket = cast(int, zero.reduce_bucket_size), cast(int, zero.allgather_bucket_size)
+    if ctx.dtype != torch.float32:
+        model.to(ctx.dtype)
+    source = meta_source(ctx, model, stage_number) if has_meta_parameters(model) else None
+    # mics_shard_size: the stage partitions over its shard group; zero_hpz_partition_size:
+    # stage-3 groups keep a secondary partition over k ranks (hf_zero/topology.py).
+    partition_comm = build_hybrid_collectives(ctx.comm, zero.mics_shard_size) or ctx.comm
+    secondary_comm = build_hpz_collectives(ctx.comm, zero.zero_hpz_partition_size if stage_number == 3 else 1)
     stage, flat_groups, group_spec = build_groups_and_stage(
-        zero.stage, model, specs, engine.partition_comm,
-        bucket_numel=max(1, zero.reduce_bucket_size),   # 0: per parameter
-        overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, zero.allgather_bucket_size),
+        stage_number, model, ctx.specs, partition_comm,
+        bucket_numel=max(1, reduce_bucket),   # 0: per parameter
+        overlap_comm=zero.overlap_comm, allgather_bucket_numel=max(1, allgather_bucket),
         stage3_options=dict(prefetch_numel=zero.stage3_prefetch_bucket_size,
                             max_live_numel=zero.stage3_max_live_parameters,
                             persistence_threshold=zero.stage3_param_persistence_threshold,
                             persist_frozen=zero.stage3_persist_frozen_params,
-                            source=source, store=engine.param_store),
-        services=services)
+                            source=source, store=ctx.param_store, secondary_comm=secondary_comm),
+        services=stage_services(ctx.comm, ctx.config, ctx.timers))
     if source is not None:   # stage 3 read its slices while building: a failed read is every rank's error
-        source.agree_on_reads(engine.comm)
-    enable_hpz(stage, engine.comm, zero.zero_hpz_partition_size if zero.stage == 3 else 1)
+        source.agree_on_reads(ctx.comm)
     stage.watch_outputs(model)
-    broadcast_model(engine.comm, model, stage, flat_groups)
-    return stage, flat_groups, group_spec
+    broadcast_model(ctx.comm, model, stage, flat_groups)
+    return Sharded(stage, flat_groups, group_spec, partition_comm)
 
 
-def meta_source(engine: Any, model: nn.Module, stage: int):
+def meta_source(ctx: BuildContext, model: nn.Module, stage: int):
     """Values for a model built under ``zero_init`` (see meta_init.py's note): stage 3
-    reads them shard by shard; stages 0-2 materialise every parameter whole here."""
+    reads them shard by shard; stages 0-2 materialise every parameter whole here.
+    ``ctx``: anything with the context's ``comm`` and ``device``."""
     from hf_zero.stages.stage3_units import find_unit_modules
     from hf_zero.meta_init import ParameterSource, pending_seed, set_parameter_tensor
 
     # The seed crosses ranks on a device the group's backend serves (NCCL: this rank's
     # GPU, gloo: the host); a host tensor on an NCCL-only group raises.
-    where = (collective_device(dist.get_backend(engine.comm.group), engine.device) if engine.comm.active
+    where = (collective_device(dist.get_backend(ctx.comm.group), ctx.device) if ctx.comm.active
              else torch.device("cpu"))
     seed = torch.tensor([pending_seed()], dtype=torch.int64, device=where)
-    engine.comm.broadcast(seed)   # rank 0's seed: every rank computes identical values
-    source = ParameterSource(model, find_unit_modules(model), int(seed.item()), engine.device)
+    ctx.comm.broadcast(seed)   # rank 0's seed: every rank computes identical values
+    source = ParameterSource(model, find_unit_modules(model), int(seed.item()), ctx.device)
     source.materialise_buffers()
     if stage == 3:
         return source
@@ -171,7 +206,7 @@ def meta_source(engine: Any, model: nn.Module, stage: int):
         for name, p in model.named_parameters():
             set_parameter_tensor(p, source.full(name, p))
     source.close()
-    source.agree_on_reads(engine.comm)   # a failed read is every rank's error (meta_init.py's note)
+    source.agree_on_reads(ctx.comm)   # a failed read is every rank's error (meta_init.py's note)
     return None
 
 
@@ -191,35 +226,62 @@ def broadcast_model(comm: Collectives, model: nn.Module, stage: ZeroStage, flat_
             comm.broadcast(b)
 
 
-def build_update(engine: Any, specs: list[ParamGroupSpec], group_spec: list[int],
-                 optimizer: Optional[torch.optim.Optimizer]) -> tuple[OptimizerOffload, torch.optim.Optimizer]:
+def build_update(ctx: BuildContext, sharded: Sharded, optimizer: Optional[torch.optim.Optimizer]) -> Update:
     """The offload backend (none / cpu / nvme: where masters and optimizer states live and the
     update runs) and the inner optimizer over its masters. Setup is rank-local (NVMe: the swap
     directory's checks), so the ranks agree on its outcome."""
-    zero = engine.config.zero_optimization
-    with rank_local_step(engine.comm, "hf_zero.initialize (optimizer offload setup)"):
+    zero, stage = ctx.config.zero_optimization, sharded.stage
+    with rank_local_step(ctx.comm, "hf_zero.initialize (optimizer offload setup)"):
         # Shards on NVMe: pages the optimizer read (setup) or wrote (copy-back) are dropped per
         # sub-group, so no pass over the model holds all shards resident.
-        on_params_done = engine.param_store.drop_pages if engine.param_store.offloads else None
+        on_params_done = ctx.param_store.drop_pages if ctx.param_store.offloads else None
         # Quantized weight all-gathers overwrite the owner's chunk too: keep exact fp32 masters apart.
-        offload = build_optimizer_offload(zero, engine.stage.owned_params(), engine.comm.rank,
+        offload = build_optimizer_offload(zero, stage.owned_params(), ctx.comm.rank,
                                           force_copy=zero.zero_quantized_weights, on_params_done=on_params_done)
-        for group in engine.flat_groups:   # GatheredParameters(modifier_rank=...) edits reach the masters
-            if hasattr(group, "on_shard_modified"):   # stage 3's ShardedParamGroup: a callback list
-                group.on_shard_modified.append(engine._reload_masters)   # edited ranges only
+        # GatheredParameters(modifier_rank=...) edits of stage-3 shards reach the masters
+        # (edited ranges only); stages 0-2 never report an edit.
+        stage.subscribe_shard_edits(MasterReload(offload))
         # Each optimizer group steps the master chunks of all its parameter groups (several at
         # stage 3, one per unit; none for a group emptied by freezing).
-        master_groups: list[list[torch.Tensor]] = [[] for _ in specs]
-        for spec_index, masters in zip(group_spec, offload.masters.masters):
+        master_groups: list[list[torch.Tensor]] = [[] for _ in ctx.specs]
+        for spec_index, masters in zip(sharded.group_spec, offload.masters.masters):
             master_groups[spec_index].extend(masters)
         if optimizer is None:
-            inner = build_optimizer(engine.config.optimizer, master_groups, [s.options for s in specs])
+            inner = build_optimizer(ctx.config.optimizer, master_groups, [s.options for s in ctx.specs])
         else:
             rebind_optimizer(optimizer, master_groups)
             inner = optimizer
-        bind_tensor_layout(inner, engine.stage, engine.flat_groups, offload.masters.masters)   # Lamb, Muon
-        offload.attach(inner, fused_update(engine.config.fused_kernels, inner, offload))
-    return offload, inner
+        bind_tensor_layout(inner, stage, sharded.flat_groups, offload.masters.masters)   # Lamb, Muon
+        offload.attach(inner, fused_update(ctx.config.fused_kernels, inner, offload))
+    return Update(offload, inner)
+
+
+@dataclass(frozen=True)
+class MasterReload:
+    """Shard ranges of trainable group ``group_index`` were edited outside the optimizer
+    (GatheredParameters with modifier_rank): re-read the master elements there whose
+    parameter value no longer equals the master rounded to the parameter's dtype. Every
+    other master element stays bit-identical (re-reading it from a bf16 parameter would drop
+    its low bits)."""
+
+    offload: OptimizerOffload
+
+    def __call__(self, group_index: int, ranges: list[tuple[int, int, int]]) -> None:
+        masters = self.offload.masters
+        if not masters.keeps_copy:
+            return   # the parameter chunk is the master itself
+        chunks = masters.owned_params[group_index]
+
+        for chunk, start, length in ranges:
+            self.offload.write_state("master", group_index, chunk, start, length,
+                                     partial(_keep_unedited, chunks[chunk], start))
+
+
+def _keep_unedited(param_chunk: torch.Tensor, start: int, offset: int, part: torch.Tensor) -> None:
+    """Master ``part`` (elements ``start + offset`` on of ``param_chunk``'s master) takes the
+    parameter's value only where the parameter no longer equals the master in its dtype."""
+    edited = param_chunk.narrow(0, start + offset, part.numel())
+    part.copy_(torch.where(part.to(edited.dtype) == edited, part, edited.to(part.dtype)))
 
 
 def fused_update(fused_kernels: str, inner: torch.optim.Optimizer, offload: Any) -> Optional["FusedAdamW"]:

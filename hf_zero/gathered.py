@@ -3,7 +3,7 @@
 Every rank must enter the block (gathering is a collective). With ``modifier_rank=r``, the
 values rank ``r`` holds when the block exits are broadcast and written back into every
 rank's shard, for the parameters passed only; the fp32 masters of exactly those elements
-are re-read once (engine._reload_masters), every other master stays bit-identical.
+are re-read once (engine_build.MasterReload), every other master stays bit-identical.
 Parameters that are not partitioned (stages 0-2, frozen parameters outside stage 3) are
 left as they are: there ``modifier_rank`` warns that the edit reaches neither the other
 ranks nor the optimizer's masters.
@@ -17,13 +17,15 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
+from hf_zero.sharded_params import sharded_group_of
+
 logger = logging.getLogger(__name__)
 
 
 def _groups_of(params: Iterable[torch.Tensor]) -> list:
     groups, seen = [], set()
     for p in params:
-        group = getattr(p, "_hf_zero_group", None)
+        group = sharded_group_of(p)
         if group is not None and id(group) not in seen:
             seen.add(id(group))
             groups.append(group)
@@ -31,12 +33,12 @@ def _groups_of(params: Iterable[torch.Tensor]) -> list:
 
 
 def _warn_not_partitioned(params: list[torch.Tensor], modifier_rank: int) -> None:
-    if any(getattr(p, "_hf_zero_group", None) is None for p in params):
+    if any(sharded_group_of(p) is None for p in params):
         logger.warning("hf_zero.GatheredParameters(modifier_rank=%d): %d of %d parameters are not partitioned "
                        "(ZeRO stage 0-2, or not managed by hf_zero); for them the call does nothing: an edit made "
                        "on rank %d is not broadcast and does not reach the optimizer's fp32 masters. Edit them on "
                        "every rank before hf_zero.initialize, or load the values with a checkpoint",
-                       modifier_rank, sum(getattr(p, "_hf_zero_group", None) is None for p in params), len(params),
+                       modifier_rank, sum(sharded_group_of(p) is None for p in params), len(params),
                        modifier_rank)
 
 
@@ -59,6 +61,6 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
                     # HybridCollectives (mics_shard_size) broadcasts over every rank: each shard
                     # group's copy gets rank ``modifier_rank``'s values.
                     group.comm.broadcast(group.full, src_rank=modifier_rank)
-                    group.write_back_full([p for p in params if getattr(p, "_hf_zero_group", None) is group])
+                    group.write_back_full([p for p in params if sharded_group_of(p) is group])
         for group in newly:
             group.release()

@@ -43,6 +43,12 @@ from hf_zero.meta_init import set_parameter_tensor
 from hf_zero.offload.param_store import ParamStore
 
 
+def sharded_group_of(param: torch.Tensor) -> Optional["ShardedParamGroup"]:
+    """The stage-3 group holding ``param``'s shard (GatheredParameters, export); None for a
+    parameter no stage-3 group shards. The one reader of the tag the group puts on it."""
+    return getattr(param, "_hf_zero_group", None)
+
+
 class GatherState(enum.Enum):
     RELEASED = "released"     # only ``shard`` is held; param.data is empty
     GATHERING = "gathering"   # ``full`` allocated, all-gathers in flight; param.data still empty
@@ -59,14 +65,15 @@ class ShardedParamGroup:
     shard_version: int              # bumped whenever ``shard`` changes (optimizer step, edits)
 
     def __init__(self, params: list[nn.Parameter], names: list[str], bucket_numel: int, comm: Collectives,
-                 source=None, store: Optional[ParamStore] = None, keep_in_memory: bool = False):
+                 source=None, store: Optional[ParamStore] = None, keep_in_memory: bool = False,
+                 secondary_comm: Optional[Collectives] = None):
         """``source``: a zero_init.ParameterSource for meta-built parameters (values are read
         slice by slice from it instead of from ``param.data``). ``store``: where the shard
         lives (default: with the parameters); ``keep_in_memory``: never in a file (the
-        persistent set)."""
+        persistent set). ``secondary_comm``: the group of k ranks of ZeRO++ hpZ (None: off)."""
         world, rank = comm.world_size, comm.rank
         self.params, self.names, self.rank, self.comm = params, names, rank, comm
-        self.on_shard_modified: list = []   # callback(group, ranges): the engine refreshes fp32 masters
+        self.on_shard_modified: list = []   # callback(group, ranges): the stage tells its subscribers
         self.plans = plan_buckets([p.numel() for p in params], bucket_numel, world)
         dtype = params[0].dtype
         device = source.device if source is not None else params[0].device
@@ -99,12 +106,14 @@ class ShardedParamGroup:
         self.full = torch.empty(self.full_numel, dtype=dtype, device=device)
         self._works: list = []
         self._empty = torch.empty(0, dtype=dtype, device=device)
-        # ZeRO++ hpZ ([Note: hpZ secondary partition] in docs/design.md): set by topology.enable_hpz.
-        self.secondary_comm: Optional[Collectives] = None
+        # ZeRO++ hpZ ([Note: hpZ secondary partition] in docs/design.md; topology.build_hpz_collectives).
+        self.secondary_comm = secondary_comm
         self._secondary: Optional[torch.Tensor] = None
         self._secondary_version = -1
         self.shard_version = 0
-        self._gathered_version = 0   # shard version the gathered values were made from
+        # Shard version the gathered values were made from; -1: ``full`` holds none yet (the
+        # release below must not keep an hpZ secondary copy of its uninitialised bytes).
+        self._gathered_version = -1
         self.state = GatherState.GATHERED
         self.release()
 

@@ -68,11 +68,13 @@ def build_hybrid_collectives(world: Collectives, shard_size: int) -> Optional[Hy
     return HybridCollectives(mine_shard, mine_replica, world)
 
 
-def enable_hpz(stage, world: Collectives, partition_size: int) -> None:
-    """``zero_hpz_partition_size``: give every stage-3 parameter group a secondary partition
-    over its group of k consecutive ranks ([Note: hpZ secondary partition] in sharded_params.py)."""
+def build_hpz_collectives(world: Collectives, partition_size: int) -> Optional[Collectives]:
+    """``zero_hpz_partition_size``: the collectives of this rank's group of k consecutive ranks,
+    over which every stage-3 parameter group keeps its secondary partition ([Note: hpZ
+    secondary partition] in sharded_params.py); None when hpZ is off. Every rank creates
+    every group in the same order, as ``dist.new_group`` requires."""
     if partition_size <= 1 or partition_size == world.world_size:
-        return
+        return None
     if world.group is not None and dist.get_world_size(world.group) != dist.get_world_size():
         raise HybridShardingError("zero_optimization.zero_hpz_partition_size needs the data-parallel group to be "
                                   "the whole world (the groups are built with torch.distributed.new_group)")
@@ -83,9 +85,7 @@ def enable_hpz(stage, world: Collectives, partition_size: int) -> None:
         group = dist.new_group(ranks)
         if world.rank in ranks:
             mine = group
-    secondary = Collectives(mine, world.stats, label="shard")
-    for group in stage.parameter_groups():
-        group.secondary_comm = secondary
+    return Collectives(mine, world.stats, label="shard")
 
 
 def hybrid_sharding_problems(zero) -> list[tuple[str, str]]:

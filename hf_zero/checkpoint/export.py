@@ -23,6 +23,7 @@ from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD, released_state_dict_a
 from hf_zero.comm import Collectives, rank_local_step
 from hf_zero.presence import all_ranks_call
 from hf_zero.checkpoint.safetensors_io import write_safetensors
+from hf_zero.sharded_params import sharded_group_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -38,7 +39,7 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
 
 def _save_model_hf(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
                    max_shard_size: int | str, comm: Optional[Collectives]) -> None:
-    groups = {id(g): g for p in module.parameters() if (g := getattr(p, "_hf_zero_group", None)) is not None}
+    groups = {id(g): g for p in module.parameters() if (g := sharded_group_of(p)) is not None}
     if groups and getattr(module, "peft_config", None) is not None:
         # Only the adapter is written: gather the trainable groups, never the frozen base.
         trainable = [g for g in groups.values() if g.params[0].requires_grad and not g.gathered]
@@ -69,7 +70,7 @@ def _groups_gathered(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     on every rank: a collective each), and release them afterwards."""
     groups = {}
     for tensor in tensors:
-        group = getattr(tensor, "_hf_zero_group", None)
+        group = sharded_group_of(tensor)
         if group is not None and not group.gathered:
             groups[id(group)] = group
     for group in groups.values():

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from hf_zero.checkpoint.files import CheckpointError
-from hf_zero.checkpoint.layout import Piece, owned_pieces, true_shape
+from hf_zero.checkpoint.layout import Piece, true_shape
 from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
 from hf_zero.checkpoint.rng import restore_rng
 from hf_zero.optim.fused_step import new_step_counter
@@ -21,6 +21,7 @@ from hf_zero.checkpoint.save import _persistent_buffers
 from hf_zero.comm import rank_local_step
 
 if TYPE_CHECKING:
+    from hf_zero.checkpoint.state import CheckpointState
     from hf_zero.engine import ZeroEngine
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _check_model_matches(reader: CheckpointReader, module: torch.nn.Module, path
                               f"unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}")
 
 
-def _write_piece(engine: "ZeroEngine", reader: CheckpointReader, piece: Piece, key: str,
+def _write_piece(state: "CheckpointState", reader: CheckpointReader, piece: Piece, key: str,
                  kind: Optional[str]) -> None:
     """Stream the saved ``kind`` of ``piece`` (zeros when None) into the backend's ``key``
     ([Note: streamed optimizer state] in hf_zero/offload/protocol.py)."""
@@ -62,7 +63,7 @@ def _write_piece(engine: "ZeroEngine", reader: CheckpointReader, piece: Piece, k
         else:
             reader.fill(part, kind, piece.name, piece.param_start + offset)
 
-    engine.offload.write_state(key, piece.group, piece.chunk, piece.chunk_start, piece.length, fill)
+    state.write(key, piece, fill)
 
 
 def _master_kind(reader: CheckpointReader, piece: Piece) -> str:
@@ -70,26 +71,28 @@ def _master_kind(reader: CheckpointReader, piece: Piece) -> str:
     return "master" if reader.has("master", piece.name) else "frozen"
 
 
-def _load_masters(engine: "ZeroEngine", reader: CheckpointReader, pieces: list[Piece]) -> None:
+def _frozen_kind(reader: CheckpointReader, name: str) -> str:
+    # A parameter frozen now but trainable when saved starts from its saved master.
+    return "frozen" if reader.has("frozen", name) else "master"
+
+
+def _load_masters(state: "CheckpointState", reader: CheckpointReader, pieces: list[Piece]) -> None:
     for piece in pieces:   # writing a master also writes its model-dtype parameter chunk
-        _write_piece(engine, reader, piece, "master", _master_kind(reader, piece))
-    engine.stage.after_step()      # all-gather, so every rank holds full parameters again
+        _write_piece(state, reader, piece, "master", _master_kind(reader, piece))
+    state.params_loaded()      # all-gather, so every rank holds full parameters again
 
 
-def _frozen_groups(engine: "ZeroEngine") -> list:
-    return list(engine.stage.frozen_groups)
-
-
-def _load_frozen_shards(engine: "ZeroEngine", reader: CheckpointReader) -> None:
-    """Stage 3: each rank reads the slices of frozen parameters its shard holds."""
-    groups = _frozen_groups(engine)
-    for piece in owned_pieces(groups, engine.stage.partition_rank):
-        target = groups[piece.group].shard_chunks()[piece.chunk].narrow(0, piece.chunk_start, piece.length)
-        kind = "frozen" if reader.has("frozen", piece.name) else "master"
-        reader.fill(target, kind, piece.name, piece.param_start)
-    for group in groups:
-        group.mark_shard_modified()   # nothing gathered (or hpZ's secondary copy) from before survives
-        group.refresh()   # persistent frozen groups are kept gathered
+def _load_module(state: "CheckpointState", reader: CheckpointReader) -> None:
+    """What the module itself holds: stage-3 frozen shards (each rank reads the slices its
+    shard holds), parameters kept whole, persistent buffers."""
+    for piece in state.frozen_pieces():
+        reader.fill(state.frozen_shard(piece), _frozen_kind(reader, piece.name), piece.name, piece.param_start)
+    state.frozen_shards_loaded()
+    for name, p in state.whole_parameters():
+        reader.fill(p.data.view(-1), _frozen_kind(reader, name), name, 0)
+    for name, b in _persistent_buffers(state.module).items():
+        if reader.has("buffer", name):
+            reader.fill(b.data.view(-1), "buffer", name, 0)
 
 
 def _saved_state_keys(reader: CheckpointReader) -> tuple[str, ...]:
@@ -113,99 +116,103 @@ def _check_sources(reader: CheckpointReader, pieces: list[Piece], with_optimizer
             reader.check(kind, piece.name, piece.param_start, piece.length)
 
 
-def _check_module_sources(engine: "ZeroEngine", reader: CheckpointReader) -> None:
+def _check_module_sources(state: "CheckpointState", reader: CheckpointReader) -> None:
     """As _check_sources, for what the module itself reads: stage-3 frozen shards, unsharded
     parameters and persistent buffers."""
-    for piece in owned_pieces(_frozen_groups(engine), engine.stage.partition_rank):
-        kind = "frozen" if reader.has("frozen", piece.name) else "master"
-        reader.check(kind, piece.name, piece.param_start, piece.length)
-    grouped = {id(p) for g in [*engine.flat_groups, *_frozen_groups(engine)] for p in g.params}
-    for name, p in engine.module.named_parameters():
-        if id(p) not in grouped:
-            reader.check("frozen" if reader.has("frozen", name) else "master", name, 0, p.numel())
-    for name, b in _persistent_buffers(engine.module).items():
+    for piece in state.frozen_pieces():
+        reader.check(_frozen_kind(reader, piece.name), piece.name, piece.param_start, piece.length)
+    for name, p in state.whole_parameters():
+        reader.check(_frozen_kind(reader, name), name, 0, p.numel())
+    for name, b in _persistent_buffers(state.module).items():
         if reader.has("buffer", name):
             reader.check("buffer", name, 0, b.numel())
 
 
-def _check_optimizer(engine: "ZeroEngine", reader: CheckpointReader) -> None:
-    meta, inner = reader.manifest["optimizer"], engine.optimizer.inner
+def _check_optimizer(state: "CheckpointState", reader: CheckpointReader) -> None:
+    meta, inner = reader.manifest["optimizer"], state.optimizer
     if meta["class"] != type(inner).__name__ or len(meta["param_groups"]) != len(inner.param_groups):
         raise CheckpointError(f"{reader.path}: optimizer {meta['class']} with {len(meta['param_groups'])} groups "
                               f"cannot load into {type(inner).__name__} with {len(inner.param_groups)} groups")
 
 
-def _load_optimizer(engine: "ZeroEngine", reader: CheckpointReader, pieces: list[Piece]) -> None:
-    meta = reader.manifest["optimizer"]
-    inner = engine.optimizer.inner
-    # The backend says which elementwise states it keeps (cpu / nvme: fixed at attach, kept in
-    # place; none: the checkpoint's); those the checkpoint lacks (saved before a step) are zeros.
-    saved_keys = _saved_state_keys(reader)
-    keys = engine.offload.prepare_states(saved_keys)
+def _load_scalar_states(inner: torch.optim.Optimizer, meta: dict) -> None:
+    """Hyperparameters per group and per-group scalar states (e.g. Adam's step count)."""
     for group, saved, scalars in zip(inner.param_groups, meta["param_groups"], meta["scalar_state"]):
         group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         for master in group["params"]:
-            state = inner.state[master]
+            per_param = inner.state[master]
             for key, s in scalars.items():
                 if s["dtype"] is None:
-                    state[key] = s["value"]
+                    per_param[key] = s["value"]
                 elif key == "step":   # where this group's torch optimizer keeps it, whoever saved it
-                    state[key] = new_step_counter(group, master).fill_(s["value"])
+                    per_param[key] = new_step_counter(group, master).fill_(s["value"])
                 else:
                     device = master.device if s["on_param_device"] else torch.device("cpu")
-                    state[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"].split(".")[-1]),
-                                              device=device)
+                    per_param[key] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"].split(".")[-1]),
+                                                  device=device)
+
+
+def _load_optimizer(state: "CheckpointState", reader: CheckpointReader, pieces: list[Piece]) -> None:
+    # The backend says which elementwise states it keeps (cpu / nvme: fixed at attach, kept in
+    # place; none: the checkpoint's); those the checkpoint lacks (saved before a step) are zeros.
+    saved_keys = _saved_state_keys(reader)
+    keys = state.prepare_states(saved_keys)
+    _load_scalar_states(state.optimizer, reader.manifest["optimizer"])
     for piece in pieces:
         for key in keys:
-            _write_piece(engine, reader, piece, key, _state_kind(reader, piece, key, saved_keys))
-    engine.scaler.load_state_dict(reader.manifest["loss_scaler"])
-    engine.optimizer.num_skipped_steps = reader.manifest["skipped_steps"]
+            _write_piece(state, reader, piece, key, _state_kind(reader, piece, key, saved_keys))
+    state.loss_scaler.load_state_dict(reader.manifest["loss_scaler"])
 
 
 def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[str] = None,
                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                     load_module_only: bool = False, verify: bool = True) -> tuple[Path, dict]:
     """Restore parameters (and, unless disabled, optimizer, scaler, scheduler, step counters
-    and this rank's RNG). Returns (checkpoint path, client_state)."""
-    pieces = owned_pieces(engine.flat_groups, engine.stage.partition_rank)
+    and this rank's RNG). Returns (checkpoint path, client_state). The engine is read and
+    written only through ``engine.checkpoint_state()`` ([Note: checkpoint interface] in state.py)."""
+    state = engine.checkpoint_state()
+    pieces = state.trainable_pieces()
     with_optimizer = load_optimizer_states and not load_module_only
     reader = None
     # Every file and range this rank reads is checked before the first collective; the ranks
     # then agree, so a corrupt file on one rank is the same error on all (comm.agree_on_failure).
-    with rank_local_step(engine.comm, f"load_checkpoint from {load_dir}", CheckpointError):
+    with rank_local_step(state.comm, f"load_checkpoint from {load_dir}", CheckpointError):
         path = checkpoint_path(Path(load_dir), tag)
         reader = CheckpointReader(path, verify=verify)
-        _check_model_matches(reader, engine.module, path)
+        _check_model_matches(reader, state.module, path)
         if with_optimizer:
-            _check_optimizer(engine, reader)
+            _check_optimizer(state, reader)
         _check_sources(reader, pieces, with_optimizer)
-        _check_module_sources(engine, reader)
-    engine.stage.wait_for_reductions()
-    engine.stage.zero_grad()
+        _check_module_sources(state, reader)
+    state.quiesce()
+    state.clear_grads()
     with torch.no_grad():   # masters and states stream into the offload backend piece by piece
-        _load_masters(engine, reader, pieces)
+        _load_masters(state, reader, pieces)
         if with_optimizer:
-            _load_optimizer(engine, reader, pieces)
+            _load_optimizer(state, reader, pieces)
     with torch.no_grad():
-        _load_frozen_shards(engine, reader)
-        grouped = {id(p) for g in [*engine.flat_groups, *_frozen_groups(engine)] for p in g.params}
-        for name, p in engine.module.named_parameters():
-            if id(p) not in grouped:
-                reader.fill(p.data.view(-1), "frozen" if reader.has("frozen", name) else "master", name, 0)
-        for name, b in _persistent_buffers(engine.module).items():
-            if reader.has("buffer", name):
-                reader.fill(b.data.view(-1), "buffer", name, 0)
+        _load_module(state, reader)
     manifest = reader.manifest
+    _restore_progress(state, manifest, with_optimizer, load_module_only, load_lr_scheduler_states)
+    reader.close()
+    return path, manifest["client_state"]
+
+
+def _restore_progress(state: "CheckpointState", manifest: dict, with_optimizer: bool, load_module_only: bool,
+                      load_lr_scheduler_states: bool) -> None:
+    """Skipped-step count (with the optimizer), scheduler, step counters and this rank's RNG."""
+    progress = state.progress()
+    if with_optimizer:
+        progress.skipped_steps = manifest["skipped_steps"]
     if not load_module_only:
-        if load_lr_scheduler_states and engine.lr_scheduler is not None and manifest["lr_scheduler"] is not None:
-            engine.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
-        engine.global_steps = manifest["global_steps"]
-        engine.micro_steps = manifest["micro_steps"]
-        rng = manifest["rng"].get(str(engine.comm.rank))
+        if load_lr_scheduler_states and state.lr_scheduler is not None and manifest["lr_scheduler"] is not None:
+            state.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+        progress.global_steps = manifest["global_steps"]
+        progress.micro_steps = manifest["micro_steps"]
+        rng = manifest["rng"].get(str(state.comm.rank))
         if rng is not None:
             restore_rng(rng)
         # Ranks this run lacks keep their RNG states for the next save, so that going
         # 2 -> 1 -> 2 ranks resumes exactly.
-        engine.carried_rng_states = {r: v for r, v in manifest["rng"].items() if int(r) >= engine.comm.world_size}
-    reader.close()
-    return path, manifest["client_state"]
+        progress.carried_rng_states = {r: v for r, v in manifest["rng"].items() if int(r) >= state.comm.world_size}
+    state.restore_progress(progress)

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 
+from hf_zero.comm import Collectives
 from hf_zero.presence import all_ranks_call
+from hf_zero.sharded_params import sharded_group_of
 
 if TYPE_CHECKING:
     from hf_zero.engine import ZeroEngine
@@ -58,7 +60,7 @@ def released_state_dict_allowed() -> Iterator[None]:
 
 
 def _is_released(p: torch.Tensor) -> bool:
-    return getattr(p, "_hf_zero_group", None) is not None and p.numel() == 0 and getattr(p, "ds_numel", 0) > 0
+    return sharded_group_of(p) is not None and p.numel() == 0 and getattr(p, "ds_numel", 0) > 0
 
 
 def _stack() -> list:
@@ -81,7 +83,7 @@ def _enter_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) -> 
     stack.append((module, prefix))
 
 
-def _state_dict_post_hook(engine: "ZeroEngine") -> Callable:
+def _state_dict_post_hook(root: torch.nn.Module, comm: Collectives) -> Callable:
     def fill_released(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         stack = _stack()
         if stack and stack[-1][0] is module and stack[-1][1] == prefix:
@@ -94,8 +96,8 @@ def _state_dict_post_hook(engine: "ZeroEngine") -> Callable:
         entries = [(prefix + name, p) for name, p in module.named_parameters(remove_duplicate=False)
                    if _is_released(p) and _empty_value(state_dict.get(prefix + name))]
         if entries:
-            call = "model.state_dict()" if module is engine.module else f"{type(module).__name__}.state_dict()"
-            with all_ranks_call(engine.comm, call, GATHER_INSTEAD):
+            call = "model.state_dict()" if module is root else f"{type(module).__name__}.state_dict()"
+            with all_ranks_call(comm, call, GATHER_INSTEAD):
                 _gather_into(state_dict, entries)
 
     return fill_released
@@ -111,10 +113,11 @@ def _gather_into(state_dict: dict, entries: list[tuple[str, torch.nn.Parameter]]
     parameters to the host and release it: at most one group is gathered at a time."""
     by_group: dict[int, list] = {}
     for name, p in entries:
-        by_group.setdefault(id(getattr(p, "_hf_zero_group")), []).append((name, p))
+        by_group.setdefault(id(sharded_group_of(p)), []).append((name, p))
     copies: dict[int, torch.Tensor] = {}   # tied parameters: one copy shared by their names
     for members in by_group.values():
-        group = getattr(members[0][1], "_hf_zero_group")
+        group = sharded_group_of(members[0][1])
+        assert group is not None   # entries are released sharded parameters
         gathered_here = not group.gathered
         if gathered_here:
             group.gather(group.comm)
@@ -130,16 +133,15 @@ def _gather_into(state_dict: dict, entries: list[tuple[str, torch.nn.Parameter]]
                 group.release()
 
 
-def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
+def install_save_hooks(engine: "ZeroEngine", comm: Collectives) -> Callable[[], None]:
     """Gather in ``state_dict`` and route ``save_pretrained`` on ``engine.module`` (stage 3);
-    returns the undo."""
+    ``comm``: the engine's data-parallel group (its presence timeout included). Returns the undo."""
     module = engine.module
     # Stages 0-2 hold whole parameters: torch's state_dict and transformers' save_pretrained
     # are right as they are and may be called on rank 0 alone, as in a DDP script.
-    engine.comm.presence_timeout_s = float(engine.config.presence_timeout)
-    if engine.stage.stage != 3:
+    if engine.zero_optimization_stage() != 3:
         return lambda: None
-    post = _state_dict_post_hook(engine)
+    post = _state_dict_post_hook(module, comm)
     # every submodule: a submodule's state_dict() is an outermost call of its own
     handles = [h for m in module.modules()
                for h in (m.register_state_dict_pre_hook(_enter_state_dict), m.register_state_dict_post_hook(post))]
@@ -152,7 +154,7 @@ def install_save_hooks(engine: "ZeroEngine") -> Callable[[], None]:
             if state_dict is not None:   # the caller gathered: transformers / peft write it as given
                 return original(save_directory, *args, state_dict=state_dict, **kwargs)
             # save_function / safe_serialization do not apply: safetensors are written by rank 0
-            with all_ranks_call(engine.comm, "model.save_pretrained()", GATHER_INSTEAD):
+            with all_ranks_call(comm, "model.save_pretrained()", GATHER_INSTEAD):
                 engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
                                         is_main_process=kwargs.get("is_main_process", True))
 

@@ -23,7 +23,7 @@ import torch
 from hf_zero.checkpoint.files import (CheckpointError, fsync_dir, validate_tag, write_json_atomic,
                                       write_text_atomic)
 from hf_zero.checkpoint.hf_layout import conversion_indices
-from hf_zero.checkpoint.layout import Piece, owned_pieces, piece_key, true_shape
+from hf_zero.checkpoint.layout import Piece, piece_key, true_shape
 from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
 from hf_zero.checkpoint.safetensors_io import Streamed, write_safetensors
@@ -33,7 +33,9 @@ from hf_zero.config import config_to_dict
 if TYPE_CHECKING:
     from peft import PeftModel
 
+    from hf_zero.checkpoint.state import CheckpointState
     from hf_zero.engine import ZeroEngine
+
 
 def _no_op(path: Path) -> None:
     pass
@@ -50,14 +52,13 @@ def _json_checked(value: Any, what: str) -> Any:
         raise TypeError(f"{what} must be JSON-serialisable (checkpoints never pickle): {err}") from None
 
 
-def _streamed(engine: "ZeroEngine", kind: str, piece: Piece, dtype: torch.dtype) -> Streamed:
+def _streamed(state: "CheckpointState", kind: str, piece: Piece, dtype: torch.dtype) -> Streamed:
     """One piece of a master or an optimizer state, read through the offload backend a bounded
     part at a time ([Note: streamed optimizer state] in hf_zero/offload/protocol.py)."""
-    return Streamed(dtype, piece.length, lambda: engine.offload.read_state(
-        kind, piece.group, piece.chunk, piece.chunk_start, piece.length))
+    return Streamed(dtype, piece.length, lambda: state.read(kind, piece))
 
 
-def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Streamed], dict[str, dict]]:
+def _rank_tensors(state: "CheckpointState") -> tuple[dict[str, torch.Tensor | Streamed], dict[str, dict]]:
     """This rank's pieces (masters, elementwise optimizer states, stage-3 frozen shards),
     plus, on rank 0, unsharded frozen parameters and persistent buffers whole."""
     tensors: dict[str, torch.Tensor | Streamed] = {}
@@ -69,28 +70,17 @@ def _rank_tensors(engine: "ZeroEngine") -> tuple[dict[str, torch.Tensor | Stream
         length = tensor.numel if isinstance(tensor, Streamed) else tensor.numel()
         index[key] = {"kind": kind, "name": name, "start": start, "length": length}
 
-    # mics_shard_size: every shard group holds the same pieces; the first one writes them.
-    first_replica = getattr(engine.partition_comm, "replica_rank", 0) == 0
-    if (engine.stage.partitions_optimizer and first_replica) or engine.comm.rank == 0:
-        state = engine.optimizer.inner.state
-        for piece in owned_pieces(engine.flat_groups, engine.stage.partition_rank):
-            master = engine.masters.masters[piece.group][piece.chunk]
-            add("master", piece.name, piece.param_start, _streamed(engine, "master", piece, master.dtype))
-            # The backend keeps torch's state layout (shapes, even where storage is swapped out).
-            for key, value in state.get(master, {}).items():
-                if isinstance(value, torch.Tensor) and value.numel() == master.numel() and value.numel() > 1:
-                    add(f"state.{key}", piece.name, piece.param_start, _streamed(engine, key, piece, value.dtype))
+    for piece in state.trainable_pieces() if state.writes_optimizer_pieces else []:
+        for kind, dtype in state.piece_kinds(piece):   # the master first, then its elementwise states
+            saved_kind = kind if kind == "master" else f"state.{kind}"
+            add(saved_kind, piece.name, piece.param_start, _streamed(state, kind, piece, dtype))
     # Stage 3 shards frozen parameters too: each rank writes the pieces its shard holds.
-    frozen_groups = engine.stage.frozen_groups
-    for piece in (owned_pieces(frozen_groups, engine.stage.partition_rank) if first_replica else []):
-        chunk = frozen_groups[piece.group].shard_chunks()[piece.chunk]
-        add("frozen", piece.name, piece.param_start, chunk.narrow(0, piece.chunk_start, piece.length))
-    if engine.comm.rank == 0:
-        grouped = {id(p) for g in [*engine.flat_groups, *frozen_groups] for p in g.params}
-        for name, p in engine.module.named_parameters():
-            if id(p) not in grouped:
-                add("frozen", name, 0, p.detach().reshape(-1))
-        for name, b in _persistent_buffers(engine.module).items():
+    for piece in state.frozen_pieces() if state.writes_frozen_pieces else []:
+        add("frozen", piece.name, piece.param_start, state.frozen_shard(piece))
+    if state.comm.rank == 0:
+        for name, p in state.whole_parameters():
+            add("frozen", name, 0, p.detach().reshape(-1))
+        for name, b in _persistent_buffers(state.module).items():
             add("buffer", name, 0, b.detach().reshape(-1))
     return tensors, index
 
@@ -101,9 +91,8 @@ def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: b for n, b in module.named_buffers() if n in state and n not in params}
 
 
-def _optimizer_meta(engine: "ZeroEngine") -> dict:
+def _optimizer_meta(inner: torch.optim.Optimizer) -> dict:
     """Hyperparameters per group, and per-group scalar states (e.g. Adam's step count)."""
-    inner = engine.optimizer.inner
     groups, scalars = [], []
     for group in inner.param_groups:
         groups.append(_json_checked({k: v for k, v in group.items() if k != "params"}, "optimizer param group"))
@@ -120,8 +109,7 @@ def _optimizer_meta(engine: "ZeroEngine") -> dict:
     return {"class": type(inner).__name__, "param_groups": groups, "scalar_state": scalars}
 
 
-def _model_meta(engine: "ZeroEngine") -> dict:
-    module = engine.module
+def _model_meta(module: torch.nn.Module) -> dict:
     meta: dict[str, Any] = {"model_class": type(getattr(module, "base_model", module)).__name__}
     peft_wrapped = getattr(module, "peft_config", None) is not None   # peft's PeftModel
     hf_model = cast("PeftModel", module).get_base_model() if peft_wrapped else module
@@ -146,15 +134,18 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
 
     Each rank-local phase ends in an agreement (comm.agree_on_failure), so a failure on one
     rank (bad input, a full disk) is the same CheckpointError on every rank, and the previous
-    checkpoint and ``latest`` stay as they were."""
-    comm, save_dir = engine.comm, Path(save_dir)
+    checkpoint and ``latest`` stay as they were. The engine is read only through
+    ``engine.checkpoint_state()`` ([Note: checkpoint interface] in state.py)."""
+    state = engine.checkpoint_state()
+    comm, save_dir = state.comm, Path(save_dir)
+    progress = state.progress()
     tmp_name = None
     with rank_local_step(comm, f"save_checkpoint to {save_dir}", CheckpointError):
-        tag = validate_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+        tag = validate_tag(tag if tag is not None else f"global_step{progress.global_steps}")
         client_state = _json_checked(client_state or {}, "client_state")
-        scheduler = engine.lr_scheduler
+        scheduler = state.lr_scheduler
         scheduler_state = _json_checked(scheduler.state_dict(), "lr_scheduler.state_dict()") if scheduler else None
-        engine.stage.wait_for_reductions()
+        state.quiesce()
         if comm.rank == 0:
             save_dir.mkdir(parents=True, exist_ok=True)
             for stale in save_dir.glob(".*.tmp-*"):
@@ -169,7 +160,7 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
     index: dict[str, dict] = {}
     try:
         with rank_local_step(comm, f"save_checkpoint writing {tmp}/rank_*.safetensors", CheckpointError):
-            tensors, index = _rank_tensors(engine)
+            tensors, index = _rank_tensors(state)
             entry = write_safetensors(tmp / file_name, tensors, metadata={"format": "pt"})
             del tensors
             _after_file_written(tmp / file_name)
@@ -179,7 +170,7 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
         final = save_dir / tag
         with rank_local_step(comm, f"save_checkpoint publishing {final}", CheckpointError):
             if comm.rank == 0:
-                _publish(engine, tmp, final, tag, reports, scheduler_state, client_state)
+                _publish(state, tmp, final, tag, reports, scheduler_state, client_state)
     except CheckpointError:
         if comm.rank == 0:   # the half-written directory goes; `latest` still names the previous one
             shutil.rmtree(tmp, ignore_errors=True)
@@ -187,28 +178,27 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
     return final
 
 
-def _publish(engine: "ZeroEngine", tmp: Path, final: Path, tag: str, reports: list,
+def _publish(state: "CheckpointState", tmp: Path, final: Path, tag: str, reports: list,
              scheduler_state: Any, client_state: dict) -> None:
     """Rank 0: manifest, then rename into place, then ``latest`` (see the module note)."""
-    comm, save_dir = engine.comm, final.parent
+    comm, save_dir, progress = state.comm, final.parent, state.progress()
     manifest = {
-        "format": FORMAT, "tag": tag, "world_size": comm.world_size, "stage": engine.stage.stage,
-        "model_dtype": str(engine.dtype), "global_steps": engine.global_steps,
-        "micro_steps": engine.micro_steps, "skipped_steps": engine.optimizer.num_skipped_steps,
+        "format": FORMAT, "tag": tag, "world_size": comm.world_size, "stage": state.stage_number,
+        "model_dtype": str(state.model_dtype), "global_steps": progress.global_steps,
+        "micro_steps": progress.micro_steps, "skipped_steps": progress.skipped_steps,
         "params": {n: {"shape": true_shape(p), "dtype": str(p.dtype), "trainable": p.requires_grad}
-                   for n, p in engine.module.named_parameters()},
+                   for n, p in state.module.named_parameters()},
         "buffers": {n: {"shape": list(b.shape), "dtype": str(b.dtype)}
-                    for n, b in _persistent_buffers(engine.module).items()},
+                    for n, b in _persistent_buffers(state.module).items()},
         "files": {name: entry for _, name, entry, _, _ in reports},
         "pieces": {k: v for _, _, _, idx, _ in reports for k, v in idx.items()},
-        "rng": {**getattr(engine, "carried_rng_states", {}),
-                **{str(rank): rng for rank, _, _, _, rng in reports}},
-        "optimizer": _optimizer_meta(engine),
-        "loss_scaler": engine.scaler.state_dict(),
+        "rng": {**progress.carried_rng_states, **{str(rank): rng for rank, _, _, _, rng in reports}},
+        "optimizer": _optimizer_meta(state.optimizer),
+        "loss_scaler": state.loss_scaler.state_dict(),
         "lr_scheduler": scheduler_state,
         "client_state": client_state,
-        "config": config_to_dict(engine.config),
-        **_model_meta(engine),
+        "config": config_to_dict(state.config),
+        **_model_meta(state.module),
     }
     write_json_atomic(tmp / "manifest.json", manifest)
     fsync_dir(tmp)

@@ -40,11 +40,9 @@ def build_groups_and_stage(stage: int, model, specs: list, comm: Collectives, *,
     if stage == 3:
         from hf_zero.stages.stage3 import build_stage3
 
-        built = build_stage3(model, specs, comm, bucket_numel=bucket_numel, overlap_comm=overlap_comm,
-                             allgather_bucket_numel=allgather_bucket_numel, **stage3_options)
-        # build_stage3 takes no timers yet (stage 3 refuses quantization: engine_build.check_supported).
-        built[0].timers = services.timers
-        return built
+        # Stage 3 takes no quantized collectives (refused: engine_build.check_supported).
+        return build_stage3(model, specs, comm, bucket_numel=bucket_numel, overlap_comm=overlap_comm,
+                            allgather_bucket_numel=allgather_bucket_numel, timers=services.timers, **stage3_options)
     world = partition_world_for(stage, comm.world_size)
     indexed = [(i, s) for i, s in enumerate(specs) if s.params]
     groups = [FlatParamGroup(s.params, s.names, bucket_numel, world) for _, s in indexed]

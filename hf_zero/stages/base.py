@@ -253,6 +253,12 @@ class ZeroStage(abc.ABC, Generic[GroupT]):
         """Give every parameter its own whole tensor again (``engine.destroy``); stages 0-2
         never took it away."""
 
+    def subscribe_shard_edits(self, callback: Callable[[int, list[tuple[int, int, int]]], None]) -> None:
+        """Call ``callback(group_index, ranges)`` whenever parameter values of trainable group
+        ``groups[group_index]`` are edited outside the optimizer (``GatheredParameters`` with
+        ``modifier_rank``); ``ranges``: (chunk, start, length) in that group's ``owned_params``
+        chunks. Stages 0-2 never report an edit (their ``GatheredParameters`` does nothing)."""
+
     @abc.abstractmethod
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Tensors this stage owns, by accounting category ('grads', 'comm_buffers')."""

@@ -42,6 +42,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from hf_zero.comm import Collectives
+from hf_zero.diagnostics.step_report import StepTimers
 from hf_zero.offload.param_store import ParamStore
 from hf_zero.sharded_params import GatherState, ShardedParamGroup
 from hf_zero.stages.base import output_tensors
@@ -315,6 +317,10 @@ class PartitionedParameterStage(PartitionedGradientStage[ShardedParamGroup]):
         """Every sharded group, trainable and frozen (storage accounting, checkpoints)."""
         return list(self.groups) + list(self.frozen_groups)
 
+    def subscribe_shard_edits(self, callback) -> None:
+        for index, group in enumerate(self.groups):
+            group.on_shard_modified.append(lambda _group, ranges, index=index: callback(index, ranges))
+
     def remove_hooks(self) -> None:
         super().remove_hooks()
         for handle in self._module_handles:
@@ -345,20 +351,24 @@ def _needs_grad(value: Any) -> bool:
 def build_stage3(model: nn.Module, specs: list, comm, *, bucket_numel: int, overlap_comm: bool,
                  allgather_bucket_numel: int, prefetch_numel: int = 0, max_live_numel: int = 10**18,
                  persistence_threshold: int = 0, source=None, persist_frozen: bool = False,
-                 store: Optional[ParamStore] = None):
+                 store: Optional[ParamStore] = None, secondary_comm: Optional[Collectives] = None,
+                 timers: Optional[StepTimers] = None):
     """Shard every parameter into its unit; returns (stage, trainable groups, spec index per group).
 
     ``source`` (meta_init.py): values of a meta-built model, identical on every rank by
-    construction; otherwise every rank shards rank 0's weights."""
+    construction; otherwise every rank shards rank 0's weights. ``secondary_comm``: ZeRO++
+    hpZ (topology.build_hpz_collectives); ``timers``: wall_clock_breakdown's phase timers."""
     if source is None:
         with torch.no_grad():
             for p in model.parameters():
                 comm.broadcast(p.data)
     units, root, persistent, groups, group_spec = build_units(model, specs, comm, bucket_numel,
-                                                              persistence_threshold, source, persist_frozen, store)
+                                                              persistence_threshold, source, persist_frozen, store,
+                                                              secondary_comm)
     if source is not None:
         source.close()
     stage = PartitionedParameterStage(groups, units, root, persistent, model, comm, overlap_comm=overlap_comm,
                                       allgather_bucket_numel=allgather_bucket_numel,
-                                      prefetch_numel=prefetch_numel, max_live_numel=max_live_numel, store=store)
+                                      prefetch_numel=prefetch_numel, max_live_numel=max_live_numel, store=store,
+                                      timers=timers)
     return stage, groups, group_spec

@@ -179,10 +179,12 @@ def assign_units(model: nn.Module, unit_modules: list[nn.Module], persistence_th
 
 
 def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: int,
-                persistence_threshold: int, source=None, persist_frozen: bool = False, store=None
+                persistence_threshold: int, source=None, persist_frozen: bool = False, store=None,
+                secondary_comm: Optional[Collectives] = None
                 ) -> tuple[list[Unit], Unit, Unit, list[ShardedParamGroup], list[int]]:
     """Shard every parameter into its unit, in place (``source``: values of a meta-built
-    model, see meta_init.py; ``store``: where shards live, offload/param_store.py).
+    model, see meta_init.py; ``store``: where shards live, offload/param_store.py;
+    ``secondary_comm``: ZeRO++ hpZ's group of k ranks, given to every group).
 
     Returns (block units, root, persistent set, trainable groups in gradient-ready order,
     optimizer spec index of each trainable group).
@@ -201,7 +203,8 @@ def build_units(model: nn.Module, specs: list, comm: Collectives, bucket_numel: 
     order = [*reversed(range(len(unit_modules))), ROOT, PERSISTENT]
     by_index: dict[int, Unit] = {}
     for unit_index in order:
-        options = dict(source=source, store=store, keep_in_memory=unit_index == PERSISTENT)
+        options = dict(source=source, store=store, keep_in_memory=unit_index == PERSISTENT,
+                       secondary_comm=secondary_comm)
         trainable: list[ShardedParamGroup] = []
         for spec_index, spec in enumerate(specs):
             chosen = [(p, n) for p, n in zip(spec.params, spec.names) if assignment[id(p)] == unit_index]
