@@ -26,8 +26,12 @@ COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_stage3.
 	tests/test_integrations.py tests/test_pretrained_loading.py tests/test_upstream_contract.py \
 	tests/test_optional_dependencies.py integration_tests/test_hf_integrations.py
 
+# Deselected: its script passes TrainingArguments' --activation_checkpointing, new in transformers 5.23
+# (hf_zero does not use it; the older spelling is --gradient_checkpointing).
+COMPAT_DESELECT := integration_tests/test_hf_integrations.py::test_unmodified_script_lora_stage3_checkpointing
+
 test-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) --deselect $(COMPAT_DESELECT)
 
 $(COMPAT_VENV)/.installed: pyproject.toml compat/oldest.txt
 	$(PYTHON) -m venv $(COMPAT_VENV)

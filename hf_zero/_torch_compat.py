@@ -24,10 +24,10 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 
 
 def _adam_with_decoupled_flag():
-    """torch >= 2.7: ``torch.optim.adam.adam`` takes ``decoupled_weight_decay`` (AdamW is Adam with
-    it set). torch 2.5 - 2.6: the flag does not exist; AdamW's update is the separate functional
-    ``torch.optim.adamw.adamw``, with otherwise the same parameters, which is what those versions'
-    ``torch.optim.AdamW.step`` calls (so offloaded AdamW stays bit-identical to it)."""
+    """torch >= 2.7: ``torch.optim.adam.adam`` takes ``decoupled_weight_decay``. torch 2.5 - 2.6:
+    the flag does not exist; AdamW's update is the separate functional ``torch.optim.adamw.adamw``,
+    with otherwise the same parameters, which is what those versions' ``torch.optim.AdamW.step``
+    calls (so offloaded AdamW stays bit-identical to it)."""
     if "decoupled_weight_decay" in inspect.signature(_adam).parameters:
         return _adam
     from torch.optim.adamw import adamw as _adamw

@@ -156,6 +156,15 @@ def test_adam_shim_reaches_decoupled_weight_decay():
         assert _params(adamw) == _params(adam)
 
 
+def test_accelerate_returns_flagged_models_unwrapped():
+    # accelerate >= 1.14: prepare_model returns a model flagged _is_accelerate_prepared untouched.
+    # Older versions read the flag only for data loaders, optimizers and schedulers and wrap the
+    # sharded model (stage 3 then fails in backward on its released parameters).
+    from accelerate import Accelerator
+
+    assert 'getattr(model, "_is_accelerate_prepared", False)' in inspect.getsource(Accelerator.prepare_model)
+
+
 def test_accelerate_hook_call_shapes():
     # hf_zero's save hook takes (models, weights, output_dir), its load hook (models, input_dir).
     source = inspect.getsource(importlib.import_module("accelerate.accelerator"))
