@@ -1,4 +1,4 @@
-"""torch names that differ across the supported range (pyproject.toml: ``torch>=2.5.1``).
+"""torch names that differ across the supported range (pyproject.toml: ``torch>=2.6``).
 
 Each shim is the one place hf_zero reaches the name; callers never test torch's version
 themselves. Every shim resolves once, at import, to torch's own function, so the newest torch
@@ -17,14 +17,14 @@ import torch.distributed as dist
 from torch.optim.adam import adam as _adam
 
 # torch >= 2.13 calls the single-tensor collectives all_gather_single / reduce_scatter_single
-# and deprecates (with a warning) the old names; torch 2.5 - 2.12 only have
+# and deprecates (with a warning) the old names; torch 2.6 - 2.12 only have
 # all_gather_into_tensor / reduce_scatter_tensor, which take the same arguments in the same order.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _adam_with_decoupled_flag():
-    """torch >= 2.7: ``torch.optim.adam.adam`` takes ``decoupled_weight_decay``. torch 2.5 - 2.6:
+    """torch >= 2.7: ``torch.optim.adam.adam`` takes ``decoupled_weight_decay``. torch 2.6:
     the flag does not exist; AdamW's update is the separate functional ``torch.optim.adamw.adamw``,
     with otherwise the same parameters, which is what those versions' ``torch.optim.AdamW.step``
     calls (so offloaded AdamW stays bit-identical to it)."""
