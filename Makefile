@@ -20,7 +20,7 @@ test: install
 
 # The parity and integration subset on the oldest supported versions (compat/oldest.txt), in a venv
 # of its own. First run downloads about 3.5 GB (torch 2.6.0 is a CUDA build on PyPI; it runs on CPU);
-# about 5 minutes of tests on 2 cores. Not part of `make test` / CI (docs/design.md, "Dependency ranges").
+# tests about 3 minutes on 2 idle cores (4.5 min CPU), 10+ on a shared machine. Not part of `make test` / CI (docs/design.md, "Dependency ranges").
 COMPAT_VENV ?= .venv-compat
 COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_stage3.py tests/test_offload.py \
 	tests/test_integrations.py tests/test_pretrained_loading.py tests/test_upstream_contract.py \
