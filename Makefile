@@ -20,13 +20,14 @@ test: install
 
 # The parity and integration subset on the oldest supported versions (compat/oldest.txt), in a venv
 # of its own. First run downloads about 3.5 GB (torch 2.6.0 is a CUDA build on PyPI; it runs on CPU);
-# tests about 3 minutes on 2 idle cores (4.5 min CPU), 10+ on a shared machine. Not part of `make test` / CI (docs/design.md, "Dependency ranges").
+# tests about 3 minutes on 2 idle cores (4.5 min CPU), 10+ on a shared machine.
+# Not part of `make test` / CI (docs/design.md, "Dependency ranges").
 COMPAT_VENV ?= .venv-compat
 COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_stage3.py tests/test_offload.py \
 	tests/test_integrations.py tests/test_pretrained_loading.py tests/test_upstream_contract.py \
 	tests/test_optional_dependencies.py integration_tests/test_hf_integrations.py
 
-# Deselected: its script passes TrainingArguments' --activation_checkpointing, new in transformers 5.23
+# Deselected: its script passes TrainingArguments' --activation_checkpointing (absent in transformers 5.22)
 # (hf_zero does not use it; the older spelling is --gradient_checkpointing).
 COMPAT_DESELECT := integration_tests/test_hf_integrations.py::test_unmodified_script_lora_stage3_checkpointing
 
