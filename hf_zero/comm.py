@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 import torch
 import torch.distributed as dist
 
+from hf_zero import _torch_compat
 from hf_zero.device import backend_device_types
 
 if TYPE_CHECKING:
@@ -150,8 +151,8 @@ class Collectives:
             return _DoneWork()
         self._check("reduce_scatter", input)
         self.stats.record("reduce_scatter", _nbytes(input), self.label)
-        work = dist.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=self.group,
-                                          async_op=async_op)
+        work = _torch_compat.reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=self.group,
+                                                   async_op=async_op)
         return work if async_op else _DoneWork()
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
@@ -163,7 +164,7 @@ class Collectives:
             return _DoneWork()
         self._check("all_gather", output)
         self.stats.record("all_gather", _nbytes(output), self.label)
-        work = dist.all_gather_single(output, input, group=self.group, async_op=async_op)
+        work = _torch_compat.all_gather_single(output, input, group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):

@@ -70,11 +70,13 @@ EXACT = {
 
 # Functions hf_zero calls (by keyword where it can): these parameters must be among theirs.
 AT_LEAST = {
+    # decoupled_weight_decay: see test_adam_shim_reaches_decoupled_weight_decay (torch >= 2.7 only).
     "torch.optim.adam:adam": ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps",
-                              "foreach", "fused", "grad_scale", "decoupled_weight_decay", "amsgrad", "beta1",
+                              "foreach", "fused", "grad_scale", "amsgrad", "beta1",
                               "beta2", "lr", "weight_decay", "eps", "maximize"],
-    "torch.distributed:all_gather_single": ["output_tensor", "input_tensor", "group", "async_op"],
-    "torch.distributed:reduce_scatter_single": ["output", "input", "op", "group", "async_op"],
+    # torch's collective under the name this torch has (hf_zero/_torch_compat.py).
+    "hf_zero._torch_compat:all_gather_single": ["output_tensor", "input_tensor", "group", "async_op"],
+    "hf_zero._torch_compat:reduce_scatter_single": ["output", "input", "op", "group", "async_op"],
     "torch.optim.optimizer:register_optimizer_step_pre_hook": ["hook"],
     "transformers:PreTrainedModel._from_config": ["config"],
     "transformers.conversion_mapping:get_model_conversion_mapping": ["model"],
@@ -152,7 +154,29 @@ def test_training_arguments_dict_fields_and_loading_info():
     assert "deepspeed" in TrainingArguments._VALID_DICT_FIELDS
     # pretrained_weights.py builds one by keyword.
     fields = {f.name for f in dataclasses.fields(LoadStateDictInfo)}
-    assert {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs", "conversion_errors"} <= fields
+    assert {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs", "conversion_errors",
+            "skipped_pp_keys"} <= fields   # skipped_pp_keys: transformers >= 5.16 (pyproject.toml's lower bound)
+
+
+def test_adam_shim_reaches_decoupled_weight_decay():
+    # cpu_adam passes decoupled_weight_decay: torch >= 2.7's adam takes it; on older torch the shim
+    # sends AdamW to torch.optim.adamw.adamw, which must then take the same parameters as adam.
+    from hf_zero import _torch_compat
+
+    adam, adamw = _resolve("torch.optim.adam:adam"), _resolve("torch.optim.adamw:adamw")
+    if "decoupled_weight_decay" in _params(adam):
+        assert _torch_compat.adam is adam
+    else:
+        assert _params(adamw) == _params(adam)
+
+
+def test_accelerate_returns_flagged_models_unwrapped():
+    # accelerate >= 1.14: prepare_model returns a model flagged _is_accelerate_prepared untouched.
+    # Older versions read the flag only for data loaders, optimizers and schedulers and wrap the
+    # sharded model (stage 3 then fails in backward on its released parameters).
+    from accelerate import Accelerator
+
+    assert 'getattr(model, "_is_accelerate_prepared", False)' in inspect.getsource(Accelerator.prepare_model)
 
 
 def test_accelerate_hook_call_shapes():

@@ -21,6 +21,11 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
+        import importlib.util
 
+        # accelerate is an optional dependency (pyproject.toml); transformers' Trainer needs it too.
+        if importlib.util.find_spec("accelerate") is None:
+            raise ImportError(f"hf_zero.{name} needs accelerate, an optional dependency of hf_zero: "
+                              "pip install 'hf_zero[accelerate]'")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hf_zero.integrations' has no attribute '{name}'")

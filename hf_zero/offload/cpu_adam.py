@@ -17,8 +17,8 @@ kernel's vector width ([Note: split points] in subgroups.py).
 from __future__ import annotations
 
 import torch
-from torch.optim.adam import adam as _adam_functional
 
+from hf_zero._torch_compat import adam as _adam_functional
 from hf_zero.config.parse import ConfigError
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
