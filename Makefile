@@ -25,7 +25,8 @@ test: install
 COMPAT_VENV ?= .venv-compat
 COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_stage3.py tests/test_offload.py \
 	tests/test_integrations.py tests/test_pretrained_loading.py tests/test_upstream_contract.py \
-	tests/test_optional_dependencies.py integration_tests/test_hf_integrations.py
+	tests/test_optional_dependencies.py tests/test_partitioned_from_pretrained.py tests/test_state_dict_gather.py \
+	integration_tests/test_hf_integrations.py
 
 # Deselected: its script passes TrainingArguments' --activation_checkpointing (absent in transformers 5.22)
 # (hf_zero does not use it; the older spelling is --gradient_checkpointing).

@@ -11,13 +11,13 @@ the process group's 120 s timeout).
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import hf_zero
+from fault_agreement_cases import _attempt   # the same timed attempt as the other fault cases
 from parity_cases import tiny_gpt2
 
 SHARD = "model-00002-of-00003.safetensors"   # the file rank 1's copy breaks
@@ -33,15 +33,6 @@ def write_checkpoint(root: Path) -> str:
     tiny_gpt2().save_pretrained(root / "good", max_shard_size="60KB")
     assert (root / "good" / SHARD).is_file(), sorted(p.name for p in (root / "good").iterdir())
     return str(root / "good")
-
-
-def _attempt(call) -> dict:
-    start = time.monotonic()
-    try:
-        call()
-        return {"error": None, "message": "", "seconds": time.monotonic() - start}
-    except Exception as err:
-        return {"error": type(err).__name__, "message": str(err), "seconds": time.monotonic() - start}
 
 
 def _truncate(file: Path, keep_data: int) -> None:
