@@ -19,6 +19,8 @@ from hf_zero.comm import Collectives
 _GAVE_UP = 1 << 20   # added to a round's arrival count by a rank that stopped waiting (> any world size)
 
 
+GATHERS = "gathers parameters that hf_zero stage 3 shards"   # why a call needs every rank (the default)
+
 class RanksAbsent(RuntimeError):
     """A call that every rank must make (it gathers stage-3 parameters) was entered by only
     some ranks within the timeout; the ranks that came raise this."""
@@ -59,7 +61,7 @@ class PresenceRounds:
         self.store, self.rank, self.ranks = store, rank, ranks
         self.next_round = 1   # a hint: rounds this rank never took part in are skipped on arrival
 
-    def enter(self, call: str, timeout_s: float, instead: str) -> None:
+    def enter(self, call: str, timeout_s: float, instead: str, why: str = GATHERS) -> None:
         """Return once every rank of the group is in round ``n`` (this call), or raise."""
         world = len(self.ranks)
         while True:
@@ -75,14 +77,14 @@ class PresenceRounds:
             if count == world:
                 self.store.set(f"{n}/go", "1")
             else:
-                self._wait_or_give_up(n, call, timeout_s, instead)
+                self._wait_or_give_up(n, call, timeout_s, instead, why)
             if self.store.check([f"{n}/mismatch"]):
                 raise RanksAbsent(f"{call}: ranks entered different calls that gather stage-3 parameters "
                                   f"({self.store.get(f'{n}/mismatch').decode()}); every rank must make the same "
                                   f"calls in the same order. {instead}")
             return
 
-    def _wait_or_give_up(self, n: int, call: str, timeout_s: float, instead: str) -> None:
+    def _wait_or_give_up(self, n: int, call: str, timeout_s: float, instead: str, why: str) -> None:
         try:
             self.store.wait([f"{n}/go"], timedelta(seconds=timeout_s))
             if self.store.get(f"{n}/go") == b"1":
@@ -95,7 +97,7 @@ class PresenceRounds:
             self.store.set(f"{n}/go", "0")   # wakes the other waiting ranks: they raise too
         absent = [r for r in self.ranks if not self.store.check([f"{n}/rank/{r}"])]
         raise RanksAbsent(
-            f"{call} gathers parameters that hf_zero stage 3 shards, so every rank must call it: rank(s) {absent} "
+            f"{call} {why}, so every rank must call it: rank(s) {absent} "
             f"did not enter it within {timeout_s:g} s (rank {self.rank} did). Call it on every rank, not under "
             f"`if rank == 0:`. {instead} (The wait is the config key `presence_timeout`.)")
 
@@ -122,7 +124,8 @@ def _rounds_for(comm: Collectives) -> PresenceRounds:
 
 
 @contextlib.contextmanager
-def all_ranks_call(comm: Collectives, call: str, instead: str, timeout_s: Optional[float] = None) -> Iterator[None]:
+def all_ranks_call(comm: Collectives, call: str, instead: str, timeout_s: Optional[float] = None,
+                   why: str = GATHERS) -> Iterator[None]:
     """``with all_ranks_call(comm, "model.state_dict()", "..."):`` gather inside: proceeds once
     every rank of ``comm``'s group entered ``call``; raises :class:`RanksAbsent` on the ranks that
     came if some rank did not within ``timeout_s`` (default ``comm.presence_timeout_s``).
@@ -132,7 +135,7 @@ def all_ranks_call(comm: Collectives, call: str, instead: str, timeout_s: Option
         yield
         return
     timeout = comm.presence_timeout_s if timeout_s is None else timeout_s
-    _rounds_for(comm).enter(call, timeout, instead)
+    _rounds_for(comm).enter(call, timeout, instead, why)
     _nesting.depth += 1
     try:
         yield

@@ -21,6 +21,9 @@ CONFIG = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"params": {"lr": 1e
           "zero_optimization": {"stage": 2, "reduce_bucket_size": 4000}}
 
 
+LONE_TIMEOUT_S = 2.0   # presence_timeout of the lone-call scenario
+
+
 def _attempt(call) -> dict:
     start = time.monotonic()
     try:
@@ -78,6 +81,16 @@ def checkpoint_faults(rank: int, world: int, root: str) -> dict:
         hf_layout.write_safetensors = lambda path, *a, **k: _disk_full(path)
     out["export"] = _attempt(lambda: stage3.save_16bit_model(str(root / "export"), max_shard_size="20KB"))
     hf_layout.write_safetensors = original
+
+    # save_checkpoint / load_checkpoint on rank 0 alone (`if rank == 0:`): rank 0 raises after
+    # presence_timeout naming rank 1, which goes straight on; then both ranks save together
+    lone = _trained_engine({**CONFIG, "presence_timeout": LONE_TIMEOUT_S})
+    if rank == 0:
+        out["lone_save"] = _attempt(lambda: lone.save_checkpoint(root, tag="lone"))
+        out["lone_load"] = _attempt(lambda: lone.load_checkpoint(root, tag="good"))
+    dist.barrier()   # rank 1 is here at once
+    out["lone_wrote"] = (root / "lone").exists()
+    out["together"] = _attempt(lambda: lone.save_checkpoint(root, tag="together"))
     return out
 
 

@@ -56,6 +56,16 @@ def test_export_write_failure_on_the_writer_is_every_ranks_error(checkpoint):
     _same_error_everywhere(checkpoint, "export", "RankFailure", "rank 0", "No space left")
 
 
+def test_checkpoint_call_on_rank_0_alone_raises_naming_rank_1_and_then_both_ranks_save(checkpoint):
+    for scenario, call in (("lone_save", "engine.save_checkpoint()"), ("lone_load", "engine.load_checkpoint()")):
+        report = checkpoint[0][scenario]
+        assert report["error"] == "RanksAbsent", report
+        assert call in report["message"] and "rank(s) [1]" in report["message"], report["message"]
+        assert report["seconds"] < cases.LONE_TIMEOUT_S + 10, report
+    assert not any(r["lone_wrote"] for r in checkpoint)
+    assert all(r["together"]["error"] is None for r in checkpoint), [r["together"] for r in checkpoint]
+
+
 @pytest.mark.parametrize("scenario", ("nvme", "param_nvme"))   # optimizer offload, parameter offload
 def test_unusable_nvme_path_on_rank_1_is_the_same_error_on_both_ranks(setup, scenario):
     _same_error_everywhere(setup, scenario, "RankFailure", "rank 1", "missing", "does not exist")

@@ -17,8 +17,9 @@ from hf_zero.checkpoint.layout import Piece, true_shape
 from hf_zero.checkpoint.reader import CheckpointReader, resolve_tag
 from hf_zero.checkpoint.rng import restore_rng
 from hf_zero.optim.fused_step import new_step_counter
-from hf_zero.checkpoint.save import _persistent_buffers
+from hf_zero.checkpoint.save import EVERY_RANK_WRITES, EVERY_RANK_WRITES_WHY, _persistent_buffers
 from hf_zero.comm import rank_local_step
+from hf_zero.presence import all_ranks_call
 
 if TYPE_CHECKING:
     from hf_zero.checkpoint.state import CheckpointState
@@ -171,6 +172,14 @@ def load_checkpoint(engine: "ZeroEngine", load_dir: str | Path, tag: Optional[st
     and this rank's RNG). Returns (checkpoint path, client_state). The engine is read and
     written only through ``engine.checkpoint_state()`` ([Note: checkpoint interface] in state.py)."""
     state = engine.checkpoint_state()
+    # a call on some ranks only raises there instead of waiting in the first collective
+    with all_ranks_call(state.comm, "engine.load_checkpoint()", EVERY_RANK_WRITES, why=EVERY_RANK_WRITES_WHY):
+        return _load_checkpoint(state, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
+                                load_module_only, verify)
+
+
+def _load_checkpoint(state: "CheckpointState", load_dir: str | Path, tag: Optional[str], load_optimizer_states: bool,
+                     load_lr_scheduler_states: bool, load_module_only: bool, verify: bool) -> tuple[Path, dict]:
     pieces = state.trainable_pieces()
     with_optimizer = load_optimizer_states and not load_module_only
     reader = None

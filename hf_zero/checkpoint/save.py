@@ -28,6 +28,7 @@ from hf_zero.checkpoint.reader import FORMAT
 from hf_zero.checkpoint.rng import capture_rng
 from hf_zero.checkpoint.safetensors_io import Streamed, write_safetensors
 from hf_zero.comm import rank_local_step
+from hf_zero.presence import all_ranks_call
 from hf_zero.config import config_to_dict
 
 if TYPE_CHECKING:
@@ -128,6 +129,12 @@ def _model_meta(module: torch.nn.Module) -> dict:
     return meta
 
 
+# what every rank's part in a checkpoint is; said when some rank did not call save/load_checkpoint
+EVERY_RANK_WRITES_WHY = "writes (or reads) each rank's own shard of the model and optimizer"
+EVERY_RANK_WRITES = ("Call engine.save_checkpoint / engine.load_checkpoint (accelerator.save_state / load_state, "
+                     "the Trainer's checkpointing) on every rank, as with DeepSpeed.")
+
+
 def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[str] = None,
                     client_state: Optional[dict] = None) -> Path:
     """Write a sharded checkpoint on every rank; returns ``save_dir / tag``.
@@ -137,7 +144,15 @@ def save_checkpoint(engine: "ZeroEngine", save_dir: str | Path, tag: Optional[st
     checkpoint and ``latest`` stay as they were. The engine is read only through
     ``engine.checkpoint_state()`` ([Note: checkpoint interface] in state.py)."""
     state = engine.checkpoint_state()
-    comm, save_dir = state.comm, Path(save_dir)
+    # A call on some ranks only (`if rank == 0: engine.save_checkpoint(...)`) raises there
+    # instead of waiting in the first collective (presence.py's [Note: presence check]).
+    with all_ranks_call(state.comm, "engine.save_checkpoint()", EVERY_RANK_WRITES, why=EVERY_RANK_WRITES_WHY):
+        return _save_checkpoint(state, Path(save_dir), tag, client_state)
+
+
+def _save_checkpoint(state: "CheckpointState", save_dir: Path, tag: Optional[str],
+                     client_state: Optional[dict]) -> Path:
+    comm = state.comm
     progress = state.progress()
     tmp_name = None
     with rank_local_step(comm, f"save_checkpoint to {save_dir}", CheckpointError):
