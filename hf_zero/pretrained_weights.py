@@ -69,6 +69,11 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+# transformers' operations that join or cut along a dimension without changing values; `Split`
+# is newer than transformers 5.18 (in 5.22; an older one has no model that uses it)
+_DIM0_OPERATIONS = ("Chunk", "Split", "Concatenate", "MergeModulelist")
+
+
 class PretrainedWeights:
     """The loading plan of one checkpoint for one (meta-built) transformers model."""
 
@@ -175,11 +180,14 @@ class PretrainedWeights:
 
     def _note_runs(self, index: int, outputs: dict[str, torch.Tensor]) -> bool:
         """Record the element runs of a conversion that joins or cuts along dim 0 (module note)."""
-        from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+        from transformers import core_model_loading
 
+        joins_and_cuts = tuple(getattr(core_model_loading, name) for name in _DIM0_OPERATIONS
+                               if hasattr(core_model_loading, name))
+        MergeModulelist = core_model_loading.MergeModulelist   # noqa: N806 (transformers' class)
         converter = self._by_pattern[self.conversions[index][1]]
         operations = getattr(converter, "operations", [])
-        if len(operations) != 1 or type(operations[0]) not in (Chunk, Split, Concatenate, MergeModulelist):
+        if len(operations) != 1 or type(operations[0]) not in joins_and_cuts:
             return False
         by_pattern = self._sources_by_pattern(index)
         if operations[0].dim != 0 or (type(operations[0]) is MergeModulelist and len(by_pattern) != 1):

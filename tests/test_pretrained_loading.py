@@ -16,11 +16,20 @@ def results(tmp_path_factory):
     return _cache["load"]
 
 
+def _needs_model_type(name: str) -> None:
+    """make test-compat runs an older transformers, which may not have this model type yet."""
+    if cases.unknown_to_transformers(name):
+        import transformers
+
+        pytest.skip(f"model type {cases.MODEL_TYPES[name]} is not in transformers {transformers.__version__}")
+
+
 @pytest.mark.parametrize("stage", cases.STAGES)
 # (the missing-key checkpoint is left out: its missing parameter is freshly initialised on both sides)
 @pytest.mark.parametrize("name", ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text",
                                   "sarvam_moe", "olmo_hybrid", "gpt2_extra_key"))
 def test_logits_equal_transformers_from_pretrained(results, name, stage):
+    _needs_model_type(name)
     for rank, r in enumerate(results):
         assert r["diff"][name, stage] <= 1e-6, (rank, r["diff"][name, stage])
 
@@ -30,6 +39,7 @@ def test_logits_equal_transformers_from_pretrained(results, name, stage):
 # kernels concatenated (Concatenate(dim=0))
 @pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "hrm_text", "sarvam_moe", "olmo_hybrid"))
 def test_each_rank_reads_only_the_sources_its_shards_cover(results, name):
+    _needs_model_type(name)
     for r in results:
         read_whole, total = r["converted_bytes"][name, 0]
         assert total > 0 and read_whole == total   # stages 0-2: every expert once
@@ -43,6 +53,8 @@ def test_clean_checkpoints_load_without_warnings(results):
     for r in results:
         for name in ("gpt2", "gpt2_no_prefix", "llama_sharded", "mixtral", "qwen2_moe", "hrm_text", "sarvam_moe",
                      "olmo_hybrid"):
+            if cases.unknown_to_transformers(name):
+                continue
             assert not any("LOAD REPORT" in m for m in r["warnings"][name, 3]), name
 
 
