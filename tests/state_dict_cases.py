@@ -80,6 +80,8 @@ def state_dicts(rank: int, world: int, out_root: str) -> dict:
     out["peft"] = _peft()
     out["save_pretrained"] = _save_pretrained(rank, Path(out_root) / "save_pretrained")
     out["accelerate"] = _accelerate(rank, Path(out_root) / "accelerate")
+    for name in ("gpt2", "mixtral"):
+        out["accelerate_layout", name] = _accelerate_layout(rank, name, Path(out_root) / f"layout_{name}")
     return out
 
 
@@ -189,9 +191,6 @@ def _accelerate(rank: int, root: Path) -> dict:
     saving = _most_gathered_during(model, lambda: accelerator.save_state(str(root / "state")))
     out["save_state_gathers"] = saving["calls"]
     accelerator.save_model(model, root, max_shard_size="20KB")
-    if rank == 0:
-        model.config.save_pretrained(root)
-    dist.barrier()
     engine.destroy()
     if rank == 0:
         files = sorted(root.glob("*.safetensors"))
@@ -202,3 +201,62 @@ def _accelerate(rank: int, root: Path) -> dict:
         with torch.no_grad():
             out["logits"] = (reloaded(input_ids=PROBE).logits - trained).abs().max().item()
     return out
+
+
+def _accelerate_layout(rank: int, name: str, root: Path) -> dict:
+    """After 2 stage-3 steps: accelerator.save_model, and the idiom
+    ``unwrap_model(model).save_pretrained(out, state_dict=accelerator.get_state_dict(model))``, each
+    against transformers' save_pretrained of an unsharded copy holding the gathered weights
+    (GPT-2: tied head; Mixtral: fused experts saved as per-expert keys)."""
+    from accelerate import Accelerator
+    from export_cases import _compare
+    from pretrained_cases import tiny_mixtral
+    from transformers import AutoModelForCausalLM
+
+    build = {"gpt2": tiny_gpt2, "mixtral": tiny_mixtral}[name]
+    accelerator = Accelerator(cpu=True)
+    model = build()
+    model, optimizer = hf_zero.prepare_accelerate(accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                                  config={k: v for k, v in _config().items() if k != "optimizer"})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    engine = accelerator.hf_zero_engine
+    trained = _train_and_logits(engine, model, rank)
+    with hf_zero.GatheredParameters(list(model.parameters())):
+        gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator.save_model(model, root / "save_model", max_shard_size="20KB")
+    accelerator.unwrap_model(model).save_pretrained(root / "idiom", state_dict=accelerator.get_state_dict(model),
+                                                    is_main_process=accelerator.is_main_process,
+                                                    max_shard_size="20KB")
+    dist.barrier()
+    engine.destroy()
+    if rank != 0:
+        return {}
+    reference = build()
+    reference.load_state_dict(gathered)
+    reference.save_pretrained(root / "reference", max_shard_size="20KB")
+    out = {}
+    want = _saved_tensors(root / "reference")
+    for kind in ("save_model", "idiom"):
+        got = _saved_tensors(root / kind)
+        out[kind, "keys"] = sorted(set(got) ^ set(want))[:6]
+        out[kind, "shapes_dtypes"] = [k for k in set(got) & set(want) if got[k] != want[k]]
+        # file names, index, values, config.json / generation_config.json (when the file set agrees)
+        files = [sorted(p.name for p in (root / d).iterdir()) for d in (kind, "reference")]
+        out[kind, "layout"] = _compare(root / kind, root / "reference") if files[0] == files[1] else [files]
+        reloaded = AutoModelForCausalLM.from_pretrained(root / kind)
+        with torch.no_grad():
+            out[kind, "logits"] = (reloaded(input_ids=PROBE).logits - trained).abs().max().item()
+    return out
+
+
+def _saved_tensors(directory: Path) -> dict:
+    """key -> (dtype, shape) over every safetensors file in ``directory``."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                found[key] = (part.get_dtype(), tuple(part.get_shape()))
+    return found

@@ -1,7 +1,9 @@
 """Stage 3 at world 2: model.state_dict() (and a submodule's, and peft's adapter state dict) on
 every rank equals the unsharded model's; model.save_pretrained, engine.save_16bit_model and
 accelerate's get_state_dict / save_model gather on every rank; each of them called on rank 0
-alone raises there within the presence timeout, naming rank 1, and the next all-rank call works."""
+alone raises there within the presence timeout, naming rank 1, and the next all-rank call works.
+accelerate's save_model (and save_pretrained(state_dict=get_state_dict(model))) of a transformers
+model writes save_pretrained's layout."""
 
 import pytest
 
@@ -72,3 +74,16 @@ def test_accelerate_get_state_dict_and_save_model_gather_on_every_rank(results):
     _raised_in_time(out["lone"], "accelerator.get_state_dict(model)")
     assert out["files"] > 1 and out["written"] == []   # sharded by max_shard_size, every value as gathered
     assert out["logits"] <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ("save_model", "idiom"))
+@pytest.mark.parametrize("name", ("gpt2", "mixtral"))
+def test_accelerate_save_model_and_save_pretrained_of_get_state_dict_write_save_pretrained_layout(results, name,
+                                                                                                  kind):
+    """Same files, index, keys, shapes, dtypes and values as transformers' save_pretrained of the
+    gathered weights (tied head dropped, per-expert MoE keys); reloads to the trained logits."""
+    out = results[0]["accelerate_layout", name]
+    assert out[kind, "keys"] == []
+    assert out[kind, "shapes_dtypes"] == []
+    assert out[kind, "layout"] == []
+    assert out[kind, "logits"] <= 1e-6

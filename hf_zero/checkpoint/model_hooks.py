@@ -16,7 +16,9 @@ model and each of its submodules:
 - ``save_pretrained(dir, is_main_process=...)`` (what ``accelerator.unwrap_model(model)
   .save_pretrained(...)`` calls) is routed to ``engine.save_16bit_model``, which gathers one
   output file at a time and writes save_pretrained's layout from rank 0; every rank calls it.
-  A call with an explicit ``state_dict=`` goes to transformers unchanged.
+  A call with an explicit ``state_dict=`` (``state_dict=accelerator.get_state_dict(model)``) goes
+  to transformers, which drops tied duplicates and reverts its conversions itself; meanwhile
+  ``num_parameters()`` counts the full shapes, for the index's ``total_parameters``.
 
 Both first check that every rank entered the call (presence.py's [Note: presence check]): a call
 made on some ranks only (``if rank == 0: model.save_pretrained(d)``) raises there after
@@ -133,6 +135,27 @@ def _gather_into(state_dict: dict, entries: list[tuple[str, torch.nn.Parameter]]
                 group.release()
 
 
+@contextlib.contextmanager
+def _true_parameter_count(module: torch.nn.Module) -> Iterator[None]:
+    """``module.num_parameters()`` counts the full shapes meanwhile: transformers' save_pretrained
+    writes it into the index as ``total_parameters``, and released parameters have ``numel() == 0``."""
+    original = getattr(module, "num_parameters", None)
+    if original is None:
+        yield
+        return
+
+    def num_parameters(*args: Any, **kwargs: Any) -> int:
+        if args or kwargs:   # filtered counts: transformers' own (not used by save_pretrained)
+            return original(*args, **kwargs)
+        return sum(int(getattr(p, "ds_numel", 0)) or p.numel() for p in module.parameters())   # deduplicated
+
+    setattr(module, "num_parameters", num_parameters)
+    try:
+        yield
+    finally:
+        module.__dict__.pop("num_parameters", None)
+
+
 def install_save_hooks(engine: "ZeroEngine", comm: Collectives) -> Callable[[], None]:
     """Gather in ``state_dict`` and route ``save_pretrained`` on ``engine.module`` (stage 3);
     ``comm``: the engine's data-parallel group (its presence timeout included). Returns the undo."""
@@ -152,7 +175,8 @@ def install_save_hooks(engine: "ZeroEngine", comm: Collectives) -> Callable[[], 
 
         def save_pretrained(save_directory: Any, *args: Any, state_dict: Any = None, **kwargs: Any) -> None:
             if state_dict is not None:   # the caller gathered: transformers / peft write it as given
-                return original(save_directory, *args, state_dict=state_dict, **kwargs)
+                with _true_parameter_count(module):   # the index's total_parameters
+                    return original(save_directory, *args, state_dict=state_dict, **kwargs)
             # save_function / safe_serialization do not apply: safetensors are written by rank 0
             with all_ranks_call(comm, "model.save_pretrained()", GATHER_INSTEAD):
                 engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),

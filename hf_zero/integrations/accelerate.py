@@ -19,9 +19,19 @@ accelerator instance only:
   loss scale (accelerate's GradScaler is switched off: its step never runs on our optimizer).
 - ``clip_grad_norm_`` on the model's parameters: returns the global norm and makes the next
   optimizer step clip to ``max_norm`` (clipping happens on the partitioned gradients).
-- ``get_state_dict`` (and so ``save_model``): full tensors (stage 3 gathers one group at a time
-  into host copies; every rank must call it, a call on some ranks only raises there after
-  ``presence_timeout``).
+- ``get_state_dict``: full tensors under the in-memory names, as ``model.state_dict()`` of an
+  unsharded model (stage 3 gathers one group at a time into host copies; every rank must call
+  it, a call on some ranks only raises there after ``presence_timeout``). So the idiom
+  ``unwrap_model(model).save_pretrained(out, state_dict=accelerator.get_state_dict(model))``
+  works: transformers' save_pretrained reverts its load-time conversions itself.
+- ``save_model(model, dir, max_shard_size)`` of a transformers model: save_pretrained's layout
+  (tied duplicates dropped, load-time conversions reverted, e.g. per-expert MoE keys, its shard
+  plan and index naming, ``config.json`` / ``generation_config.json``) through hf_zero's export
+  (checkpoint/export.py), gathering one output file at a time; every rank calls it, the main
+  process writes (each node's with ``save_on_each_node``). Not accelerate's own layout, whose
+  in-memory names ``from_pretrained`` reads but other HF readers may not. Plain ``nn.Module``s,
+  peft models and ``safe_serialization=False`` keep accelerate's ``save_model`` (full tensors
+  from ``get_state_dict``).
 - ``save_state`` / ``load_state``: a pre-hook writes / reads an hf_zero sharded checkpoint in
   ``<dir>/hf_zero`` (any world size); accelerate's own model file is skipped (and the model is
   not gathered for it: ``get_state_dict`` returns ``{}`` inside ``save_state``) and its
@@ -102,6 +112,7 @@ def prepare_accelerate(accelerator: Any, model: torch.nn.Module, optimizer: Opti
     _gate_on_sync(accelerator, engine)
     _route_clipping(accelerator, engine)
     _route_state_dict(accelerator, engine)
+    _route_save_model(accelerator, engine)
     _route_save_and_load(accelerator, engine)
     accelerator.hf_zero_engine = engine
     return engine.module, engine.optimizer
@@ -183,7 +194,8 @@ def _route_state_dict(accelerator: Any, engine: Any) -> None:
             # this entry, so gathering the whole model into host memory here would be wasted
             return {}
         # Stage 3: state_dict() gathers one group at a time into host copies (checkpoint/model_hooks.py);
-        # accelerator.save_model reaches this too. Other entries are torch's, as accelerate returns under DDP.
+        # in-memory names, as accelerate returns under DDP (save_pretrained(state_dict=...) reverts them).
+        # accelerator.save_model reaches this for models _route_save_model leaves to accelerate.
         with all_ranks_call(engine.comm, "accelerator.get_state_dict(model) / accelerator.save_model(model)",
                             GATHER_INSTEAD):
             return engine.module.state_dict()
@@ -199,6 +211,34 @@ def _route_state_dict(accelerator: Any, engine: Any) -> None:
                              "hf_zero restores its optimizer from the hf_zero/ checkpoint")
 
     optimizer.load_state_dict = load_state_dict
+
+
+def _route_save_model(accelerator: Any, engine: Any) -> None:
+    from hf_zero.checkpoint.export import save_model_hf
+    from hf_zero.checkpoint.hf_layout import is_transformers_model
+    from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD
+    from hf_zero.presence import all_ranks_call
+
+    original = accelerator.save_model
+
+    def save_model(model: torch.nn.Module, save_directory: Union[str, os.PathLike],
+                   max_shard_size: Union[int, str] = "10GB", safe_serialization: bool = True) -> None:
+        module = accelerator.unwrap_model(model)
+        if (module is not engine.module or not is_transformers_model(module) or not safe_serialization
+                or getattr(module, "peft_config", None) is not None or os.path.isfile(save_directory)):
+            # accelerate's own layout (a file path: accelerate logs its error and writes nothing)
+            return original(model, save_directory, max_shard_size=max_shard_size,
+                            safe_serialization=safe_serialization)
+        on_each_node = accelerator.project_configuration.save_on_each_node
+        writer = accelerator.is_local_main_process if on_each_node else accelerator.is_main_process
+        # the outer presence check names this call; save_model_hf's own check is then skipped (nested)
+        with all_ranks_call(engine.comm, "accelerator.save_model(model)", GATHER_INSTEAD):
+            save_model_hf(module, save_directory, engine.dtype, is_writer=writer, max_shard_size=max_shard_size,
+                          comm=engine.comm)
+        engine.comm.barrier()   # the files are complete on every rank's return, as save_16bit_model
+        return None
+
+    accelerator.save_model = save_model
 
 
 def _route_save_and_load(accelerator: Any, engine: Any) -> None:
