@@ -233,8 +233,8 @@ def _route_save_model(accelerator: Any, engine: Any) -> None:
         writer = accelerator.is_local_main_process if on_each_node else accelerator.is_main_process
         # the outer presence check names this call; save_model_hf's own check is then skipped (nested)
         with all_ranks_call(engine.comm, "accelerator.save_model(model)", GATHER_INSTEAD):
-            save_model_hf(module, os.fspath(save_directory), engine.dtype, is_writer=writer, max_shard_size=max_shard_size,
-                          comm=engine.comm)
+            save_model_hf(module, os.fspath(save_directory), engine.dtype, is_writer=writer,
+                          max_shard_size=max_shard_size, comm=engine.comm)
         engine.comm.barrier()   # the files are complete on every rank's return, as save_16bit_model
         return None
 
