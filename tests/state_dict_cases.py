@@ -170,14 +170,13 @@ def _save_pretrained(rank: int, root: Path) -> dict:
     return out
 
 
-def _accelerate(rank: int, root: Path) -> dict:
-    """accelerate's contract: every rank calls get_state_dict / save_model; the main process writes."""
+def _accelerate_trained(build, rank: int) -> tuple:
+    """An accelerate loop's model under stage 3 after 2 steps: (accelerator, model, engine,
+    trained logits, the gathered state dict)."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     accelerator = Accelerator(cpu=True)
-    model = tiny_gpt2()
+    model = build()
     model, optimizer = hf_zero.prepare_accelerate(accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
                                                   config={k: v for k, v in _config().items() if k != "optimizer"})
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -185,6 +184,15 @@ def _accelerate(rank: int, root: Path) -> dict:
     trained = _train_and_logits(engine, model, rank)
     with hf_zero.GatheredParameters(list(model.parameters())):
         gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    return accelerator, model, engine, trained, gathered
+
+
+def _accelerate(rank: int, root: Path) -> dict:
+    """accelerate's contract: every rank calls get_state_dict / save_model; the main process writes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    accelerator, model, engine, trained, gathered = _accelerate_trained(tiny_gpt2, rank)
     out = {"get_state_dict": differences(accelerator.get_state_dict(model), gathered)}
     out["lone"] = _alone_on_rank0(rank, lambda: accelerator.get_state_dict(model))
     # save_state writes hf_zero's sharded checkpoint: the model is not gathered for it
@@ -208,21 +216,12 @@ def _accelerate_layout(rank: int, name: str, root: Path) -> dict:
     ``unwrap_model(model).save_pretrained(out, state_dict=accelerator.get_state_dict(model))``, each
     against transformers' save_pretrained of an unsharded copy holding the gathered weights
     (GPT-2: tied head; Mixtral: fused experts saved as per-expert keys)."""
-    from accelerate import Accelerator
     from export_cases import _compare
     from pretrained_cases import tiny_mixtral
     from transformers import AutoModelForCausalLM
 
     build = {"gpt2": tiny_gpt2, "mixtral": tiny_mixtral}[name]
-    accelerator = Accelerator(cpu=True)
-    model = build()
-    model, optimizer = hf_zero.prepare_accelerate(accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                                  config={k: v for k, v in _config().items() if k != "optimizer"})
-    model, optimizer = accelerator.prepare(model, optimizer)
-    engine = accelerator.hf_zero_engine
-    trained = _train_and_logits(engine, model, rank)
-    with hf_zero.GatheredParameters(list(model.parameters())):
-        gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator, model, engine, trained, gathered = _accelerate_trained(build, rank)
     accelerator.save_model(model, root / "save_model", max_shard_size="20KB")
     accelerator.unwrap_model(model).save_pretrained(root / "idiom", state_dict=accelerator.get_state_dict(model),
                                                     is_main_process=accelerator.is_main_process,
