@@ -53,6 +53,17 @@ def _compare(ours: Path, reference: Path) -> list[str]:
     return problems
 
 
+def train_two_steps(engine, model, rank: int, probe: torch.Tensor) -> torch.Tensor:
+    """Two steps on rank-dependent ids, then the eval-mode logits of ``probe``."""
+    for step in range(2):
+        ids = (torch.arange(12).reshape(2, 6) * (rank + 2 + step)) % VOCAB
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=probe).logits
+
+
 def export_after_training(rank: int, world: int, dirs: dict[str, str], out_root: str) -> dict:
     from accelerate.utils import extract_model_from_parallel
     from transformers import AutoModelForCausalLM
@@ -67,13 +78,7 @@ def export_after_training(rank: int, world: int, dirs: dict[str, str], out_root:
             "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 2000}})
-        for step in range(2):
-            ids = (torch.arange(12).reshape(2, 6) * (rank + 2 + step)) % VOCAB
-            engine.backward(engine(input_ids=ids, labels=ids).loss)
-            engine.step()
-        model.eval()
-        with torch.no_grad():
-            trained_logits = model(input_ids=x).logits
+        trained_logits = train_two_steps(engine, model, rank, x)
         with hf_zero.GatheredParameters(list(model.parameters())):
             gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}
         # accelerate's run_clm_no_trainer ending: unwrap_model(model).save_pretrained(...) on every rank

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import hf_zero
+from export_cases import train_two_steps
 from parity_cases import VOCAB, tiny_gpt2, tiny_llama
 
 PROBE = torch.arange(12).reshape(2, 6) % VOCAB   # the ids whose logits are compared after reloading
@@ -143,13 +144,7 @@ def _peft() -> list[str]:
 
 
 def _train_and_logits(engine, model, rank: int) -> torch.Tensor:
-    for step in range(2):
-        ids = (torch.arange(12).reshape(2, 6) * (rank + 2 + step)) % VOCAB
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=PROBE).logits
+    return train_two_steps(engine, model, rank, PROBE)
 
 
 def _save_pretrained(rank: int, root: Path) -> dict:
