@@ -52,6 +52,16 @@ def fp16_overflow(rank: int, world: int) -> dict:
     return out
 
 
+def steady_step_memory(engine, x: torch.Tensor) -> tuple[dict, int]:
+    """One more step after the first (buffers and states exist) with fresh comm counters:
+    the engine's memory breakdown and its model-state bytes (params + grads + masters + states)."""
+    engine.reset_comm_stats()
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    mem = engine.memory_breakdown()
+    return mem, mem["params"] + mem["grads"] + mem["master_params"] + mem["optimizer_states"]
+
+
 def formula_bytes(stage: int, psi: int, world: int, mixed: bool) -> int:
     """ZeRO's model-state bytes per rank (K = 12 for mixed precision)."""
     if mixed:
@@ -76,11 +86,7 @@ def accounting(rank: int, world: int) -> dict:
             engine.backward(engine(input_ids=x, labels=x).loss)
             full_grads_after_backward = [p.grad is not None for p in model.parameters()]
             engine.step()
-            engine.reset_comm_stats()
-            engine.backward(engine(input_ids=x, labels=x).loss)
-            engine.step()
-            mem = engine.memory_breakdown()
-            model_state = mem["params"] + mem["grads"] + mem["master_params"] + mem["optimizer_states"]
+            mem, model_state = steady_step_memory(engine, x)
             model_bytes = psi * (2 if bf16 else 4)
             out[(stage, bf16)] = {
                 "ratio": model_state / formula_bytes(stage, psi, world, bf16),

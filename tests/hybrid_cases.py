@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import hf_zero
-from engine_cases import formula_bytes
+from engine_cases import formula_bytes, steady_step_memory
 from parity_cases import CLIP, MICRO, batch, full_params, run_ddp, run_hf_zero, tiny_gpt2, train_steps
 
 SHARD = 2
@@ -50,11 +50,7 @@ def accounting(rank: int, world: int) -> dict:
         x = batch(rank, 0, 0)
         engine.backward(engine(input_ids=x, labels=x).loss)
         engine.step()
-        engine.reset_comm_stats()
-        engine.backward(engine(input_ids=x, labels=x).loss)
-        engine.step()
-        mem = engine.memory_breakdown()
-        model_state = mem["params"] + mem["grads"] + mem["master_params"] + mem["optimizer_states"]
+        mem, model_state = steady_step_memory(engine, x)
         n = world if shard == -1 else shard
         out[(stage, shard) if hpz == 1 else "hpz"] = {
             "ratio": model_state / formula_bytes(stage, psi, n, False), "model_bytes": 4 * psi,
