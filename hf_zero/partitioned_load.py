@@ -42,6 +42,8 @@ from typing import Any, Optional
 
 import torch
 
+from hf_zero.comm import rank_local_call
+
 logger = logging.getLogger(__name__)
 
 _blocks = 0                                   # open zero_init blocks
@@ -49,12 +51,14 @@ _owners: dict[int, weakref.ref] = {}          # id(owner) -> weak reference
 _original: Any = None                         # PreTrainedModel.__dict__["from_pretrained"] while patched
 
 # Accepted, not passed on: where the files come from (hub / cache, used by local_checkpoint_dir),
-# how transformers reads them, or ignored by transformers too.
+# how transformers reads them, or ignored by transformers too. A keyword also in _REFUSED is
+# refused when set and dropped when unset (the Auto classes pass trust_remote_code=False).
 _IGNORED = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
             "trust_remote_code", "adapter_kwargs", "adapter_name", "_from_auto", "_from_pipeline", "_commit_hash",
             "weights_only", "disable_mmap", "low_cpu_mem_usage", "mirror", "_fast_init", "from_tf", "from_flax",
             "offload_state_dict", "tqdm_class", "code_revision", "use_safetensors", "allow_all_kernels")
 # Passed on to hf_zero.from_pretrained (build_meta_model); other keywords are config overrides.
+# (The upstream contract test checks that these three lists cover every keyword transformers takes.)
 _PASSED_ON = ("config", "dtype", "torch_dtype", "attn_implementation", "experts_implementation",
               "generation_config", "ignore_mismatched_sizes", "output_loading_info")
 # Need the whole model (or another loader) on this rank: refused, naming the argument.
@@ -73,6 +77,8 @@ _REFUSED = {
     "distributed_config": "tensor parallelism is not combined with hf_zero sharding",
     "device_mesh": "tensor parallelism is not combined with hf_zero sharding",
     "use_kernels": "hub kernels are not applied to a partitioned build",
+    "trust_remote_code": "custom-code models are not built partitioned (their code is not fetched)",
+    "code_revision": "custom-code models are not built partitioned (their code is not fetched)",
     "kernel_config": "hub kernels are not applied to a partitioned build",
     "fusion_config": "fusion patches are not applied to a partitioned build",
 }
@@ -164,7 +170,7 @@ def _from_pretrained_partitioned(cls, pretrained_model_name_or_path, *model_args
     if (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path"):
         raise ValueError(f"{pretrained_model_name_or_path}: a peft adapter directory; under hf_zero stage 3 load the "
                          "base model with from_pretrained, then apply the adapter with peft")
-    path = local_checkpoint_dir(pretrained_model_name_or_path, kwargs)
+    path = _agreed_checkpoint_dir(pretrained_model_name_or_path, kwargs)
     for name in _IGNORED:
         kwargs.pop(name, None)
     loading_info = kwargs.pop("output_loading_info", False)
@@ -182,6 +188,13 @@ def _transformers_from_pretrained():
     from transformers import PreTrainedModel
 
     return PreTrainedModel.__dict__["from_pretrained"]
+
+
+@rank_local_call("from_pretrained (finding the checkpoint)")
+def _agreed_checkpoint_dir(name_or_path: Any, kwargs: dict) -> Path:
+    """local_checkpoint_dir on every rank, agreed: a cache or download failing on one rank (one
+    node) is every rank's error, not a wait in hf_zero.from_pretrained's agreement."""
+    return local_checkpoint_dir(name_or_path, kwargs)
 
 
 def local_checkpoint_dir(name_or_path: Any, kwargs: dict) -> Path:
@@ -316,7 +329,10 @@ class AdapterValues:
         out.copy_(self.values[key[len(_ADAPTER_KEY):]].reshape(-1).narrow(0, start, out.numel()))
 
     def __getattr__(self, name: str) -> Any:   # the plan's report, counters, close()
-        return getattr(self.__dict__["plan"], name)
+        plan = self.__dict__.get("plan")
+        if plan is None:   # during unpickling / copy, before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(plan, name)
 
     def __deepcopy__(self, memo: dict) -> "AdapterValues":
         return self
@@ -351,7 +367,9 @@ def _watch_adapter_loading() -> None:
         finally:
             del self.load_state_dict
         params = dict(self.named_parameters())
-        values = {name: value.detach() for name, value in loaded.items() if name in params and params[name].is_meta}
+        # every loaded adapter value is kept, also one peft assigned in place (low_cpu_mem_usage):
+        # initialize rewrites every parameter from the source, so a value not kept would be lost
+        values = {name: value.detach() for name, value in loaded.items() if name in params}
         if isinstance(plan, AdapterValues):
             plan.values.update(values)
         else:

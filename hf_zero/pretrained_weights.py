@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast
 
@@ -68,6 +69,8 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path / "model.safetensors"]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
+
+_MODULES_TO_SAVE = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)\.")
 
 # transformers' operations that join or cut along a dimension without changing values; `Split`
 # is newer than transformers 5.18 (in 5.22; an older one has no model that uses it)
@@ -135,6 +138,7 @@ class PretrainedWeights:
         setattr(self.model, "_weight_conversions", [self._mapping[i] for i in used])
         setattr(self.model, "_hf_zero_conversions_used", used)
         tied = getattr(self.model, "all_tied_weights_keys", {}) or {}
+        self._tied_to: dict[str, str] = dict(tied)   # a tied name (absent from the files) -> its source
         info.missing_keys -= {target for target, source in tied.items() if source not in info.missing_keys}
         if hasattr(self.model, "_adjust_missing_and_unexpected_keys"):
             self.model._adjust_missing_and_unexpected_keys(info)
@@ -264,7 +268,11 @@ class PretrainedWeights:
     def key_for(self, name: str) -> Optional[str]:
         """The planned model name of a parameter name (peft's wrapper names stripped), or None."""
         bare = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        for candidate in (name, bare):
+        # peft's modules_to_save: both the frozen original and the trainable copy start from the
+        # checkpoint's tensor (peft copies the original when it wraps a loaded model)
+        bare = _MODULES_TO_SAVE.sub(".", bare)
+        # a copy of a tied parameter (peft's modules_to_save of GPT-2's lm_head) reads its source
+        for candidate in (name, bare, self._tied_to.get(bare, "")):
             if candidate in self.direct or candidate in self.converted:
                 return candidate
         return None

@@ -115,7 +115,8 @@ def test_stage3_training_arguments_switch_it_on_for_their_lifetime(tmp_path):
 
 @pytest.mark.parametrize("kwargs, named", [({"device_map": "cpu"}, "device_map"),
                                            ({"quantization_config": {"load_in_8bit": True}}, "quantization_config"),
-                                           ({"use_safetensors": False}, "use_safetensors")])
+                                           ({"use_safetensors": False}, "use_safetensors"),
+                                           ({"trust_remote_code": True}, "trust_remote_code")])
 def test_kwargs_needing_a_whole_model_are_refused_by_name(dirs, kwargs, named):
     from transformers import AutoModelForCausalLM
 
