@@ -50,8 +50,11 @@ def GatheredParameters(params: Union[torch.Tensor, Iterable[torch.Tensor]], modi
     if enabled and modifier_rank is not None:
         _warn_not_partitioned(params, modifier_rank)
     newly = [g for g in groups if not g.gathered]
-    for group in newly:
-        group.gather(group.comm)
+    for group in groups:
+        if group in newly:
+            group.gather(group.comm)
+        else:
+            group.wait()   # a prefetch may still be in flight: complete it (the stage releases it later)
     try:
         yield
     finally:

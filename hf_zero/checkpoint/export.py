@@ -9,10 +9,9 @@ stages 0-2), so no rank ever holds the whole model, and rank 0 writes. peft mode
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, cast
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -21,6 +20,7 @@ from hf_zero.checkpoint.hf_layout import HfLayout, is_transformers_model
 from hf_zero.checkpoint.layout import true_shape
 from hf_zero.checkpoint.model_hooks import GATHER_INSTEAD, released_state_dict_allowed
 from hf_zero.comm import Collectives, rank_local_step
+from hf_zero.gathered import GatheredParameters
 from hf_zero.presence import all_ranks_call
 from hf_zero.checkpoint.safetensors_io import write_safetensors
 from hf_zero.sharded_params import sharded_group_of
@@ -39,24 +39,18 @@ def save_model_hf(module: torch.nn.Module, save_dir: str | Path, dtype: torch.dt
 
 def _save_model_hf(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, is_writer: bool,
                    max_shard_size: int | str, comm: Optional[Collectives]) -> None:
-    groups = {id(g): g for p in module.parameters() if (g := sharded_group_of(p)) is not None}
-    if groups and getattr(module, "peft_config", None) is not None:
-        # Only the adapter is written: gather the trainable groups, never the frozen base.
-        trainable = [g for g in groups.values() if g.params[0].requires_grad and not g.gathered]
-        for g in trainable:
-            g.gather(g.comm)
-        try:
+    if getattr(module, "peft_config", None) is not None:
+        # Only the adapter is written (peft's save_pretrained, at every stage): at stage 3 gather
+        # the trainable groups, never the frozen base.
+        with GatheredParameters([p for p in module.parameters() if p.requires_grad]):
             with rank_local_step(comm or Collectives(None), f"writing the adapter to {save_dir}"):
                 if is_writer:
                     _save_pretrained(module, save_dir, dtype)
-        finally:
-            for g in trainable:
-                g.release()
         return
     if is_transformers_model(module):
         _save_transformers_layout(module, save_dir, dtype, is_writer, max_shard_size, comm)
         return
-    if groups:
+    if any(sharded_group_of(p) is not None for p in module.parameters()):
         _save_sharded_stage3(module, save_dir, dtype, is_writer, max_shard_size)
         return
     with rank_local_step(comm or Collectives(None), f"writing the model to {save_dir}"):
@@ -64,22 +58,8 @@ def _save_model_hf(module: torch.nn.Module, save_dir: Path, dtype: torch.dtype, 
             _save_pretrained(module, save_dir, dtype)
 
 
-@contextlib.contextmanager
-def _groups_gathered(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Gather each stage-3 parameter group these tensors need once, in their order (the same
-    on every rank: a collective each), and release them afterwards."""
-    groups = {}
-    for tensor in tensors:
-        group = sharded_group_of(tensor)
-        if group is not None and not group.gathered:
-            groups[id(group)] = group
-    for group in groups.values():
-        group.gather(group.comm)
-    try:
-        yield
-    finally:
-        for group in groups.values():
-            group.release()
+def _host_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -94,8 +74,9 @@ def _save_transformers_layout(module: PreTrainedModel, save_dir: Path, dtype: to
     layout = HfLayout(module, shapes, dtypes, max_shard_size)
 
     def values_for(names: list[str]) -> dict[str, torch.Tensor] | None:
-        with _groups_gathered(entries[n] for n in names):
-            return {n: _cast(entries[n], dtype).clone() for n in names} if is_writer else None
+        with GatheredParameters([entries[n] for n in names]):
+            # host copies, one copy each: the gathered device memory is released with the group
+            return {n: _host_copy(entries[n], dtype) for n in names} if is_writer else None
 
     with rank_local_step(comm or Collectives(None), f"preparing {save_dir}"):
         if is_writer:
@@ -134,8 +115,8 @@ def _save_sharded_stage3(module: torch.nn.Module, save_dir: Path, dtype: torch.d
     if is_writer:
         save_dir.mkdir(parents=True, exist_ok=True)
     for filename, names in plan.filename_to_tensors.items():
-        with _groups_gathered(named[name] for name in names):
-            shard = {name: named[name].detach().to(dtype).clone() for name in names} if is_writer else {}
+        with GatheredParameters([named[name] for name in names]):
+            shard = {name: _host_copy(named[name], dtype) for name in names} if is_writer else {}
         if is_writer:
             write_safetensors(save_dir / filename, shard, metadata={"format": "pt"})
     if is_writer:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 import torch
 
 from hf_zero.comm import Collectives
+from hf_zero.gathered import GatheredParameters
 from hf_zero.presence import all_ranks_call
 from hf_zero.sharded_params import sharded_group_of
 
@@ -118,21 +119,11 @@ def _gather_into(state_dict: dict, entries: list[tuple[str, torch.nn.Parameter]]
         by_group.setdefault(id(sharded_group_of(p)), []).append((name, p))
     copies: dict[int, torch.Tensor] = {}   # tied parameters: one copy shared by their names
     for members in by_group.values():
-        group = sharded_group_of(members[0][1])
-        assert group is not None   # entries are released sharded parameters
-        gathered_here = not group.gathered
-        if gathered_here:
-            group.gather(group.comm)
-        else:
-            group.wait()   # a prefetch in flight: complete it, the stage releases it later
-        try:
+        with GatheredParameters([p for _, p in members]):   # one group
             for name, p in members:
                 if id(p) not in copies:
                     copies[id(p)] = p.detach().to("cpu", copy=True)
                 state_dict[name] = copies[id(p)]
-        finally:
-            if gathered_here:
-                group.release()
 
 
 @contextlib.contextmanager
@@ -156,6 +147,12 @@ def _true_parameter_count(module: torch.nn.Module) -> Iterator[None]:
         module.__dict__.pop("num_parameters", None)
 
 
+# save_pretrained keywords the export honours: the rest go to transformers with a gathered
+# state dict. save_function only chooses how transformers writes non-safetensors files, which
+# the export never writes (accelerate's scripts pass accelerator.save).
+_EXPORT_KWARGS = {"is_main_process", "max_shard_size", "safe_serialization", "save_function"}
+
+
 def install_save_hooks(engine: "ZeroEngine", comm: Collectives) -> Callable[[], None]:
     """Gather in ``state_dict`` and route ``save_pretrained`` on ``engine.module`` (stage 3);
     ``comm``: the engine's data-parallel group (its presence timeout included). Returns the undo."""
@@ -177,10 +174,16 @@ def install_save_hooks(engine: "ZeroEngine", comm: Collectives) -> Callable[[], 
             if state_dict is not None:   # the caller gathered: transformers / peft write it as given
                 with _true_parameter_count(module):   # the index's total_parameters
                     return original(save_directory, *args, state_dict=state_dict, **kwargs)
-            # save_function / safe_serialization do not apply: safetensors are written by rank 0
             with all_ranks_call(comm, "model.save_pretrained()", GATHER_INSTEAD):
-                engine.save_16bit_model(str(save_directory), max_shard_size=kwargs.get("max_shard_size", "50GB"),
-                                        is_main_process=kwargs.get("is_main_process", True))
+                if args or set(kwargs) - _EXPORT_KWARGS or kwargs.get("safe_serialization") is False:
+                    # options hf_zero's writer does not have (variant, push_to_hub, peft's
+                    # selected_adapters, ...): transformers / peft write the gathered state dict
+                    # (the whole model in host memory on every rank) themselves
+                    with _true_parameter_count(module):
+                        return original(save_directory, *args, state_dict=module.state_dict(), **kwargs)
+                shard = {"max_shard_size": kwargs["max_shard_size"]} if "max_shard_size" in kwargs else {}
+                engine.save_16bit_model(str(save_directory), is_main_process=kwargs.get("is_main_process", True),
+                                        **shard)
 
         setattr(module, "save_pretrained", save_pretrained)   # an instance attribute: undo pops it
 

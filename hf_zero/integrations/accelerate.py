@@ -193,6 +193,8 @@ def _route_state_dict(accelerator: Any, engine: Any) -> None:
             # save_state's own call: the save hook writes hf_zero's sharded checkpoint and drops
             # this entry, so gathering the whole model into host memory here would be wasted
             return {}
+        if engine.zero_optimization_stage() != 3:
+            return engine.module.state_dict()   # whole parameters: rank 0 alone may ask, as under DDP
         # Stage 3: state_dict() gathers one group at a time into host copies (checkpoint/model_hooks.py);
         # in-memory names, as accelerate returns under DDP (save_pretrained(state_dict=...) reverts them).
         # accelerator.save_model reaches this for models _route_save_model leaves to accelerate.
