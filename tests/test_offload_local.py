@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,22 @@ def test_setup_removes_only_swap_dirs_whose_owner_is_gone(tmp_path, caplog):
     assert len(named) == 1 and int(re.search(r"GiB, (\d+) bytes\)", named[0]).group(1)) >= 3 * ALIGN, named
     engine.destroy()
     assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_optimizer_state_dict_with_nvme_state_says_it_holds_placeholders(tmp_path):
+    """torch.save of a 0-byte placeholder succeeds and torch.load then fails: the call warns."""
+    engine = hf_zero.initialize(tiny_gpt2(), _config("nvme", tmp_path))
+    _step(engine)
+    with pytest.warns(UserWarning, match="engine.save_checkpoint"):
+        engine.optimizer.state_dict()
+    memory = hf_zero.initialize(tiny_gpt2(), _config("cpu"))
+    _step(memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.optimizer.state_dict()   # host-resident states: no warning
+
+
+def test_ratio_without_optimizer_offload_is_said_to_have_no_effect(caplog):
+    with caplog.at_level("WARNING", logger="hf_zero.offload"):
+        hf_zero.initialize(tiny_gpt2(), _config("none", ratio=0.5))
+    assert any("offload_optimizer.ratio=0.5 has no effect" in r.getMessage() for r in caplog.records)

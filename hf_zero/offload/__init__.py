@@ -8,6 +8,8 @@ offload devices from the config; see [Note: offload backends] in protocol.py,
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from hf_zero.config.parse import ConfigError
@@ -16,6 +18,20 @@ from hf_zero.offload.param_store import ParamStore
 from hf_zero.offload.protocol import NoOffload, OptimizerOffload
 from hf_zero.offload.swap_dir import SwapSetupError
 from hf_zero.offload.swapper import SwapIOError
+
+logger = logging.getLogger(__name__)
+
+
+def _warn_unhonoured_ratio(zero: ZeroConfig) -> None:
+    """``offload_optimizer.ratio`` < 1 where it cannot mean what it says (said, not ignored)."""
+    ratio, device = zero.offload_optimizer.ratio, zero.offload_optimizer.device
+    if ratio < 1 and device == "none":
+        logger.warning("zero_optimization.offload_optimizer.ratio=%s has no effect: offload_optimizer.device is "
+                       "'none', so the whole optimizer state stays on the device", ratio)
+    elif ratio < 1 and zero.offload_param.device != "none":
+        logger.warning("zero_optimization.offload_optimizer.ratio=%s with offload_param.device=%r: the sub-groups "
+                       "kept 'on the device' live where the parameter shards live, in host memory, not on the "
+                       "accelerator", ratio, zero.offload_param.device)
 
 
 def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tensor]], rank: int,
@@ -27,6 +43,7 @@ def build_optimizer_offload(zero: ZeroConfig, owned_params: list[list[torch.Tens
     ``offload_optimizer.ratio`` < 1 keeps the first sub-groups on the device ([Note: partial
     offload] in partial.py); with device 'none' nothing is offloaded and it has no effect."""
     cfg = zero.offload_optimizer
+    _warn_unhonoured_ratio(zero)
     # 0 is DeepSpeed's "one parameter per sub-group"; the closest here is one chunk's worth.
     sub_group_size = zero.sub_group_size or max((p.numel() for g in owned_params for p in g), default=1)
     if cfg.device == "cpu":

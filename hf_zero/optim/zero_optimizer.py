@@ -10,6 +10,7 @@ unscale x clip multiply, the inner update, write-back and the all-gather of part
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -109,6 +110,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._norm_cache = None
         self.stage.zero_grad()
+
+    def state_dict(self) -> dict:
+        """torch's state dict of this rank's shards. State that lives outside memory (nvme, or
+        the chunk straddling a partial-offload boundary) is in it as 0-byte placeholders that
+        torch.save writes but cannot load back: that is said, rather than saved silently."""
+        placeholders = sum(t.numel() > 0 and t.untyped_storage().nbytes() == 0 for s in self.inner.state.values()
+                           for t in s.values() if isinstance(t, torch.Tensor))
+        if placeholders:
+            warnings.warn(f"optimizer.state_dict(): {placeholders} optimizer state tensor(s) of this rank live outside "
+                          "memory (offload_optimizer on nvme, or the chunk at the offload_optimizer.ratio boundary) "
+                          "and are returned as empty placeholders; save and restore the optimizer with "
+                          "engine.save_checkpoint / engine.load_checkpoint", stacklevel=2)
+        return super().state_dict()
 
     def state_tensors(self) -> list[torch.Tensor]:
         return ([t for s in self.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
