@@ -131,3 +131,23 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, second):
     path, _ = engine.load_checkpoint(tmp_path)
     assert path.name == "first" and engine.global_steps == 0
     assert not (tmp_path / "second").exists()
+
+
+def test_failed_rename_when_resaving_a_tag_restores_the_previous_checkpoint(saved, monkeypatch):
+    root, _ = saved
+    _, engine = trained_engine()
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".good.tmp-"):   # the new checkpoint moving into place
+            raise OSError("rename failed (test)")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    # one process: the rank's own error (with ranks: CheckpointError naming rank 0)
+    with pytest.raises(OSError, match="rename failed"):
+        engine.save_checkpoint(root, tag="good")
+    monkeypatch.undo()
+    assert (root / "latest").read_text() == "good" and (root / "good" / "manifest.json").is_file()
+    assert not list(root.glob(".good.old-*"))
+    fresh_engine().load_checkpoint(root)

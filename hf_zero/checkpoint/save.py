@@ -221,7 +221,12 @@ def _publish(state: "CheckpointState", tmp: Path, final: Path, tag: str, reports
     if final.exists():
         old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:12]}"
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old is not None:   # re-saving a tag: the previous checkpoint goes back where `latest` may point
+            old.rename(final)
+        raise
     fsync_dir(save_dir)
     write_text_atomic(save_dir / "latest", tag)
     if old is not None:
