@@ -18,7 +18,9 @@ model and each of its submodules:
   output file at a time and writes save_pretrained's layout from rank 0; every rank calls it.
   A call with an explicit ``state_dict=`` (``state_dict=accelerator.get_state_dict(model)``) goes
   to transformers, which drops tied duplicates and reverts its conversions itself; meanwhile
-  ``num_parameters()`` counts the full shapes, for the index's ``total_parameters``.
+  ``num_parameters()`` counts the full shapes, for the index's ``total_parameters``. Options
+  the export lacks (``variant``, ``push_to_hub``, ...) go to transformers too, with the
+  gathered ``state_dict()`` (``_EXPORT_KWARGS``): never dropped.
 
 Both first check that every rank entered the call (presence.py's [Note: presence check]): a call
 made on some ranks only (``if rank == 0: model.save_pretrained(d)``) raises there after
